@@ -1,0 +1,1 @@
+"""Model-structure knowledge, held as data: fused sibling groups, attention modules."""

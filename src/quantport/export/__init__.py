@@ -1,0 +1,123 @@
+"""export(): write a quantized model as a checkpoint that serving engines load as it is."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .. import __version__
+from ..errors import ExportError
+from ..schemes import codec_for
+from ..state import QuantizationState, state_of
+from .modelopt import excluded_modules, modelopt_configs, modelopt_tensor_plan
+from .shards import staging_directory, write_sharded_safetensors
+
+__all__ = ["ExportFormat", "export"]
+
+logger = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+REPORT_FILE = "quantport_report.json"
+
+
+class ExportFormat(str, Enum):
+    """Checkpoint formats quantport writes."""
+
+    MODELOPT = "modelopt"
+    """NVIDIA ModelOpt unified HF checkpoint (``quant_method: modelopt``): vLLM, SGLang, TensorRT-LLM."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _config_dict(model: nn.Module, quantization_config: dict[str, Any]) -> dict[str, Any]:
+    config = model.config.to_diff_dict()  # what save_pretrained writes
+    config["quantization_config"] = quantization_config
+    return config
+
+
+def _copy_tokenizer(model: nn.Module, staging: Path, tokenizer: Any) -> None:
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+        return
+    source = Path(getattr(model, "name_or_path", "") or "")
+    if not source.is_dir():
+        logger.warning("tokenizer not copied: the model was not loaded from a local directory; pass tokenizer=")
+        return
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, staging / name)
+
+
+def _report(state: QuantizationState, fmt: ExportFormat, exclude: list[str]) -> dict[str, Any]:
+    return {
+        "quantport_version": __version__,
+        "format": fmt.value,
+        "recipe": state.recipe.name,
+        "scheme": state.recipe.scheme.value,
+        "kv_cache": state.recipe.kv_cache.value,
+        "quantized_layers": len(state.quantized),
+        "excluded_layers": dict(sorted(state.excluded.items())),
+        "exclude_modules": exclude,
+        "shared_input_groups": [g.fused_name for g in state.groups],
+        "calibration_tokens": state.calibration_tokens,
+    }
+
+
+def export(
+    model: nn.Module,
+    out_dir: str | Path,
+    format: ExportFormat | str = ExportFormat.MODELOPT,  # noqa: A002  (public API name)
+    *,
+    overwrite: bool = False,
+    max_shard_size: int | str = "5GB",
+    tokenizer: Any = None,
+    progress: bool = True,
+) -> Path:
+    """Write the quantized ``model`` to ``out_dir`` and return the directory.
+
+    The model is only read. Files are written to a staging directory beside ``out_dir`` and renamed
+    at the end, so an interrupted export leaves nothing that looks like a checkpoint. The same model
+    and recipe give the same bytes.
+    """
+    try:
+        fmt = ExportFormat(format)
+    except ValueError:
+        known = ", ".join(f.value for f in ExportFormat)
+        raise ExportError(f"unknown export format {format!r}; choose one of: {known}") from None
+    state = state_of(model)
+    codec = codec_for(state.recipe.scheme)
+    out_dir = Path(out_dir)
+    exclude = excluded_modules(model)
+    flat, nested = modelopt_configs(codec, state, exclude)
+    plan = modelopt_tensor_plan(model)
+    with staging_directory(out_dir, overwrite=overwrite) as staging:
+        write_sharded_safetensors(plan, staging, max_shard_size=max_shard_size, progress=progress)
+        _write_json(staging / "config.json", _config_dict(model, flat))
+        _write_json(staging / "hf_quant_config.json", nested)
+        _write_json(staging / REPORT_FILE, _report(state, fmt, exclude))
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(staging)
+        _copy_tokenizer(model, staging, tokenizer)
+    return out_dir

@@ -1,0 +1,147 @@
+"""The NVIDIA ModelOpt "unified HF checkpoint" format: tensor plan and config blocks.
+
+Layout per quantized Linear ``P`` (engine-contract.md §2): ``P.weight`` in the scheme's storage
+dtype, ``P.weight_scale``, ``P.weight_scale_2`` (NVFP4), ``P.input_scale`` (static activations).
+KV-cache scales: ``<attn>.k_proj.k_scale`` and ``<attn>.v_proj.v_scale`` (amax / 448). Every other
+tensor is written as the model holds it. The config is written twice, as ModelOpt does: flat in
+``config.json["quantization_config"]`` (what vLLM reads) and nested in ``hf_quant_config.json``
+(what TensorRT-LLM and older readers read).
+
+``producer.name`` is ``"modelopt"`` because that is how engines recognise this format's dialect;
+quantport identifies itself in ``quantport_report.json``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..modules.kv_cache import kv_quantizer_of
+from ..modules.quant_linear import QuantLinear
+from ..recipes import KVCacheFormat
+from ..schemes import SchemeCodec, TensorSpec
+from ..state import QuantizationState
+from .shards import PlannedTensor
+
+__all__ = ["MODELOPT_FORMAT_VERSION", "modelopt_configs", "modelopt_tensor_plan", "excluded_modules"]
+
+MODELOPT_FORMAT_VERSION = "0.47.0"
+"""The nvidia-modelopt release whose unified checkpoint this exporter writes (and is tested against)."""
+
+_PRODUCER = {"name": "modelopt", "version": MODELOPT_FORMAT_VERSION}
+_FP8_SCHEME = {"dynamic": False, "num_bits": 8, "type": "float"}
+_NVFP4_SCHEME = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
+
+
+def _tied_aliases(model: nn.Module) -> set[str]:
+    """State-dict keys that share storage with another key (tied weights). Each storage is saved
+    once, under the input-embedding name rather than the output head's, as ``save_pretrained`` does."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_weight = getattr(output, "weight", None)
+    by_storage: dict[tuple[int, tuple[int, ...]], list[tuple[str, torch.Tensor]]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.numel():
+            by_storage.setdefault((tensor.data_ptr(), tuple(tensor.shape)), []).append((name, tensor))
+    aliases: set[str] = set()
+    for members in by_storage.values():
+        if len(members) > 1:
+            keep = next((n for n, t in members if t is not output_weight), members[0][0])
+            aliases.update(n for n, _ in members if n != keep)
+    return aliases
+
+
+def _linear_entries(prefix: str, module: QuantLinear) -> list[PlannedTensor]:
+    codec: SchemeCodec = module.codec
+
+    @lru_cache(maxsize=1)
+    def tensors() -> dict[str, torch.Tensor]:
+        return module.quantized_tensors()
+
+    specs = codec.weight_specs(module.out_features, module.in_features)
+    if codec.static_input_scale:
+        specs["input_scale"] = TensorSpec(torch.float32, ())
+    return [
+        PlannedTensor(f"{prefix}.{suffix}", spec, lambda suffix=suffix: tensors()[suffix])
+        for suffix, spec in specs.items()
+    ]
+
+
+def _kv_entries(prefix: str, module: nn.Module) -> list[PlannedTensor]:
+    quantizer = kv_quantizer_of(module)
+    if quantizer is None:
+        return []
+    spec = TensorSpec(torch.float32, ())
+    return [
+        PlannedTensor(f"{prefix}.k_proj.k_scale", spec, lambda: quantizer.scales()[0].reshape(())),
+        PlannedTensor(f"{prefix}.v_proj.v_scale", spec, lambda: quantizer.scales()[1].reshape(())),
+    ]
+
+
+def modelopt_tensor_plan(model: nn.Module) -> list[PlannedTensor]:
+    """Every tensor of the checkpoint, computed lazily; the model is only read."""
+    aliases = _tied_aliases(model)
+    replaced: set[str] = set()
+    plan: list[PlannedTensor] = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            plan.extend(_linear_entries(name, module))
+            replaced.add(f"{name}.weight")
+        plan.extend(_kv_entries(name, module))
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name in replaced or name in aliases:
+            continue
+        spec = TensorSpec(tensor.dtype, tuple(tensor.shape))
+        plan.append(PlannedTensor(name, spec, lambda t=tensor: t.detach()))
+    return plan
+
+
+def excluded_modules(model: nn.Module) -> list[str]:
+    """Modules with a 2-D weight (Linear, Embedding, routers) that carry no scale tensors."""
+    names = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, QuantLinear) or not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+            continue
+        if isinstance(weight, nn.Parameter) and name:
+            names.append(name)
+    return sorted(names)
+
+
+def _config_groups(codec: SchemeCodec) -> dict[str, Any] | None:
+    algo = codec.modelopt_algo
+    if algo == "FP8":
+        group = {"input_activations": dict(_FP8_SCHEME), "weights": dict(_FP8_SCHEME)}
+    elif algo == "NVFP4":
+        group = {"input_activations": dict(_NVFP4_SCHEME), "weights": dict(_NVFP4_SCHEME)}
+    elif algo == "W4A16_NVFP4":
+        group = {"weights": dict(_NVFP4_SCHEME)}
+    else:
+        return None  # ModelOpt writes no config_groups for the other algorithms.
+    return {"group_0": {**group, "targets": ["Linear"]}}
+
+
+def modelopt_configs(
+    codec: SchemeCodec, state: QuantizationState, exclude: list[str]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(``config.json["quantization_config"]``, ``hf_quant_config.json``) for this checkpoint."""
+    kv_fp8 = state.recipe.kv_cache is KVCacheFormat.FP8 and bool(state.kv_modules)
+    nested: dict[str, Any] = {"quant_algo": codec.modelopt_algo, "kv_cache_quant_algo": "FP8" if kv_fp8 else None}
+    if codec.group_size is not None:
+        nested["group_size"] = codec.group_size
+    nested["exclude_modules"] = list(exclude)
+    flat: dict[str, Any] = {}
+    groups = _config_groups(codec)
+    if groups is not None:
+        flat["config_groups"] = groups
+    flat["ignore"] = list(exclude)
+    flat["quant_algo"] = codec.modelopt_algo
+    if codec.group_size is not None:
+        flat["group_size"] = codec.group_size
+    if kv_fp8:
+        flat["kv_cache_scheme"] = dict(_FP8_SCHEME)
+    flat["producer"] = dict(_PRODUCER)
+    flat["quant_method"] = "modelopt"
+    return flat, {"producer": dict(_PRODUCER), "quantization": nested}

@@ -1,0 +1,175 @@
+"""Sharded safetensors written one tensor at a time, into a staging directory renamed at the end.
+
+The writer takes a *plan*: every tensor's name, dtype and shape, known before any tensor is
+computed, and a function that computes it. Shard headers are written first, then each tensor is
+computed, written and dropped, so peak memory is one layer, not one checkpoint. Files follow the
+safetensors format (8-byte little-endian header length, JSON header, raw little-endian data) and the
+Hugging Face shard naming and index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import OutputExistsError
+from ..schemes import TensorSpec
+
+__all__ = ["PlannedTensor", "parse_size", "staging_directory", "write_sharded_safetensors"]
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """A tensor to write: its name, its spec, and how to compute it (called once, when written)."""
+
+    name: str
+    spec: TensorSpec
+    compute: Callable[[], torch.Tensor]
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or an int -> bytes."""
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper()
+    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def _header(entries: list[PlannedTensor]) -> bytes:
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for entry in entries:
+        end = offset + entry.spec.nbytes
+        header[entry.name] = {
+            "dtype": SAFETENSORS_DTYPES[entry.spec.dtype],
+            "shape": list(entry.spec.shape),
+            "data_offsets": [offset, end],
+        }
+        offset = end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _tensor_bytes(tensor: torch.Tensor, entry: PlannedTensor) -> memoryview:
+    if tensor.dtype != entry.spec.dtype or tuple(tensor.shape) != entry.spec.shape:
+        raise AssertionError(
+            f"{entry.name}: computed {tensor.dtype} {tuple(tensor.shape)}, planned "
+            f"{entry.spec.dtype} {entry.spec.shape}"
+        )
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def _split(plan: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
+    shards: list[list[PlannedTensor]] = [[]]
+    size = 0
+    for entry in plan:
+        if shards[-1] and size + entry.spec.nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += entry.spec.nbytes
+    return shards
+
+
+def write_sharded_safetensors(
+    plan: list[PlannedTensor], directory: Path, *, max_shard_size: int | str = "5GB", progress: bool = True
+) -> list[str]:
+    """Write ``plan`` (sorted by name) as HF-style safetensors shards; returns the file names."""
+    plan = sorted(plan, key=lambda e: e.name)
+    names = [e.name for e in plan]
+    if len(set(names)) != len(names):
+        raise AssertionError("duplicate tensor names in export plan")
+    shards = _split(plan, parse_size(max_shard_size))
+    files = (
+        [SINGLE_FILE]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    bar = tqdm(total=sum(e.spec.nbytes for e in plan), unit="B", unit_scale=True, desc="writing", disable=not progress)
+    for file, entries in zip(files, shards, strict=True):
+        with open(directory / file, "wb") as handle:
+            handle.write(_header(entries))
+            for entry in entries:
+                handle.write(_tensor_bytes(entry.compute(), entry))
+                bar.update(entry.spec.nbytes)
+    bar.close()
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(e.spec.nbytes for e in plan)},
+            "weight_map": {e.name: f for f, entries in zip(files, shards, strict=True) for e in entries},
+        }
+        (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return files
+
+
+def check_output_directory(out_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing non-empty output directory unless ``overwrite``."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputExistsError(f"output path {out_dir} exists and is a file; choose another path")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise OutputExistsError(
+            f"output directory {out_dir} exists and is not empty; choose another path or pass --overwrite"
+        )
+
+
+@contextmanager
+def staging_directory(out_dir: Path, *, overwrite: bool) -> Iterator[Path]:
+    """Yield a fresh staging directory beside ``out_dir``; rename it to ``out_dir`` on success.
+
+    On any error the staging directory is removed and ``out_dir`` is left as it was.
+    """
+    out_dir = Path(out_dir)
+    check_output_directory(out_dir, overwrite)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.quantport-staging-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        trash = out_dir.parent / f".{out_dir.name}.quantport-old-{os.getpid()}"
+        out_dir.rename(trash)
+        staging.rename(out_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        staging.rename(out_dir)
+    logger.info("wrote %s", out_dir)

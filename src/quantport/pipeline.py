@@ -1,0 +1,184 @@
+"""quantize(): wrap, calibrate, unify shared-input groups. The model is changed in place."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .arch.fused_groups import find_attention_modules, find_shared_input_groups
+from .calibrate import calibration_batches, run_calibration
+from .errors import CalibrationDataError, InvalidWeightsError
+from .modules.kv_cache import install_kv_quantizer
+from .modules.quant_linear import QuantLinear, QuantMode
+from .recipes import KVCacheFormat, QuantRecipe, get_recipe
+from .schemes import SchemeCodec, codec_for
+from .state import QuantizationState, attach_state, set_mode
+
+__all__ = ["quantize", "simulate"]
+
+logger = logging.getLogger(__name__)
+
+
+def _exclusion_reason(name: str, module: nn.Linear, recipe: QuantRecipe, codec: SchemeCodec) -> str | None:
+    if recipe.is_excluded(name):
+        return "matches an exclusion pattern"
+    if type(module) is not nn.Linear:
+        return f"{type(module).__name__} is not a plain nn.Linear"
+    if module.in_features % codec.input_multiple:
+        return (
+            f"in_features {module.in_features} is not a multiple of {codec.input_multiple} "
+            f"required by {codec.scheme.value}"
+        )
+    return None
+
+
+def _plan_layers(model: nn.Module, recipe: QuantRecipe, codec: SchemeCodec, state: QuantizationState) -> list[str]:
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for name, module in linears.items():
+        reason = _exclusion_reason(name, module, recipe, codec)
+        if reason is not None:
+            state.excluded[name] = reason
+    for group in find_shared_input_groups(model):
+        excluded = [m for m in group.members if m in state.excluded]
+        if excluded and len(excluded) < len(group.members):
+            for member in group.members:
+                state.excluded.setdefault(member, f"fused with {excluded[0]}, which is excluded")
+            logger.warning("excluding all of %s because %s is excluded", group.fused_name, excluded[0])
+    for name, reason in state.excluded.items():
+        if not recipe.is_excluded(name):
+            logger.warning("leaving %s unquantized: %s", name, reason)
+    return [n for n in linears if n not in state.excluded]
+
+
+def _check_finite(model: nn.Module, names: list[str]) -> None:
+    modules = dict(model.named_modules())
+    bad = [n for n in names if not torch.isfinite(modules[n].weight).all()]
+    if bad:
+        shown = ", ".join(f"{n}.weight" for n in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        raise InvalidWeightsError(
+            f"{len(bad)} weight tensor(s) contain NaN or infinite values ({shown}); the checkpoint is "
+            "corrupt or was saved after a diverged training step. Fix the weights, or exclude those "
+            "layers with --exclude PATTERN."
+        )
+
+
+def _calibration_data(model: nn.Module, calib_data: Iterable[Any] | None, options: dict[str, Any]) -> Iterable[Any]:
+    if calib_data is not None:
+        return calib_data
+    tokenizer = options.get("tokenizer")
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        source = getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "")
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except Exception as exc:  # noqa: BLE001  (any loader failure means the same to the user)
+            raise CalibrationDataError(
+                f"no calibration data given and no tokenizer found for {source!r} ({exc}); pass "
+                "calib_data=[input_ids, ...] or tokenizer=..."
+            ) from exc
+    return calibration_batches(
+        tokenizer,
+        text_path=options.get("calib_text"),
+        samples=options.get("calib_samples", 64),
+        seq_len=options.get("calib_seq_len", 512),
+        batch_size=options.get("batch_size", 8),
+    )
+
+
+def _unify_groups(model: nn.Module, state: QuantizationState, codec: SchemeCodec) -> None:
+    modules = dict(model.named_modules())
+    for group in find_shared_input_groups(model):
+        members = [modules[m] for m in group.members]
+        if not all(isinstance(m, QuantLinear) for m in members):
+            continue
+        state.groups.append(group)
+        if codec.static_input_scale:
+            shared_input = torch.stack([m.input_amax for m in members]).amax()
+            for m in members:
+                m.input_amax = shared_input
+        if codec.shared_weight_amax:
+            shared_weight = torch.stack([m.weight_amax() for m in members]).amax()
+            for m in members:
+                m.shared_weight_amax = shared_weight
+
+
+def _drop_uncalibrated(model: nn.Module, state: QuantizationState) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear) and module.codec.static_input_scale and module.input_amax is None:
+            module.revert()
+            state.quantized.remove(name)
+            state.excluded[name] = "never ran during calibration (no input statistics)"
+            logger.warning("leaving %s unquantized: it never ran during calibration", name)
+
+
+def quantize(
+    model: nn.Module,
+    recipe: str | QuantRecipe,
+    calib_data: Iterable[Any] | None = None,
+    **options: Any,
+) -> nn.Module:
+    """Quantize ``model`` in place with ``recipe`` and return it.
+
+    Args:
+        model: a Hugging Face causal LM (transformers 5).
+        recipe: a preset name (see :data:`quantport.PRESETS`) or a :class:`QuantRecipe`.
+        calib_data: iterable of ``input_ids`` tensors ``[B, T]`` or dicts of model inputs. When None
+            and the recipe needs calibration, the bundled English text is tokenized with the model's
+            tokenizer.
+        **options: ``exclude`` (extra patterns), ``kv_cache`` ("fp8"), ``tokenizer``, ``calib_text``
+            (path), ``calib_samples`` (64), ``calib_seq_len`` (512), ``batch_size`` (8),
+            ``progress`` (True).
+    """
+    unknown = set(options) - {
+        "exclude", "kv_cache", "tokenizer", "calib_text", "calib_samples", "calib_seq_len", "batch_size", "progress",
+    }
+    if unknown:
+        raise TypeError(f"unknown quantize option(s): {', '.join(sorted(unknown))}")
+    recipe = get_recipe(recipe).with_options(
+        kv_cache=options.get("kv_cache"), extra_exclude=tuple(options.get("exclude") or ())
+    )
+    codec = codec_for(recipe.scheme)
+    state = QuantizationState(recipe=recipe)
+    names = _plan_layers(model, recipe, codec, state)
+    _check_finite(model, names)
+    modules = dict(model.named_modules())
+    for name in names:
+        QuantLinear.convert(modules[name], codec)
+    state.quantized = names
+    if recipe.kv_cache is KVCacheFormat.FP8:
+        for name, attention in find_attention_modules(model):
+            install_kv_quantizer(attention)
+            state.kv_modules.append(name)
+        if not state.kv_modules:
+            raise ValueError("--kv-cache fp8 was asked for, but the model has no attention with k_proj/v_proj")
+    if codec.static_input_scale or state.kv_modules:
+        batches = _calibration_data(model, calib_data, options)
+        set_mode(model, QuantMode.CALIBRATE)
+        try:
+            state.calibration_tokens = run_calibration(model, batches, progress=options.get("progress", True))
+        finally:
+            set_mode(model, QuantMode.OFF)
+        _drop_uncalibrated(model, state)
+    _unify_groups(model, state, codec)
+    attach_state(model, state)
+    logger.info("quantized %d Linear layers, %d left unquantized", len(state.quantized), len(state.excluded))
+    return model
+
+
+class simulate:  # noqa: N801  (used as a context manager verb)
+    """Context manager: forward passes compute what the engine computes (fake quantization)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __enter__(self) -> nn.Module:
+        set_mode(self.model, QuantMode.SIMULATE)
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        set_mode(self.model, QuantMode.OFF)

@@ -1,0 +1,112 @@
+"""FP8 E4M3 Linear schemes: per-tensor W8A8, per-channel weights with dynamic tokens, 128x128 blocks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..formats import fp8
+from ..recipes import LinearScheme
+from . import TensorSpec, register
+
+__all__ = ["Fp8BlockCodec", "Fp8DynamicCodec", "Fp8TensorCodec"]
+
+_F32 = torch.float32
+_FP8 = torch.float8_e4m3fn
+
+
+@dataclass(frozen=True)
+class Fp8TensorCodec:
+    """W8A8 FP8, static per-tensor scales (ModelOpt ``FP8``)."""
+
+    scheme: LinearScheme = LinearScheme.FP8
+    modelopt_algo: str = "FP8"
+    input_multiple: int = 1
+    static_input_scale: bool = True
+    shared_weight_amax: bool = False  # engines requantize fused shards to the max weight scale
+    group_size: int | None = None
+
+    def weight_specs(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+        return {"weight": TensorSpec(_FP8, (out_features, in_features)), "weight_scale": TensorSpec(_F32, ())}
+
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
+        scale = fp8.fp8_scale_from_amax(weight_amax)
+        return {"weight": fp8.quantize_fp8_per_tensor(weight, scale), "weight_scale": scale}
+
+    def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return fp8.dequantize_fp8(tensors["weight"], tensors["weight_scale"], dtype)
+
+    def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
+        return fp8.fp8_scale_from_amax(input_amax)
+
+    def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
+        return fp8.fake_quantize_fp8(x, input_scale)
+
+
+@dataclass(frozen=True)
+class Fp8DynamicCodec:
+    """FP8 weights with one scale per output channel, dynamic per-token FP8 activations."""
+
+    scheme: LinearScheme = LinearScheme.FP8_DYNAMIC
+    modelopt_algo: str = "FP8_PER_CHANNEL_PER_TOKEN"
+    input_multiple: int = 1
+    static_input_scale: bool = False
+    shared_weight_amax: bool = False
+    group_size: int | None = None
+
+    def weight_specs(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+        return {
+            "weight": TensorSpec(_FP8, (out_features, in_features)),
+            "weight_scale": TensorSpec(_F32, (out_features,)),
+        }
+
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
+        channel_amax = weight.abs().amax(dim=1).float()
+        scale = fp8.fp8_scale_from_amax(channel_amax)
+        return {"weight": fp8.quantize_fp8_per_channel(weight, scale), "weight_scale": scale}
+
+    def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return fp8.dequantize_fp8(tensors["weight"], tensors["weight_scale"], dtype)
+
+    def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("dynamic activations have no input_scale")
+
+    def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
+        return fp8.fake_quantize_fp8_per_token(x)
+
+
+@dataclass(frozen=True)
+class Fp8BlockCodec:
+    """FP8 weights with one scale per 128x128 block, activations unquantized (ModelOpt ``FP8_PB_WO``)."""
+
+    scheme: LinearScheme = LinearScheme.FP8_BLOCK
+    modelopt_algo: str = "FP8_PB_WO"
+    input_multiple: int = 128
+    static_input_scale: bool = False
+    shared_weight_amax: bool = False
+    group_size: int | None = None
+
+    def weight_specs(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+        return {
+            "weight": TensorSpec(_FP8, (out_features, in_features)),
+            "weight_scale": TensorSpec(_F32, fp8.fp8_block_scale_shape(out_features, in_features)),
+        }
+
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
+        codes, scale = fp8.quantize_fp8_block(weight)
+        return {"weight": codes, "weight_scale": scale}
+
+    def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return fp8.dequantize_fp8(tensors["weight"], tensors["weight_scale"], dtype)
+
+    def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("weight-only scheme has no input_scale")
+
+    def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
+        return x
+
+
+register(Fp8TensorCodec())
+register(Fp8DynamicCodec())
+register(Fp8BlockCodec())

@@ -1,0 +1,47 @@
+"""MXFP8 Linear scheme: FP8 E4M3 weights and activations with an E8M0 scale per 32 inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..formats import mx
+from ..recipes import LinearScheme
+from . import TensorSpec, register
+
+__all__ = ["Mxfp8Codec"]
+
+
+@dataclass(frozen=True)
+class Mxfp8Codec:
+    """MXFP8 W8A8 (ModelOpt ``MXFP8``); activations are quantized dynamically per 32-block."""
+
+    scheme: LinearScheme = LinearScheme.MXFP8
+    modelopt_algo: str = "MXFP8"
+    input_multiple: int = mx.MX_BLOCK
+    static_input_scale: bool = False
+    shared_weight_amax: bool = False
+    group_size: int | None = mx.MX_BLOCK
+
+    def weight_specs(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+        return {
+            "weight": TensorSpec(torch.float8_e4m3fn, (out_features, in_features)),
+            "weight_scale": TensorSpec(torch.uint8, (out_features, in_features // mx.MX_BLOCK)),
+        }
+
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
+        codes, scale = mx.quantize_mxfp8(weight)
+        return {"weight": codes, "weight_scale": scale}
+
+    def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return mx.dequantize_mxfp8(tensors["weight"], tensors["weight_scale"], dtype)
+
+    def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("MXFP8 activations are scaled dynamically")
+
+    def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
+        return mx.fake_quantize_mxfp8(x)
+
+
+register(Mxfp8Codec())

@@ -1,0 +1,67 @@
+"""What quantization did to a model, kept on the model for export and reporting."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .arch.fused_groups import SharedInputGroup
+from .errors import ExportError
+from .modules.kv_cache import KVCacheQuantizer, kv_quantizer_of
+from .modules.quant_linear import QuantLinear, QuantMode
+from .recipes import QuantRecipe
+
+__all__ = ["QuantizationState", "attach_state", "iter_quant_modules", "set_mode", "state_of"]
+
+_ATTR = "quantport_state"
+
+
+@dataclass
+class QuantizationState:
+    """The record of one :func:`quantport.quantize` call.
+
+    Attributes:
+        recipe: the recipe applied (with user options folded in).
+        quantized: names of the quantized Linear layers.
+        excluded: unquantized Linear layers -> why (pattern, shape, fused sibling, never ran).
+        groups: shared-input groups whose scales were unified.
+        kv_modules: attention modules with a KV-cache quantizer.
+        calibration_tokens: tokens seen in calibration (0 when none was needed).
+    """
+
+    recipe: QuantRecipe
+    quantized: list[str] = field(default_factory=list)
+    excluded: dict[str, str] = field(default_factory=dict)
+    groups: list[SharedInputGroup] = field(default_factory=list)
+    kv_modules: list[str] = field(default_factory=list)
+    calibration_tokens: int = 0
+
+
+def attach_state(model: nn.Module, state: QuantizationState) -> None:
+    model.__dict__[_ATTR] = state
+
+
+def state_of(model: nn.Module) -> QuantizationState:
+    """The model's quantization state; a clear error when the model was never quantized."""
+    state = model.__dict__.get(_ATTR)
+    if state is None:
+        raise ExportError("model is not quantized: call quantport.quantize(model, recipe) before export")
+    return state
+
+
+def iter_quant_modules(model: nn.Module) -> Iterator[QuantLinear | KVCacheQuantizer]:
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            yield module
+        kv = kv_quantizer_of(module)
+        if kv is not None:
+            yield kv
+
+
+def set_mode(model: nn.Module, mode: QuantMode | str) -> None:
+    """Put every quantized module of ``model`` in ``mode`` (off, calibrate, simulate)."""
+    mode = QuantMode(mode)
+    for module in iter_quant_modules(model):
+        module.mode = mode
