@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from quantport.errors import OutputExistsError
+from quantport.export.shards import PlannedTensor, parse_size, staging_directory, write_sharded_safetensors
+from quantport.schemes import TensorSpec
+
+
+def _plan(tensors: dict[str, torch.Tensor]) -> list[PlannedTensor]:
+    return [PlannedTensor(n, TensorSpec(t.dtype, tuple(t.shape)), lambda t=t: t) for n, t in tensors.items()]
+
+
+TENSORS = {
+    "b.weight": torch.arange(12, dtype=torch.bfloat16).reshape(3, 4),
+    "a.scale": torch.tensor(0.25),
+    "c.codes": torch.arange(8, dtype=torch.uint8),
+    "d.fp8": torch.tensor([1.0, -2.0, 448.0]).to(torch.float8_e4m3fn),
+    "e.idx": torch.tensor([1, 2, 3], dtype=torch.int32),
+}
+
+
+def test_single_file_reads_back_exactly(tmp_path):
+    files = write_sharded_safetensors(_plan(TENSORS), tmp_path, progress=False)
+    assert files == ["model.safetensors"] and not (tmp_path / "model.safetensors.index.json").exists()
+    loaded = load_file(tmp_path / "model.safetensors")
+    assert sorted(loaded) == sorted(TENSORS)
+    for name, tensor in TENSORS.items():
+        assert loaded[name].dtype == tensor.dtype and loaded[name].shape == tensor.shape
+        assert torch.equal(loaded[name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
+    with safe_open(tmp_path / "model.safetensors", "pt") as handle:
+        assert handle.metadata() == {"format": "pt"}
+
+
+def test_shards_and_index(tmp_path):
+    files = write_sharded_safetensors(_plan(TENSORS), tmp_path, max_shard_size=20, progress=False)
+    assert len(files) > 1 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(TENSORS)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in TENSORS.values())
+    for name, file in index["weight_map"].items():
+        assert name in load_file(tmp_path / file)
+
+
+def test_planned_spec_is_enforced(tmp_path):
+    plan = [PlannedTensor("x", TensorSpec(torch.float32, (2,)), lambda: torch.zeros(3))]
+    with pytest.raises(AssertionError, match="planned"):
+        write_sharded_safetensors(plan, tmp_path, progress=False)
+
+
+def test_parse_size():
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size(7) == 7
+
+
+def test_staging_is_removed_on_failure_and_output_untouched(tmp_path):
+    out = tmp_path / "ckpt"
+    with pytest.raises(RuntimeError), staging_directory(out, overwrite=False) as staging:
+        (staging / "model.safetensors").write_bytes(b"partial")
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "old.txt").write_text("keep")
+    with pytest.raises(OutputExistsError, match="--overwrite"), staging_directory(out, overwrite=False):
+        pass
+    assert (out / "old.txt").read_text() == "keep"
+    with staging_directory(out, overwrite=True) as staging:
+        (staging / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]

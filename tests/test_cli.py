@@ -1,0 +1,61 @@
+"""The command line on the bundled model, and its errors on bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from quantport.cli import main
+from quantport.loading import resolve_model_dir
+
+
+def test_quantize_bundled_model(tmp_path, capsys):
+    out = tmp_path / "tiny-nvfp4"
+    code = main(["quantize", "bundled:tiny-llama", str(out), "--recipe", "nvfp4", "--kv-cache", "fp8",
+                 "--calib-samples", "4", "--calib-seq-len", "64", "--device", "cpu", "--quiet"])
+    assert code == 0
+    summary = capsys.readouterr().out
+    assert "quantized layers : 14" in summary and "excluded layers  : 1" in summary and "output size" in summary
+    assert {"config.json", "hf_quant_config.json", "model.safetensors", "tokenizer.json",
+            "generation_config.json", "quantport_report.json"} <= {p.name for p in out.iterdir()}
+    report = json.loads((out / "quantport_report.json").read_text())
+    assert report["calibration_tokens"] == 256
+
+
+def test_unknown_recipe(tmp_path, capsys):
+    assert main(["quantize", "bundled:tiny-llama", str(tmp_path / "o"), "--recipe", "int3"]) == 2
+    assert "unknown recipe 'int3'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_directory_without_weights(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    shutil.copyfile(resolve_model_dir("bundled:tiny-llama") / "config.json", model / "config.json")
+    assert main(["quantize", str(model), str(tmp_path / "o"), "--recipe", "fp8"]) == 2
+    assert "has no weights" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_directory(tmp_path, capsys):
+    assert main(["quantize", str(tmp_path / "nope"), str(tmp_path / "o"), "--recipe", "fp8"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_existing_output_needs_overwrite(tmp_path, capsys):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "x").write_text("x")
+    args = ["quantize", "bundled:tiny-llama", str(out), "--recipe", "fp8-dynamic", "--device", "cpu", "--quiet"]
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    assert not (out / "x").exists() and (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("device", ["tpu"])
+def test_bad_device(tmp_path, capsys, device):
+    assert main(["quantize", "bundled:tiny-llama", str(tmp_path / "o"), "--recipe", "fp8", "--device", device]) == 2
+    assert "unknown device" in capsys.readouterr().err
