@@ -1,0 +1,396 @@
+"""Integer weight/activation formats: INT8 per-channel, INT4 group-wise, and the two INT4 packings.
+
+Arithmetic that matches nvidia-modelopt 0.47's export path bit for bit:
+
+* INT8 weight (``W8A8_SQ`` / ``W8A16``): ``scale = amax.float() / 127`` (fp32 ``[out]``) and
+  ``codes = clamp(round(w / scale[:, None]), -128, 127)``. The division is done in fp32 because a
+  bf16 weight is promoted by the fp32 scale. ``round`` is round-half-to-even.
+* INT4 AWQ (``W4A16_AWQ``): ``scale = block_amax.float() / 7`` (fp32 ``[out, in/128]``) and
+  ``codes = clamp(round(w / scale), -8, 7)``. The export packs these along the **output** dim:
+  rows ``2k`` and ``2k+1`` share a byte, with row ``2k`` in the low nibble. Nibbles are two's
+  complement. The layout is ``uint8 [out/2, in]``, from ``pack_int4_in_uint8``.
+* Scale sanitizing as in ``TensorQuantizer.export_amax``: an amax of 0 or NaN becomes ``maxbound``
+  (so the scale is 1.0), and amax is clamped to ``[finfo.tiny, finfo.max]`` of its dtype.
+* Dynamic per-token INT8 fake quant, from modelopt's CPU ``_tensor_quant``:
+  ``s = 127 / amax`` (fp32), ``out = clamp(round(x * s), -128 | -127, 127) / s``. When
+  ``amax <= 2**-24`` the output is zero.
+
+Arithmetic that matches compressed-tensors 0.20 (``pack-quantized`` format):
+
+* ``pack_to_int32``: offset binary (``code + 8``), 8 codes per int32 along the packed dim, with
+  element ``i`` at bits ``4i..4i+3``. The tail is padded with raw zero nibbles, and the words are
+  reinterpreted as signed int32.
+* ``calculate_qparams``: symmetric ``scale = max(|min|, |max|) / ((qmax - qmin) / 2)``, which is
+  ``amax / 7.5`` for 4-bit, unlike modelopt's ``/ 7``. Asymmetric ``scale = (max - min) / (qmax - qmin)``
+  and ``zp = round(clamp(qmin - min / scale, qmin, qmax))``. Both are computed in the weight dtype,
+  and a scale of 0 is replaced by ``finfo(dtype).eps``.
+* quantize ``clamp(round(x / s + zp), qmin, qmax)`` and dequantize ``(q - zp) * s``, both in the
+  scale/weight dtype.
+
+All functions are pure and accept leading batch dims (e.g. MoE ``[E, out, in]``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "INT4_GROUP",
+    "int8_scale_from_amax",
+    "quantize_int8",
+    "dequantize_int8",
+    "fake_quantize_int8_per_token",
+    "int4_scale_from_amax",
+    "int4_group_scales",
+    "quantize_int4",
+    "dequantize_int4",
+    "pack_int4_modelopt",
+    "unpack_int4_modelopt",
+    "pack_int4_ct",
+    "unpack_int4_ct",
+    "int_group_qparams",
+    "quantize_int_group_ct",
+    "dequantize_int_group_ct",
+]
+
+INT4_GROUP = 128
+"""Default INT4 group size along the input dim."""
+
+_INT8_MAXBOUND = 127
+_INT4_MAXBOUND = 7
+
+
+# --------------------------------------------------------------------------------------------
+# shared helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _sanitize_amax(amax: torch.Tensor, maxbound: int) -> torch.Tensor:
+    """modelopt ``export_amax``: zero/NaN -> maxbound, then clamp to [tiny, max] of amax's dtype."""
+    if not torch.is_floating_point(amax):
+        raise TypeError(f"amax must be a floating tensor, got {amax.dtype}")
+    if bool((amax < 0).any()):
+        raise ValueError("amax must be non-negative")
+    sanitized = torch.nan_to_num(torch.where(amax == 0, torch.full_like(amax, maxbound), amax), nan=maxbound)
+    finfo = torch.finfo(sanitized.dtype)
+    return sanitized.clamp(min=finfo.tiny, max=finfo.max)
+
+
+def _num_groups(w: torch.Tensor, group: int, name: str) -> int:
+    if w.dim() < 1:
+        raise ValueError(f"{name}: expected at least a 1-d tensor, got a 0-d tensor")
+    if not isinstance(group, int) or group <= 0:
+        raise ValueError(f"{name}: group size must be a positive int, got {group!r}")
+    n = w.shape[-1]
+    if n % group != 0:
+        raise ValueError(f"{name}: last dimension ({n}) must be divisible by the group size {group}")
+    return n // group
+
+
+def _check_group_scale(scale: torch.Tensor, w: torch.Tensor, ngroups: int, name: str) -> None:
+    expected = (*w.shape[:-1], ngroups)
+    if tuple(scale.shape) != expected:
+        raise ValueError(f"{name}: scale has shape {tuple(scale.shape)}, expected {expected}")
+
+
+def _check_code_range(codes: torch.Tensor, lo: int, hi: int, name: str) -> None:
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise TypeError(f"{name}: codes must be an integer tensor, got {codes.dtype}")
+    if codes.numel() and (int(codes.min()) < lo or int(codes.max()) > hi):
+        raise ValueError(f"{name}: codes must lie in [{lo}, {hi}]")
+
+
+# --------------------------------------------------------------------------------------------
+# INT8 per-channel (weights) and per-token (activations)
+# --------------------------------------------------------------------------------------------
+
+
+def int8_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """Per-channel INT8 scale ``amax / 127`` (fp32, same shape as ``amax``, e.g. ``[out]``).
+
+    Sanitized as in modelopt's export: an amax of 0 or NaN gives scale 1.0.
+    """
+    return _sanitize_amax(amax, _INT8_MAXBOUND).float() / _INT8_MAXBOUND
+
+
+def quantize_int8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Quantize ``w [..., out, in]`` with per-channel ``scale [..., out]`` to ``int8 [..., out, in]``.
+
+    ``clamp(round_half_even(w / scale[..., None]), -128, 127)``.
+    """
+    if w.dim() < 1 or tuple(scale.shape) != tuple(w.shape[:-1]):
+        raise ValueError(
+            f"quantize_int8: scale shape {tuple(scale.shape)} must equal w.shape[:-1] {tuple(w.shape[:-1])}"
+        )
+    return (w / scale[..., None]).round().clamp(-128, 127).to(torch.int8)
+
+
+def dequantize_int8(
+    codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Dequantize ``int8 [..., out, in]`` with ``scale [..., out]``: ``codes.to(dtype) * scale.to(dtype)``.
+
+    As modelopt's ``from_quantized_weight`` does, the product is computed in ``dtype``.
+    """
+    if codes.dtype != torch.int8:
+        raise TypeError(f"dequantize_int8: codes must be torch.int8, got {codes.dtype}")
+    if codes.dim() < 1 or tuple(scale.shape) != tuple(codes.shape[:-1]):
+        raise ValueError(
+            f"dequantize_int8: scale shape {tuple(scale.shape)} must equal codes.shape[:-1] "
+            f"{tuple(codes.shape[:-1])}"
+        )
+    return codes.to(dtype) * scale[..., None].to(dtype)
+
+
+def fake_quantize_int8_per_token(x: torch.Tensor, *, narrow_range: bool = False) -> torch.Tensor:
+    """Dynamic symmetric INT8 quantize-dequantize with one scale per row of the last dim.
+
+    Same shape and dtype as ``x``. The arithmetic is modelopt's CPU fake quant in fp32. Codes are
+    clamped to ``[-128, 127]``, or to ``[-127, 127]`` if ``narrow_range`` (the modelopt default
+    is False). Rows with ``amax <= 2**-24`` come out as zeros.
+    """
+    if x.dim() < 1:
+        raise ValueError("fake_quantize_int8_per_token: expected at least a 1-d tensor")
+    amax = torch.maximum(x.amax(dim=-1, keepdim=True).abs(), x.amin(dim=-1, keepdim=True).abs())
+    xf = x.float()
+    amaxf = amax.float()
+    max_bound = torch.tensor(float(_INT8_MAXBOUND), device=x.device)
+    min_bound = -max_bound if narrow_range else -max_bound - 1
+    scale = max_bound / amaxf
+    tiny = amaxf <= 1.0 / (1 << 24)
+    scale = torch.where(tiny, torch.zeros_like(scale), scale)
+    out = torch.clamp((xf * scale).round(), min_bound, max_bound)
+    out = out / torch.where(tiny, torch.ones_like(scale), scale)
+    return out.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# INT4 group-wise (modelopt AWQ)
+# --------------------------------------------------------------------------------------------
+
+
+def int4_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """INT4 scale ``amax / 7`` (fp32, same shape as ``amax``), sanitized as in modelopt's export."""
+    return _sanitize_amax(amax, _INT4_MAXBOUND).float() / _INT4_MAXBOUND
+
+
+def int4_group_scales(w: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
+    """Give the modelopt INT4 scales of ``w [..., out, in]``: ``block_amax / 7``.
+
+    Returns fp32 ``[..., out, in/group]``, sanitized as in :func:`int4_scale_from_amax`.
+    """
+    ngroups = _num_groups(w, group, "int4_group_scales")
+    amax = w.unflatten(-1, (ngroups, group)).abs().amax(dim=-1)
+    return int4_scale_from_amax(amax)
+
+
+def quantize_int4(w: torch.Tensor, scale: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
+    """Quantize ``w [..., out, in]`` with ``scale [..., out, in/group]`` to ``int8`` codes in [-8, 7].
+
+    ``clamp(round_half_even(w / scale), -8, 7)``, computed in the promoted dtype (fp32 for fp32 scales).
+    """
+    ngroups = _num_groups(w, group, "quantize_int4")
+    _check_group_scale(scale, w, ngroups, "quantize_int4")
+    q = (w.unflatten(-1, (ngroups, group)) / scale[..., None]).round().clamp(-8, 7)
+    return q.to(torch.int8).flatten(-2)
+
+
+def dequantize_int4(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    group: int = INT4_GROUP,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Dequantize INT4 ``codes [..., out, in]`` with ``scale [..., out, in/group]`` to ``dtype``.
+
+    Computes ``codes * scale`` in fp32 and rounds once to ``dtype``. modelopt has no export-side
+    counterpart for this.
+    """
+    ngroups = _num_groups(codes, group, "dequantize_int4")
+    _check_group_scale(scale, codes, ngroups, "dequantize_int4")
+    out = codes.float().unflatten(-1, (ngroups, group)) * scale.float()[..., None]
+    return out.flatten(-2).to(dtype)
+
+
+def pack_int4_modelopt(codes: torch.Tensor) -> torch.Tensor:
+    """Pack INT4 ``codes [..., out, in]`` (in [-8, 7]) to ``uint8 [..., out/2, in]`` along the OUTPUT dim.
+
+    Byte ``[k, j]`` has ``codes[2k, j] & 0xF`` in the low nibble and ``codes[2k+1, j] & 0xF`` in the
+    high nibble (two's complement nibbles), as modelopt's ``pack_int4_in_uint8`` does.
+    """
+    if codes.dim() < 2:
+        raise ValueError("pack_int4_modelopt: expected codes of shape [..., out, in]")
+    if codes.shape[-2] % 2 != 0:
+        raise ValueError(f"pack_int4_modelopt: output dimension ({codes.shape[-2]}) must be even")
+    _check_code_range(codes, -8, 7, "pack_int4_modelopt")
+    c = codes.to(torch.int16) & 0x0F
+    return (c[..., 0::2, :] | (c[..., 1::2, :] << 4)).to(torch.uint8)
+
+
+def unpack_int4_modelopt(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_modelopt`: ``uint8 [..., out/2, in]`` to ``int8 [..., out, in]``."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"unpack_int4_modelopt: packed must be torch.uint8, got {packed.dtype}")
+    if packed.dim() < 2:
+        raise ValueError("unpack_int4_modelopt: expected packed of shape [..., out/2, in]")
+    p = packed.to(torch.int16)
+    low = ((p & 0x0F) ^ 8) - 8
+    high = ((p >> 4) ^ 8) - 8
+    out = torch.stack((low, high), dim=-2)  # [..., out/2, 2, in]
+    return out.flatten(-3, -2).to(torch.int8)
+
+
+# --------------------------------------------------------------------------------------------
+# compressed-tensors: int32 packing, qparams, quantize / dequantize
+# --------------------------------------------------------------------------------------------
+
+
+def _packed_dim(codes: torch.Tensor, dim: int, name: str) -> int:
+    if codes.dim() < 2:
+        raise ValueError(f"{name}: expected a tensor of shape [..., rows, cols]")
+    if dim not in (-1, -2):
+        raise ValueError(f"{name}: dim must be -1 (input dim) or -2 (output dim), got {dim}")
+    return dim
+
+
+def pack_int4_ct(codes: torch.Tensor, *, dim: int = -1) -> torch.Tensor:
+    """Pack INT4 ``codes [..., out, in]`` (in [-8, 7]) to ``int32`` as CT's ``pack_to_int32`` does.
+
+    With ``dim=-1`` (the weight layout) the result is ``[..., out, ceil(in/8)]``. Word ``w`` holds
+    ``codes[..., 8w + i] + 8`` in bits ``4i..4i+3``. The tail is zero-padded (raw nibble 0). With
+    ``dim=-2`` (how compressed-tensors packs zero points, ``packed_dim=0``) the output dim is
+    packed instead: ``[..., ceil(out/8), in]``.
+    """
+    dim = _packed_dim(codes, dim, "pack_int4_ct")
+    _check_code_range(codes, -8, 7, "pack_int4_ct")
+    v = codes.to(torch.int64) + 8
+    if dim == -2:
+        v = v.transpose(-1, -2)
+    n = v.shape[-1]
+    nwords = -(-n // 8)
+    if nwords * 8 != n:
+        v = torch.nn.functional.pad(v, (0, nwords * 8 - n))
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=v.device)
+    words = (v.unflatten(-1, (nwords, 8)) << shifts).sum(dim=-1)  # disjoint bits: sum == or
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    if dim == -2:
+        words = words.transpose(-1, -2)
+    return words.contiguous()
+
+
+def unpack_int4_ct(packed: torch.Tensor, in_features: int, *, dim: int = -1) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_ct`: ``int32 [..., out, ceil(in/8)]`` to ``int8 [..., out, in_features]``.
+
+    ``in_features`` is the original length of the packed dim (for ``dim=-2``, the output dim).
+    """
+    if packed.dtype != torch.int32:
+        raise TypeError(f"unpack_int4_ct: packed must be torch.int32, got {packed.dtype}")
+    dim = _packed_dim(packed, dim, "unpack_int4_ct")
+    w = packed.to(torch.int64) & 0xFFFFFFFF
+    if dim == -2:
+        w = w.transpose(-1, -2)
+    nwords = w.shape[-1]
+    if in_features < 0 or -(-in_features // 8) != nwords:
+        raise ValueError(
+            f"unpack_int4_ct: {nwords} int32 words cannot hold {in_features} int4 values "
+            f"(need ceil({in_features}/8) words)"
+        )
+    shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=w.device)
+    nibbles = (w.unsqueeze(-1) >> shifts) & 0x0F
+    out = (nibbles.flatten(-2)[..., :in_features] - 8).to(torch.int8)
+    if dim == -2:
+        out = out.transpose(-1, -2)
+    return out.contiguous()
+
+
+def _ct_range(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an int in [1, 8], got {bits!r}")
+    bit_range = 2.0**bits
+    q_max = torch.tensor(bit_range / 2 - 1, device=device)
+    q_min = torch.tensor(-bit_range / 2, device=device)
+    return q_min, q_max
+
+
+def int_group_qparams(
+    w: torch.Tensor, bits: int = 4, group: int = INT4_GROUP, symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compute compressed-tensors group qparams of ``w [..., out, in]`` from the exact per-group min/max.
+
+    Returns ``(scale [..., out, in/group] in w's dtype, zero_point int8 [..., out, in/group])``,
+    following ``calculate_qparams``. Symmetric: ``amax / ((2**bits - 1) / 2)`` with zero
+    points 0. Asymmetric: ``(max - min) / (2**bits - 1)`` with
+    ``zp = round(clamp(qmin - min/scale, qmin, qmax))``. A scale of 0 becomes ``finfo.eps``. For an
+    asymmetric group that is all zero, compressed-tensors computes ``zp`` from ``0/0``. That is
+    mirrored here, and the zero point it gives is platform-defined.
+    """
+    ngroups = _num_groups(w, group, "int_group_qparams")
+    if not torch.is_floating_point(w):
+        raise TypeError(f"int_group_qparams: w must be floating point, got {w.dtype}")
+    q_min, q_max = _ct_range(bits, w.device)
+    blocks = w.unflatten(-1, (ngroups, group))
+    min_vals = blocks.amin(dim=-1)
+    max_vals = blocks.amax(dim=-1)
+    min_vals = torch.min(min_vals, torch.zeros_like(min_vals))
+    max_vals = torch.max(max_vals, torch.zeros_like(max_vals))
+    bit_range = q_max - q_min
+    if symmetric:
+        max_val_pos = torch.max(torch.abs(min_vals), torch.abs(max_vals))
+        scales = max_val_pos / (bit_range.to(max_val_pos.dtype) / 2)
+        zero_points = torch.zeros(scales.shape, device=w.device, dtype=min_vals.dtype)
+    else:
+        scales = (max_vals - min_vals) / bit_range.to(max_vals.dtype)
+        zero_points = torch.clamp(q_min - (min_vals / scales), q_min, q_max)
+    eps = torch.finfo(scales.dtype).eps
+    scales = torch.where(scales == 0, torch.tensor(eps, dtype=scales.dtype, device=w.device), scales)
+    info = torch.iinfo(torch.int8)
+    zero_points = torch.round(torch.clamp(zero_points, info.min, info.max)).to(torch.int8)
+    return scales, zero_points
+
+
+def quantize_int_group_ct(
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None = None,
+    *,
+    bits: int = 4,
+    group: int = INT4_GROUP,
+) -> torch.Tensor:
+    """Quantize ``w [..., out, in]`` group-wise as compressed-tensors' ``quantize(..., dtype=int8)`` does.
+
+    ``clamp(round_half_even(w / scale + zp), qmin, qmax)``, computed in the promoted dtype of w and
+    scale (bf16 for bf16 w and bf16 scale). Returns ``int8 [..., out, in]``.
+    """
+    ngroups = _num_groups(w, group, "quantize_int_group_ct")
+    _check_group_scale(scale, w, ngroups, "quantize_int_group_ct")
+    q_min, q_max = _ct_range(bits, w.device)
+    x = w.unflatten(-1, (ngroups, group))
+    scaled = x / scale.unsqueeze(-1)
+    if zero_point is not None:
+        _check_group_scale(zero_point, w, ngroups, "quantize_int_group_ct (zero_point)")
+        scaled = scaled + zero_point.unsqueeze(-1).to(x.dtype)
+    rounded = torch.round(torch.clamp(scaled, q_min, q_max))
+    return rounded.to(torch.int8).flatten(-2)
+
+
+def dequantize_int_group_ct(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None = None,
+    *,
+    group: int = INT4_GROUP,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Dequantize group-wise codes as compressed-tensors' ``dequantize`` does: ``(q - zp) * scale``.
+
+    The computation is in ``scale.dtype``, and the result is cast to ``dtype`` (default
+    ``scale.dtype``). Returns ``[..., out, in]``.
+    """
+    ngroups = _num_groups(codes, group, "dequantize_int_group_ct")
+    _check_group_scale(scale, codes, ngroups, "dequantize_int_group_ct")
+    out = codes.unflatten(-1, (ngroups, group)).to(scale.dtype)
+    if zero_point is not None:
+        _check_group_scale(zero_point, codes, ngroups, "dequantize_int_group_ct (zero_point)")
+        out = out - zero_point.unsqueeze(-1).to(scale.dtype)
+    out = out * scale.unsqueeze(-1)
+    return out.flatten(-2).to(dtype if dtype is not None else scale.dtype)

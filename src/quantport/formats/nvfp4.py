@@ -1,0 +1,222 @@
+"""NVFP4 numerics (E2M1 codes, FP8 E4M3 scale per 16 inputs, fp32 global scale), bit-identical to
+nvidia-modelopt 0.47's export (``NVFP4QTensor`` as driven by ``unified_export_hf``).
+
+Layout: ``w ~= e2m1(code) * float(block_scale) * global_scale``; ``global_scale`` (modelopt's
+``weight_scale_2`` / ``input_scale``) = amax / (6 * 448); codes are packed two per byte along the last
+dim, the LOW nibble holding the EVEN column.  4-bit code = sign << 3 | magnitude index into
+(0, 0.5, 1, 1.5, 2, 3, 4, 6).
+
+Arithmetic matched (all fp32):
+
+* block amax = max|w| over 16 consecutive inputs, in ``w.dtype`` then converted to fp32 (exact);
+* ``block_scale = block_amax / (6 * global_scale)`` (the product ``6 * global_scale`` rounded to fp32
+  first); a result of exactly 0 becomes 1.0; then clamp to ``[2**-9, 448]`` and round-to-nearest-even
+  cast to float8_e4m3fn (fp8 subnormals are kept, 2**-9 is the smallest);
+* ``scaled = w / (float(block_scale) * global_scale)`` with the fp32 product rounded first and the
+  division done in fp32;
+* E2M1 rounding is round-half-to-even on the magnitude (0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2,
+  2.5 -> 2, 3.5 -> 4, 5 -> 4), |x| > 5 saturates to 6, the sign bit is ``x < 0`` (so -0.0 -> code 0 and a
+  negative value that rounds to zero -> code 8).
+
+Deviations from modelopt (only where modelopt produces NaN): an all-zero tensor has amax 0, for which
+modelopt writes ``weight_scale_2 = 0`` and NaN block scales; :func:`nvfp4_global_scale` instead replaces
+a 0 / NaN amax by 6 (modelopt's own rule for exported activation amaxes), giving ``1/448``, block scale
+1.0 and zero codes.  A NaN block scale (e.g. ``global_scale == 0``) is replaced by 1.0, and NaN in
+:func:`cast_to_e2m1_codes` gives code 0 (modelopt gives 7, i.e. +6).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "E2M1_MAX",
+    "E2M1_VALUES",
+    "NVFP4_BLOCK",
+    "NVFP4_GLOBAL_DIVISOR",
+    "cast_to_e2m1_codes",
+    "dequantize_nvfp4",
+    "e2m1_codes_to_float",
+    "fake_quantize_nvfp4",
+    "nvfp4_block_scales",
+    "nvfp4_global_scale",
+    "pack_fp4",
+    "quantize_nvfp4",
+    "unpack_fp4",
+]
+
+E2M1_VALUES: tuple[float, ...] = (
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+    -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+)  # fmt: skip
+E2M1_MAX: float = 6.0
+NVFP4_BLOCK: int = 16
+_FP8_MAX: float = 448.0
+NVFP4_GLOBAL_DIVISOR: float = E2M1_MAX * _FP8_MAX  # 2688
+_BLOCK_SCALE_MIN: float = 2.0**-9  # smallest fp8 e4m3 subnormal
+
+# Rounding thresholds on |x|: at the first kind a tie rounds down, at the second it rounds up,
+# which is round-half-to-even for the E2M1 grid.
+_TIE_DOWN = (0.25, 1.25, 2.5, 5.0)
+_TIE_UP = (0.75, 1.75, 3.5)
+
+
+def _check_last_dim(x: Tensor, name: str) -> int:
+    if x.dim() < 1 or x.shape[-1] % NVFP4_BLOCK != 0:
+        raise ValueError(
+            f"NVFP4 needs the last dim of {name} to be a multiple of {NVFP4_BLOCK}, "
+            f"got shape {tuple(x.shape)}"
+        )
+    return x.shape[-1] // NVFP4_BLOCK
+
+
+def _check_float(x: Tensor, name: str) -> None:
+    if not torch.is_floating_point(x) or x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        raise TypeError(f"{name} must be a float32/bfloat16/float16 tensor, got {x.dtype}")
+
+
+def _global_for(shape: torch.Size, global_scale: Tensor | float, device: torch.device) -> Tensor:
+    """fp32 global scale broadcastable against a block grid ``[..., n_blocks]`` of a tensor of ``shape``.
+
+    One element -> 0-d; otherwise one scale per leading matrix (``shape[:-2]``, e.g. per expert).
+    """
+    if global_scale is None:
+        raise ValueError("NVFP4 needs a global scale (see nvfp4_global_scale)")
+    g = torch.as_tensor(global_scale, device=device).to(torch.float32)
+    if g.numel() == 1:
+        return g.reshape(())
+    lead = tuple(shape[:-2])
+    if len(shape) < 2 or tuple(g.shape) not in (lead, (*lead, 1), (*lead, 1, 1)):
+        raise ValueError(
+            f"global scale must have one element or shape {lead} for a tensor of shape {tuple(shape)}, "
+            f"got {tuple(g.shape)}"
+        )
+    return g.reshape(*lead, 1, 1)
+
+
+def nvfp4_global_scale(amax: Tensor | float) -> Tensor:
+    """fp32 ``amax / (6 * 448)`` (same shape as ``amax``), always finite and > 0.
+
+    0 / NaN amax -> 6 (so the scale is 1/448), +inf -> dtype max, clamped to >= ``finfo.tiny``; this is
+    modelopt's export-time sanitising of amax (it leaves a zero *weight* amax as is, giving NaN scales).
+    """
+    amax = torch.as_tensor(amax).detach()
+    if not torch.is_floating_point(amax) or amax.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        amax = amax.to(torch.float32)
+    info = torch.finfo(amax.dtype)
+    amax = torch.where(amax == 0, torch.full_like(amax, E2M1_MAX), amax)
+    amax = torch.nan_to_num(amax, nan=E2M1_MAX).clamp(min=info.tiny, max=info.max)
+    return amax.to(torch.float32) / NVFP4_GLOBAL_DIVISOR
+
+
+def cast_to_e2m1_codes(x: Tensor) -> Tensor:
+    """Round already-scaled values to E2M1: float tensor -> uint8 codes 0..15 of the same shape.
+
+    Round-half-to-even on |x|, saturating at 6 (+-inf -> +-6), sign bit from ``x < 0``; NaN -> code 0.
+    """
+    _check_float(x, "x")
+    mag = x.detach().abs()
+    index = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
+    for bound in _TIE_DOWN:
+        index += (mag > bound).to(torch.uint8)
+    for bound in _TIE_UP:
+        index += (mag >= bound).to(torch.uint8)
+    return index | ((x.detach() < 0).to(torch.uint8) << 3)
+
+
+def _check_codes(codes: Tensor, name: str) -> None:
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {codes.dtype}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
+        raise ValueError(f"{name} must hold 4-bit codes in 0..15")
+
+
+def e2m1_codes_to_float(codes: Tensor) -> Tensor:
+    """uint8 codes 0..15 -> fp32 E2M1 values (code 8 is -0.0), same shape."""
+    _check_codes(codes, "codes")
+    return _lookup(codes)
+
+
+def _lookup(codes: Tensor) -> Tensor:
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
+    return table[codes.long()]
+
+
+def pack_fp4(codes: Tensor) -> Tensor:
+    """uint8 codes ``[..., n]`` (n even) -> uint8 ``[..., n/2]``; column 2k in the low nibble, 2k+1 high."""
+    _check_codes(codes, "codes")
+    if codes.dim() < 1 or codes.shape[-1] % 2 != 0:
+        raise ValueError(f"pack_fp4 needs an even last dim, got shape {tuple(codes.shape)}")
+    c = codes.to(torch.uint8)
+    return (c[..., 1::2] << 4) | c[..., 0::2]
+
+
+def unpack_fp4(packed: Tensor) -> Tensor:
+    """uint8 ``[..., m]`` -> uint8 codes ``[..., 2m]`` (inverse of :func:`pack_fp4`)."""
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be torch.uint8, got {packed.dtype}")
+    pairs = torch.stack((packed & 0x0F, packed >> 4), dim=-1)
+    return pairs.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
+def _block_scales(w: Tensor, g: Tensor, n_blocks: int) -> Tensor:
+    blocks = w.detach().reshape(*w.shape[:-1], n_blocks, NVFP4_BLOCK)
+    block_amax = blocks.abs().amax(dim=-1).to(torch.float32)
+    scale = block_amax / (E2M1_MAX * g)
+    scale = torch.where((scale == 0) | torch.isnan(scale), torch.ones_like(scale), scale)
+    return scale.clamp(min=_BLOCK_SCALE_MIN, max=_FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def nvfp4_block_scales(w: Tensor, global_scale: Tensor | float) -> Tensor:
+    """float8_e4m3fn per-16 block scales of ``w [..., in]`` -> ``[..., in/16]`` (modelopt arithmetic).
+
+    ``global_scale``: one element, or one per leading matrix (``w.shape[:-2]``, e.g. per expert).
+    """
+    _check_float(w, "w")
+    n_blocks = _check_last_dim(w, "w")
+    return _block_scales(w, _global_for(w.shape, global_scale, w.device), n_blocks)
+
+
+def quantize_nvfp4(w: Tensor, global_scale: Tensor | float) -> tuple[Tensor, Tensor]:
+    """``w [..., in]`` -> (packed uint8 ``[..., in/2]``, float8_e4m3fn block scale ``[..., in/16]``)."""
+    _check_float(w, "w")
+    n_blocks = _check_last_dim(w, "w")
+    g = _global_for(w.shape, global_scale, w.device)
+    block_scale = _block_scales(w, g, n_blocks)
+    divisor = (block_scale.to(torch.float32) * g).unsqueeze(-1)
+    scaled = w.detach().reshape(*w.shape[:-1], n_blocks, NVFP4_BLOCK) / divisor
+    codes = cast_to_e2m1_codes(scaled).reshape(w.shape)
+    return pack_fp4(codes), block_scale
+
+
+def dequantize_nvfp4(
+    packed: Tensor,
+    block_scale: Tensor,
+    global_scale: Tensor | float,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Tensor:
+    """packed uint8 ``[..., in/2]``, fp8 ``[..., in/16]``, fp32 global -> ``dtype`` ``[..., in]``.
+
+    ``e2m1 * (float(block_scale) * global_scale)`` in fp32, rounded once to ``dtype``.
+    """
+    codes = unpack_fp4(packed)
+    n_blocks = _check_last_dim(codes, "the unpacked codes")
+    if tuple(block_scale.shape) != (*codes.shape[:-1], n_blocks):
+        raise ValueError(
+            f"block_scale must have shape {(*codes.shape[:-1], n_blocks)} for packed shape "
+            f"{tuple(packed.shape)}, got {tuple(block_scale.shape)}"
+        )
+    g = _global_for(codes.shape, global_scale, packed.device)
+    per_block = block_scale.to(torch.float32) * g
+    values = _lookup(codes).reshape(*codes.shape[:-1], n_blocks, NVFP4_BLOCK)
+    return (values * per_block.unsqueeze(-1)).reshape(codes.shape).to(dtype)
+
+
+def fake_quantize_nvfp4(x: Tensor, global_scale: Tensor | float) -> Tensor:
+    """Dynamic per-16 block NVFP4 along the last dim with a static global scale, in ``x.dtype``.
+
+    Equals ``dequantize_nvfp4(*quantize_nvfp4(x, global_scale), global_scale, x.dtype)``.
+    """
+    packed, block_scale = quantize_nvfp4(x, global_scale)
+    return dequantize_nvfp4(packed, block_scale, global_scale, x.dtype)
