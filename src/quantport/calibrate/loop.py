@@ -40,7 +40,7 @@ def run_calibration(model: nn.Module, batches: Iterable[Any], *, progress: bool 
     tokens = 0
     for batch in tqdm(batches, total=total, desc="calibrating", unit="batch", disable=not progress):
         inputs = _model_inputs(batch, device)
-        model(**inputs, use_cache=False)
+        model(**inputs, use_cache=False, return_dict=False)  # outputs unused; some models fail building dicts
         ids = inputs.get("input_ids")
         tokens += int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
     if tokens == 0 and total == 0:
