@@ -36,11 +36,15 @@ def run_calibration(model: nn.Module, batches: Iterable[Any], *, progress: bool 
     The quantized modules must already be in calibration mode; this function only drives the forward.
     """
     device = next(model.parameters()).device
+    # Multimodal wrappers (e.g. Llama4ForConditionalGeneration) run text-only batches through their
+    # language model; transformers 5.24's Llama 4 wrapper fails building its output for text-only input.
+    language_model = getattr(model, "language_model", None)
+    target = language_model if isinstance(language_model, nn.Module) else model
     total = len(batches) if hasattr(batches, "__len__") else None
     tokens = 0
     for batch in tqdm(batches, total=total, desc="calibrating", unit="batch", disable=not progress):
         inputs = _model_inputs(batch, device)
-        model(**inputs, use_cache=False, return_dict=False)  # outputs unused; some models fail building dicts
+        target(**inputs, use_cache=False)
         ids = inputs.get("input_ids")
         tokens += int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
     if tokens == 0 and total == 0:
