@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
+from collections.abc import Callable
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -13,10 +13,9 @@ from torch import nn
 
 from .. import __version__
 from ..errors import ExportError
-from ..schemes import codec_for
 from ..state import QuantizationState, state_of
-from .modelopt import excluded_modules, modelopt_configs, modelopt_tensor_plan
-from .shards import staging_directory, write_sharded_safetensors
+from .modelopt import excluded_modules, write_modelopt
+from .shards import staging_directory, write_json
 
 __all__ = ["ExportFormat", "export"]
 
@@ -46,8 +45,11 @@ class ExportFormat(str, Enum):
         return self.value
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+CheckpointWriter = Callable[..., dict[str, Any]]
+"""``writer(model, state, staging_dir, *, max_shard_size, progress) -> quantization_config``: writes the
+tensors and any format-specific side files, returns the block for ``config.json``."""
+
+WRITERS: dict[ExportFormat, CheckpointWriter] = {ExportFormat.MODELOPT: write_modelopt}
 
 
 def _config_dict(model: nn.Module, quantization_config: dict[str, Any]) -> dict[str, Any]:
@@ -106,16 +108,12 @@ def export(
         known = ", ".join(f.value for f in ExportFormat)
         raise ExportError(f"unknown export format {format!r}; choose one of: {known}") from None
     state = state_of(model)
-    codec = codec_for(state.recipe.scheme)
+    writer = WRITERS[fmt]
     out_dir = Path(out_dir)
-    exclude = excluded_modules(model)
-    flat, nested = modelopt_configs(codec, state, exclude)
-    plan = modelopt_tensor_plan(model)
     with staging_directory(out_dir, overwrite=overwrite) as staging:
-        write_sharded_safetensors(plan, staging, max_shard_size=max_shard_size, progress=progress)
-        _write_json(staging / "config.json", _config_dict(model, flat))
-        _write_json(staging / "hf_quant_config.json", nested)
-        _write_json(staging / REPORT_FILE, _report(state, fmt, exclude))
+        quantization_config = writer(model, state, staging, max_shard_size=max_shard_size, progress=progress)
+        write_json(staging / "config.json", _config_dict(model, quantization_config))
+        write_json(staging / REPORT_FILE, _report(state, fmt, excluded_modules(model)))
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(staging)

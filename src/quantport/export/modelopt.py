@@ -14,6 +14,7 @@ quantport identifies itself in ``quantport_report.json``.
 from __future__ import annotations
 
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,11 +23,17 @@ from torch import nn
 from ..modules.kv_cache import kv_quantizer_of
 from ..modules.quant_linear import QuantLinear
 from ..recipes import KVCacheFormat
-from ..schemes import SchemeCodec, TensorSpec
+from ..schemes import SchemeCodec, TensorSpec, codec_for
 from ..state import QuantizationState
-from .shards import PlannedTensor
+from .shards import PlannedTensor, write_json, write_sharded_safetensors
 
-__all__ = ["MODELOPT_FORMAT_VERSION", "modelopt_configs", "modelopt_tensor_plan", "excluded_modules"]
+__all__ = [
+    "MODELOPT_FORMAT_VERSION",
+    "excluded_modules",
+    "modelopt_configs",
+    "modelopt_tensor_plan",
+    "write_modelopt",
+]
 
 MODELOPT_FORMAT_VERSION = "0.47.0"
 """The nvidia-modelopt release whose unified checkpoint this exporter writes (and is tested against)."""
@@ -145,3 +152,14 @@ def modelopt_configs(
     flat["producer"] = dict(_PRODUCER)
     flat["quant_method"] = "modelopt"
     return flat, {"producer": dict(_PRODUCER), "quantization": nested}
+
+
+def write_modelopt(
+    model: nn.Module, state: QuantizationState, staging: Path, *, max_shard_size: int | str, progress: bool
+) -> dict[str, Any]:
+    """Write tensors and ``hf_quant_config.json``; return ``config.json``'s ``quantization_config``."""
+    exclude = excluded_modules(model)
+    flat, nested = modelopt_configs(codec_for(state.recipe.scheme), state, exclude)
+    write_sharded_safetensors(modelopt_tensor_plan(model), staging, max_shard_size=max_shard_size, progress=progress)
+    write_json(staging / "hf_quant_config.json", nested)
+    return flat

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..errors import OutputExistsError
 from ..schemes import TensorSpec
 
-__all__ = ["PlannedTensor", "parse_size", "staging_directory", "write_sharded_safetensors"]
+__all__ = ["PlannedTensor", "parse_size", "staging_directory", "write_json", "write_sharded_safetensors"]
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +136,11 @@ def write_sharded_safetensors(
         }
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return files
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Deterministic JSON: sorted keys, two-space indent, trailing newline."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def check_output_directory(out_dir: Path, overwrite: bool) -> None:
