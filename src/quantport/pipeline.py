@@ -9,12 +9,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from .arch.experts import ForwardContract, MoEBlock, find_moe_blocks
 from .arch.fused_groups import find_attention_modules, find_shared_input_groups
 from .calibrate import calibration_batches, run_calibration
+from .calibrate.moe_policy import MoECalibration, MoEInputScales, apply_input_policy
 from .errors import CalibrationDataError, InvalidWeightsError
 from .modules.kv_cache import install_kv_quantizer
+from .modules.quant_experts import ExpertsQuantizer, install_experts_quantizer
 from .modules.quant_linear import QuantLinear, QuantMode
 from .recipes import KVCacheFormat, QuantRecipe, get_recipe
+from .report.coverage import ExpertCoverage, LayerCoverage
 from .schemes import SchemeCodec, codec_for
 from .state import QuantizationState, attach_state, set_mode
 
@@ -54,11 +58,35 @@ def _plan_layers(model: nn.Module, recipe: QuantRecipe, codec: SchemeCodec, stat
     return [n for n in linears if n not in state.excluded]
 
 
-def _check_finite(model: nn.Module, names: list[str]) -> None:
+def _plan_experts(
+    model: nn.Module, recipe: QuantRecipe, codec: SchemeCodec, state: QuantizationState
+) -> list[MoEBlock]:
+    selected = []
+    for block in find_moe_blocks(model):
+        hidden, inter = block.layout.down(block.experts.down_proj[0]).shape
+        if recipe.is_excluded(block.experts_name):
+            state.excluded[block.experts_name] = "matches an exclusion pattern"
+        elif hidden % codec.input_multiple or inter % codec.input_multiple:
+            reason = (
+                f"expert dims {hidden}/{inter} are not multiples of {codec.input_multiple} "
+                f"required by {codec.scheme.value}"
+            )
+            state.excluded[block.experts_name] = reason
+            logger.warning("leaving %s unquantized: %s", block.experts_name, reason)
+        else:
+            selected.append(block)
+    return selected
+
+
+def _check_finite(model: nn.Module, names: list[str], blocks: list[MoEBlock]) -> None:
     modules = dict(model.named_modules())
-    bad = [n for n in names if not torch.isfinite(modules[n].weight).all()]
+    bad = [f"{n}.weight" for n in names if not torch.isfinite(modules[n].weight).all()]
+    for block in blocks:
+        for param in ("gate_up_proj", "down_proj"):
+            if not torch.isfinite(getattr(block.experts, param)).all():
+                bad.append(f"{block.experts_name}.{param}")
     if bad:
-        shown = ", ".join(f"{n}.weight" for n in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
         raise InvalidWeightsError(
             f"{len(bad)} weight tensor(s) contain NaN or infinite values ({shown}); the checkpoint is "
             "corrupt or was saved after a diverged training step. Fix the weights, or exclude those "
@@ -116,6 +144,38 @@ def _drop_uncalibrated(model: nn.Module, state: QuantizationState) -> None:
             logger.warning("leaving %s unquantized: it never ran during calibration", name)
 
 
+def _finish_experts(
+    quantizers: list[ExpertsQuantizer], state: QuantizationState, options: dict[str, Any]
+) -> None:
+    policy = MoEInputScales(options.get("moe_input_scales", MoEInputScales.SHARED))
+    calibration = MoECalibration(options.get("moe_calib", MoECalibration.ROUTED))
+    coverage = ExpertCoverage(policy.value, calibration.value)
+    for quantizer in quantizers:
+        if quantizer.codec.static_input_scale:
+            apply_input_policy(quantizer, policy)
+        coverage.layers.append(LayerCoverage(quantizer.block.name, tuple(quantizer.tokens.tolist())))
+    state.coverage = coverage if state.calibration_tokens else None
+
+
+def _install_experts(
+    blocks: list[MoEBlock], codec: SchemeCodec, options: dict[str, Any]
+) -> list[ExpertsQuantizer]:
+    calibration = MoECalibration(options.get("moe_calib", MoECalibration.ROUTED))
+    MoEInputScales(options.get("moe_input_scales", MoEInputScales.SHARED))  # validate early
+    quantizers = []
+    for block in blocks:
+        quantizer = install_experts_quantizer(block, codec)
+        if calibration is MoECalibration.ALL_EXPERTS:
+            if block.layout.contract is not ForwardContract.TOP_K:
+                raise ValueError(
+                    f"--moe-calib all-experts is not available for {block.layout.family} experts (their module "
+                    "only sees router-scaled inputs); use the default routed calibration"
+                )
+            quantizer.all_experts_statistics = True
+        quantizers.append(quantizer)
+    return quantizers
+
+
 def quantize(
     model: nn.Module,
     recipe: str | QuantRecipe,
@@ -132,10 +192,12 @@ def quantize(
             tokenizer.
         **options: ``exclude`` (extra patterns), ``kv_cache`` ("fp8"), ``tokenizer``, ``calib_text``
             (path), ``calib_samples`` (64), ``calib_seq_len`` (512), ``batch_size`` (8),
+            ``moe_input_scales`` ("shared" | "per-expert"), ``moe_calib`` ("routed" | "all-experts"),
             ``progress`` (True).
     """
     unknown = set(options) - {
-        "exclude", "kv_cache", "tokenizer", "calib_text", "calib_samples", "calib_seq_len", "batch_size", "progress",
+        "exclude", "kv_cache", "tokenizer", "calib_text", "calib_samples", "calib_seq_len", "batch_size",
+        "moe_input_scales", "moe_calib", "progress",
     }
     if unknown:
         raise TypeError(f"unknown quantize option(s): {', '.join(sorted(unknown))}")
@@ -145,11 +207,14 @@ def quantize(
     codec = codec_for(recipe.scheme)
     state = QuantizationState(recipe=recipe)
     names = _plan_layers(model, recipe, codec, state)
-    _check_finite(model, names)
+    blocks = _plan_experts(model, recipe, codec, state)
+    _check_finite(model, names, blocks)
     modules = dict(model.named_modules())
     for name in names:
         QuantLinear.convert(modules[name], codec)
     state.quantized = names
+    experts = _install_experts(blocks, codec, options)
+    state.experts = [b.experts_name for b in blocks]
     if recipe.kv_cache is KVCacheFormat.FP8:
         for name, attention in find_attention_modules(model):
             install_kv_quantizer(attention)
@@ -164,6 +229,7 @@ def quantize(
         finally:
             set_mode(model, QuantMode.OFF)
         _drop_uncalibrated(model, state)
+    _finish_experts(experts, state, options)
     _unify_groups(model, state, codec)
     attach_state(model, state)
     logger.info("quantized %d Linear layers, %d left unquantized", len(state.quantized), len(state.excluded))

@@ -10,8 +10,10 @@ from torch import nn
 from .arch.fused_groups import SharedInputGroup
 from .errors import ExportError
 from .modules.kv_cache import KVCacheQuantizer, kv_quantizer_of
+from .modules.quant_experts import ExpertsQuantizer, experts_quantizer_of
 from .modules.quant_linear import QuantLinear, QuantMode
 from .recipes import QuantRecipe
+from .report.coverage import ExpertCoverage
 
 __all__ = ["QuantizationState", "attach_state", "iter_quant_modules", "set_mode", "state_of"]
 
@@ -28,7 +30,9 @@ class QuantizationState:
         excluded: unquantized Linear layers -> why (pattern, shape, fused sibling, never ran).
         groups: shared-input groups whose scales were unified.
         kv_modules: attention modules with a KV-cache quantizer.
+        experts: experts modules that are quantized.
         calibration_tokens: tokens seen in calibration (0 when none was needed).
+        coverage: calibration tokens per expert and the policy that filled the gaps (MoE models).
     """
 
     recipe: QuantRecipe
@@ -36,7 +40,9 @@ class QuantizationState:
     excluded: dict[str, str] = field(default_factory=dict)
     groups: list[SharedInputGroup] = field(default_factory=list)
     kv_modules: list[str] = field(default_factory=list)
+    experts: list[str] = field(default_factory=list)
     calibration_tokens: int = 0
+    coverage: ExpertCoverage | None = None
 
 
 def attach_state(model: nn.Module, state: QuantizationState) -> None:
@@ -51,13 +57,13 @@ def state_of(model: nn.Module) -> QuantizationState:
     return state
 
 
-def iter_quant_modules(model: nn.Module) -> Iterator[QuantLinear | KVCacheQuantizer]:
+def iter_quant_modules(model: nn.Module) -> Iterator[QuantLinear | KVCacheQuantizer | ExpertsQuantizer]:
     for module in model.modules():
         if isinstance(module, QuantLinear):
             yield module
-        kv = kv_quantizer_of(module)
-        if kv is not None:
-            yield kv
+        for attached in (kv_quantizer_of(module), experts_quantizer_of(module)):
+            if attached is not None:
+                yield attached
 
 
 def set_mode(model: nn.Module, mode: QuantMode | str) -> None:

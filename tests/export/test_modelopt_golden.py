@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import quantport
+from checkpoint_files import assert_same_tensor, load_tensors
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 export_hf_checkpoint = pytest.importorskip("modelopt.torch.export").export_hf_checkpoint
@@ -18,13 +18,6 @@ export_hf_checkpoint = pytest.importorskip("modelopt.torch.export").export_hf_ch
 pytestmark = pytest.mark.reference
 
 MODELOPT_CONFIGS = {"fp8": "FP8_DEFAULT_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}
-
-
-def _load_tensors(directory: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
 
 
 def _reference_export(model, recipe: str, batches, out: Path, kv_cache: bool) -> None:
@@ -41,10 +34,6 @@ def _reference_export(model, recipe: str, batches, out: Path, kv_cache: bool) ->
         export_hf_checkpoint(model, export_dir=out)
 
 
-def _is_input_scale(name: str) -> bool:
-    return name.endswith(("input_scale", "k_scale", "v_scale"))
-
-
 @pytest.mark.parametrize("kv_cache", [False, True], ids=["no-kv", "kv-fp8"])
 @pytest.mark.parametrize("recipe", ["fp8", "nvfp4"])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -55,15 +44,10 @@ def test_matches_modelopt(tmp_path, tiny_model, calib_batches, family, recipe, k
     quantport.quantize(model, recipe, calib_batches, kv_cache="fp8" if kv_cache else None, progress=False)
     quantport.export(model, tmp_path / "ours", progress=False)
 
-    ours, ref = _load_tensors(tmp_path / "ours"), _load_tensors(tmp_path / "ref")
+    ours, ref = load_tensors(tmp_path / "ours"), load_tensors(tmp_path / "ref")
     assert sorted(ours) == sorted(ref)
     for name, expected in ref.items():
-        actual = ours[name]
-        assert actual.dtype == expected.dtype and actual.shape == expected.shape, name
-        if _is_input_scale(name):
-            torch.testing.assert_close(actual, expected, rtol=1e-6, atol=0, msg=name)
-        else:
-            assert torch.equal(actual.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
+        assert_same_tensor(name, ours[name], expected)
 
     ref_nested = json.loads((tmp_path / "ref" / "hf_quant_config.json").read_text())["quantization"]
     our_nested = json.loads((tmp_path / "ours" / "hf_quant_config.json").read_text())["quantization"]

@@ -21,6 +21,7 @@ FUSED_SIBLINGS: dict[str, tuple[str, ...]] = {
     "qkv_proj": ("q_proj", "k_proj", "v_proj"),
     "gate_up_proj": ("gate_proj", "up_proj"),
     "w13": ("w1", "w3"),
+    "fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"),  # DeepSeek MLA down-projections
 }
 """Fused engine name -> the sibling child names that an engine fuses into it."""
 

@@ -21,10 +21,13 @@ import torch
 from torch import nn
 
 from ..modules.kv_cache import kv_quantizer_of
+from ..modules.quant_experts import experts_quantizer_of
 from ..modules.quant_linear import QuantLinear
 from ..recipes import KVCacheFormat
 from ..schemes import SchemeCodec, TensorSpec, codec_for
 from ..state import QuantizationState
+from .experts import expert_plan, replaced_parameters
+from .names import CheckpointNames
 from .shards import PlannedTensor, write_json, write_sharded_safetensors
 
 __all__ = [
@@ -87,34 +90,55 @@ def _kv_entries(prefix: str, module: nn.Module) -> list[PlannedTensor]:
     ]
 
 
+def _passthrough_entries(name: str, tensor: torch.Tensor, names: CheckpointNames) -> list[PlannedTensor]:
+    """An unquantized tensor under its checkpoint name(s); split when transformers fused it at load."""
+    meta = names.split(name, torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"))
+    if len(meta) == 1:
+        (target,) = meta
+        return [PlannedTensor(target, TensorSpec(tensor.dtype, tuple(tensor.shape)), lambda: tensor.detach())]
+    pieces = lru_cache(maxsize=1)(lambda: names.split(name, tensor.detach()))
+    return [
+        PlannedTensor(target, TensorSpec(t.dtype, tuple(t.shape)), lambda k=target: pieces()[k].contiguous())
+        for target, t in meta.items()
+    ]
+
+
 def modelopt_tensor_plan(model: nn.Module) -> list[PlannedTensor]:
-    """Every tensor of the checkpoint, computed lazily; the model is only read."""
+    """Every tensor of the checkpoint under its checkpoint name, computed lazily; the model is only read."""
+    names = CheckpointNames(model)
     aliases = _tied_aliases(model)
     replaced: set[str] = set()
     plan: list[PlannedTensor] = []
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            plan.extend(_linear_entries(name, module))
+            plan.extend(_linear_entries(names.module(name), module))
             replaced.add(f"{name}.weight")
-        plan.extend(_kv_entries(name, module))
+        plan.extend(_kv_entries(names.module(name), module))
+        experts = experts_quantizer_of(module)
+        if experts is not None:
+            plan.extend(expert_plan(experts, names))
+            replaced |= replaced_parameters(experts)
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if name in replaced or name in aliases:
-            continue
-        spec = TensorSpec(tensor.dtype, tuple(tensor.shape))
-        plan.append(PlannedTensor(name, spec, lambda t=tensor: t.detach()))
+        if name not in replaced and name not in aliases:
+            plan.extend(_passthrough_entries(name, tensor, names))
     return plan
 
 
 def excluded_modules(model: nn.Module) -> list[str]:
-    """Modules with a 2-D weight (Linear, Embedding, routers) that carry no scale tensors."""
-    names = []
+    """Checkpoint names of the modules that carry no scale tensors: those with a 2-D weight (Linear,
+    Embedding, routers) that are not quantized, and experts modules that are not quantized."""
+    names = CheckpointNames(model)
+    excluded = []
     for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if isinstance(module, QuantLinear) or not isinstance(weight, torch.Tensor) or weight.dim() < 2:
+        if not name or isinstance(module, QuantLinear) or experts_quantizer_of(module) is not None:
             continue
-        if isinstance(weight, nn.Parameter) and name:
-            names.append(name)
-    return sorted(names)
+        weight = getattr(module, "weight", None)
+        is_matrix = isinstance(weight, nn.Parameter) and weight.dim() >= 2
+        down = getattr(module, "down_proj", None)
+        is_experts = isinstance(down, nn.Parameter) and down.dim() == 3
+        if is_matrix or is_experts:
+            excluded.append(names.module(name))
+    return sorted(excluded)
 
 
 def _config_groups(codec: SchemeCodec) -> dict[str, Any] | None:

@@ -1,0 +1,102 @@
+"""Planned tensors of quantized experts, named as the layout says engines read them.
+
+* ``PER_EXPERT``: ``<block>.experts.{e}.<leaf>.{weight, weight_scale, weight_scale_2, input_scale}``
+  with the layout's leaf names (``gate_proj``/``up_proj``/``down_proj`` or ``w1``/``w3``/``w2``).
+* ``FUSED`` (ModelOpt's names for Llama 4 multimodal and GPT-OSS): ``<experts>.gate_up_proj`` in the
+  model's own orientation (for NVFP4: packed and blocked along the input dimension, then transposed
+  back, e.g. ``[E, H/2, 2I]``) and ``<experts>.gate_up_proj_{weight_scale, weight_scale_2,
+  input_scale}`` scalars shared by all experts; the same for ``down_proj``.
+
+Fused tensors are assembled from the per-expert quantized tensors, so both namings decode to exactly
+the weights the simulation uses.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from ..arch.experts import ExpertNaming
+from ..modules.quant_experts import ExpertsQuantizer
+from ..schemes import TensorSpec
+from .names import CheckpointNames
+from .shards import PlannedTensor
+
+__all__ = ["expert_plan", "replaced_parameters"]
+
+_PROJECTIONS = ("gate", "up", "down")
+
+
+def replaced_parameters(quantizer: ExpertsQuantizer) -> set[str]:
+    """The experts module's parameters that the plan replaces."""
+    name = quantizer.block.experts_name
+    return {f"{name}.gate_up_proj", f"{name}.down_proj"}
+
+
+def _specs(quantizer: ExpertsQuantizer, projection: str) -> dict[str, TensorSpec]:
+    hidden, inter = quantizer.layout.down(quantizer.block.experts.down_proj[0]).shape  # [H, I]
+    out_in = (hidden, inter) if projection == "down" else (inter, hidden)
+    specs = quantizer.codec.weight_specs(*out_in)
+    if quantizer.codec.static_input_scale:
+        specs["input_scale"] = TensorSpec(torch.float32, ())
+    return specs
+
+
+def _per_expert_plan(quantizer: ExpertsQuantizer, names: CheckpointNames) -> list[PlannedTensor]:
+    expert_tensors = lru_cache(maxsize=1)(quantizer.quantized_expert)
+    plan = []
+    for expert in range(quantizer.block.num_experts):
+        for projection, leaf in zip(_PROJECTIONS, quantizer.layout.leaf_names, strict=True):
+            prefix = names.module(f"{quantizer.block.experts_name}.{expert}.{leaf}")
+            for suffix, spec in _specs(quantizer, projection).items():
+                plan.append(
+                    PlannedTensor(
+                        f"{prefix}.{suffix}",
+                        spec,
+                        lambda e=expert, p=projection, s=suffix: expert_tensors(e)[p][s],
+                    )
+                )
+    return plan
+
+
+def _fused_tensors(quantizer: ExpertsQuantizer) -> dict[str, dict[str, torch.Tensor]]:
+    layout = quantizer.layout
+    per_expert = [quantizer.quantized_expert(e) for e in range(quantizer.block.num_experts)]
+    fused: dict[str, dict[str, torch.Tensor]] = {"gate_up_proj": {}, "down_proj": {}}
+    for suffix, first in per_expert[0]["gate"].items():
+        if first.dim() == 0:  # per-tensor scales: one value shared by all experts
+            fused["gate_up_proj"][suffix] = first
+            fused["down_proj"][suffix] = per_expert[0]["down"][suffix]
+            continue
+        gate = torch.stack([t["gate"][suffix] for t in per_expert])
+        up = torch.stack([t["up"][suffix] for t in per_expert])
+        down = torch.stack([t["down"][suffix] for t in per_expert])
+        fused["gate_up_proj"][suffix] = layout.fuse(gate, up).contiguous()
+        fused["down_proj"][suffix] = layout.unorient_down(down).contiguous()
+    return fused
+
+
+def _fused_plan(quantizer: ExpertsQuantizer, names: CheckpointNames) -> list[PlannedTensor]:
+    tensors = lru_cache(maxsize=1)(lambda: _fused_tensors(quantizer))
+    experts = quantizer.block.num_experts
+    plan = []
+    for parameter, projection in (("gate_up_proj", "gate"), ("down_proj", "down")):
+        for suffix, spec in _specs(quantizer, projection).items():
+            if spec.shape:
+                out, inner = spec.shape
+                if projection == "gate":
+                    out *= 2
+                shape = (experts, inner, out) if quantizer.layout.transposed else (experts, out, inner)
+                spec = TensorSpec(spec.dtype, shape)
+            leaf = parameter if suffix == "weight" else f"{parameter}_{suffix}"
+            name = names.tensor(f"{quantizer.block.experts_name}.{leaf}")
+            plan.append(PlannedTensor(name, spec, lambda p=parameter, s=suffix: tensors()[p][s]))
+    return plan
+
+
+def expert_plan(quantizer: ExpertsQuantizer, names: CheckpointNames) -> list[PlannedTensor]:
+    """Every exported tensor of one quantized experts module (biases are passed through elsewhere)."""
+    if quantizer.layout.naming is ExpertNaming.FUSED:
+        return _fused_plan(quantizer, names)
+    return _per_expert_plan(quantizer, names)

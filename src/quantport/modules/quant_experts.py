@@ -1,0 +1,280 @@
+"""ExpertsQuantizer: calibration statistics and simulation for one fused experts module.
+
+The quantizer replaces the experts module's ``forward`` on the instance (the class and the
+parameters are untouched) with a forward generic over its :class:`ExpertLayout`:
+
+* ``TOP_K`` layouts (transformers-5 ``@use_experts_implementation``): tokens are sorted by expert and
+  both projections run as one grouped GEMM each (transformers' grouped-mm kernel), as the model's own
+  ``grouped_mm`` implementation does. Per-expert token counts and input amax of both projections come
+  from one segmented reduction (``scatter_reduce``) over the sorted rows: no loop over experts.
+* ``DENSE_ROUTED`` layouts (Llama 4): every expert gets every token pre-scaled by its router score,
+  computed with ``bmm``; per-expert amax is a reduction over the token dimension.
+
+Gating and activation are the module's own (``_apply_gate`` / ``act_fn``), so GPT-OSS's clamped,
+interleaved SwiGLU needs no special case here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch.experts import ExpertLayout, ExpertNaming, ForwardContract, MoEBlock
+from ..schemes import SchemeCodec
+from .quant_linear import QuantMode
+
+__all__ = ["ExpertsQuantizer", "experts_quantizer_of", "install_experts_quantizer"]
+
+_ATTR = "_quantport_experts"
+PROJECTIONS = ("gate_up", "down")
+
+
+def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, bias, transposed: bool):
+    from transformers.integrations.moe import _grouped_linear as transformers_grouped_linear
+
+    return transformers_grouped_linear(x, weight, offsets, bias=bias, is_transposed=transposed)
+
+
+def _segment_amax(rows: torch.Tensor, expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """fp32 [E]: max |row| over the rows of each expert (0 for experts without rows)."""
+    row_amax = rows.detach().abs().amax(dim=-1).float()
+    out = torch.zeros(num_experts, dtype=torch.float32, device=rows.device)
+    return out.scatter_reduce(0, expert_ids, row_amax, reduce="amax", include_self=True)
+
+
+class ExpertsQuantizer:
+    """Statistics and simulation state of one experts module.
+
+    Attributes:
+        block: the MoE block (names, experts module, layout).
+        codec: the Linear scheme's codec, applied to each expert's 2-D projections.
+        tokens: int64 [E] calibration tokens routed to each expert.
+        input_amax: projection -> fp32 [E] max |input| per expert, as observed.
+        export_input_amax: projection -> fp32 [E] amax used for ``input_scale`` after the
+            uncalibrated-expert policy (set by :func:`quantport.calibrate.moe_policy.apply_input_policy`).
+        weight_amax: projection -> fp32 [E] per-tensor weight amax per expert (gate and up share one).
+        mode: current :class:`QuantMode`.
+    """
+
+    def __init__(self, block: MoEBlock, codec: SchemeCodec, original_forward: Callable[..., Any]) -> None:
+        self.block = block
+        self.codec = codec
+        self.original_forward = original_forward
+        experts = block.num_experts
+        device = block.experts.down_proj.device
+        self.tokens = torch.zeros(experts, dtype=torch.int64, device=device)
+        self.input_amax = {p: torch.zeros(experts, dtype=torch.float32, device=device) for p in PROJECTIONS}
+        self.export_input_amax: dict[str, torch.Tensor] | None = None
+        self.weight_amax = self._weight_amax()
+        self.mode = QuantMode.OFF
+        self.all_experts_statistics = False
+        self._simulated: dict[str, torch.Tensor] | None = None
+
+    @property
+    def layout(self) -> ExpertLayout:
+        return self.block.layout
+
+    def _weight_amax(self) -> dict[str, torch.Tensor]:
+        """Per-expert amax from the weights themselves (valid with or without calibration tokens).
+
+        Gate and up share one amax per expert (engines fuse them); layouts exported fused share one
+        amax per projection across all experts, as ModelOpt's single quantizer does.
+        """
+        experts = self.block.experts
+        amax = {
+            "gate_up": experts.gate_up_proj.detach().abs().amax(dim=(-1, -2)).float(),
+            "down": experts.down_proj.detach().abs().amax(dim=(-1, -2)).float(),
+        }
+        if self.layout.naming is ExpertNaming.FUSED:
+            amax = {p: a.amax().expand_as(a).clone() for p, a in amax.items()}
+        return amax
+
+    # --- weights -------------------------------------------------------------------------------------------
+
+    def expert_weights(self, expert: int) -> dict[str, torch.Tensor]:
+        """2-D ``[out, in]`` weights of expert ``expert``: gate, up, down.
+
+        Experts exported fused are quantized from fp32 (one rounding of ``w / scale``), as ModelOpt
+        quantizes its fused 3-D experts; per-expert exports quantize in the model dtype like a Linear.
+        """
+        experts, layout = self.block.experts, self.layout
+        gate_up = experts.gate_up_proj[expert].detach()
+        down = experts.down_proj[expert].detach()
+        if layout.naming is ExpertNaming.FUSED:
+            gate_up, down = gate_up.float(), down.float()
+        return {"gate": layout.gate(gate_up), "up": layout.up(gate_up), "down": layout.down(down)}
+
+    def quantized_expert(self, expert: int) -> dict[str, dict[str, torch.Tensor]]:
+        """Exported tensors (suffix -> tensor) of each projection of one expert."""
+        weights = self.expert_weights(expert)
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for name, weight in weights.items():
+            projection = "down" if name == "down" else "gate_up"
+            tensors = self.codec.quantize_weight(weight, self.weight_amax[projection][expert])
+            scale = self.input_scale(projection)
+            if scale is not None:
+                tensors["input_scale"] = scale[expert]
+            out[name] = tensors
+        return out
+
+    def input_scale(self, projection: str) -> torch.Tensor | None:
+        """fp32 [E] ``input_scale`` per expert (None for weight-only / dynamic schemes)."""
+        if not self.codec.static_input_scale:
+            return None
+        if self.export_input_amax is None:
+            raise RuntimeError(f"{self.block.experts_name}: no calibrated input amax; run calibration first")
+        return self.codec.input_scale(self.export_input_amax[projection])
+
+    def simulated_parameters(self) -> dict[str, torch.Tensor]:
+        """``gate_up_proj`` and ``down_proj`` as dequantize(quantize(.)) in the model's own layout."""
+        if self._simulated is not None:
+            return self._simulated
+        dtype = self.block.experts.down_proj.dtype
+        gates, ups, downs = [], [], []
+        for expert in range(self.block.num_experts):
+            tensors = self.quantized_expert(expert)
+            gates.append(self.codec.dequantize_weight(tensors["gate"], dtype))
+            ups.append(self.codec.dequantize_weight(tensors["up"], dtype))
+            downs.append(self.codec.dequantize_weight(tensors["down"], dtype))
+        layout = self.layout
+        simulated = {
+            "gate_up": layout.fuse(torch.stack(gates), torch.stack(ups)).contiguous(),
+            "down": layout.unorient_down(torch.stack(downs)).contiguous(),
+        }
+        self._simulated = simulated
+        return simulated
+
+    def drop_simulation_cache(self) -> None:
+        self._simulated = None
+
+    # --- activations ---------------------------------------------------------------------------------------
+
+    def _fake_quant_rows(self, x: torch.Tensor, counts: torch.Tensor, projection: str) -> torch.Tensor:
+        """Fake-quantize rows sorted by expert with each expert's input scale."""
+        scales = self.input_scale(projection)
+        if scales is None or bool((scales == scales[0]).all()):
+            return self.codec.fake_quantize_input(x, None if scales is None else scales[0])
+        pieces = torch.split(x, counts.tolist())
+        return torch.cat([self.codec.fake_quantize_input(p, scales[e]) for e, p in enumerate(pieces)])
+
+    def _observe(self, projection: str, rows: torch.Tensor, expert_ids: torch.Tensor) -> None:
+        amax = _segment_amax(rows, expert_ids, self.block.num_experts)
+        self.input_amax[projection] = torch.maximum(self.input_amax[projection], amax)
+
+    # --- forward contracts --------------------------------------------------------------------------------
+
+    def _parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        experts = self.block.experts
+        if self.mode is QuantMode.SIMULATE:
+            simulated = self.simulated_parameters()
+            return simulated["gate_up"], simulated["down"]
+        return experts.gate_up_proj, experts.down_proj
+
+    def top_k_forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        """Grouped forward of a ``TOP_K`` experts module; returns ``[T, H]``."""
+        experts, layout = self.block.experts, self.layout
+        num_experts, top_k = self.block.num_experts, top_k_index.shape[-1]
+        expert_ids = top_k_index.reshape(-1)
+        sorted_ids, order = torch.sort(expert_ids, stable=True)
+        rows = hidden[order // top_k]
+        counts = torch.bincount(sorted_ids, minlength=num_experts)
+        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        gate_up_w, down_w = self._parameters()
+        gate_up_b = experts.gate_up_proj_bias[sorted_ids] if layout.has_bias else None
+        down_b = experts.down_proj_bias[sorted_ids] if layout.has_bias else None
+        if self.mode is QuantMode.CALIBRATE:
+            self.tokens += counts
+            if not self.all_experts_statistics:
+                self._observe("gate_up", rows, sorted_ids)
+        elif self.mode is QuantMode.SIMULATE:
+            rows = self._fake_quant_rows(rows, counts, "gate_up")
+        h = experts._apply_gate(_grouped_linear(rows, gate_up_w, offsets, gate_up_b, layout.transposed))
+        if self.mode is QuantMode.CALIBRATE and not self.all_experts_statistics:
+            self._observe("down", h, sorted_ids)
+        elif self.mode is QuantMode.SIMULATE:
+            h = self._fake_quant_rows(h, counts, "down")
+        out = _grouped_linear(h, down_w, offsets, down_b, layout.transposed)
+        weighted = out * top_k_weights.reshape(-1)[order].unsqueeze(-1)  # promotes like transformers' kernel
+        unsorted = torch.empty_like(weighted)
+        unsorted[order] = weighted
+        if self.mode is QuantMode.CALIBRATE and self.all_experts_statistics:
+            self._observe_all_experts(hidden)
+        return unsorted.view(hidden.shape[0], top_k, -1).sum(dim=1).to(hidden.dtype)
+
+    def _observe_all_experts(self, hidden: torch.Tensor, chunk_tokens: int = 1024) -> None:
+        """Statistics of every token through every expert (the output keeps the real routing).
+
+        Costs one extra dense pass of all experts over the batch, in chunks of ``chunk_tokens``
+        tokens so that memory stays at ``chunk_tokens x E x 2I`` activations.
+        """
+        experts, layout = self.block.experts, self.layout
+        num_experts = self.block.num_experts
+        gate_up_w = experts.gate_up_proj if layout.transposed else experts.gate_up_proj.transpose(-1, -2)
+        token_amax = hidden.detach().abs().amax().float()
+        self.input_amax["gate_up"] = torch.maximum(self.input_amax["gate_up"], token_amax.expand(num_experts))
+        for chunk in hidden.split(chunk_tokens):
+            x = chunk.unsqueeze(0).expand(num_experts, -1, -1)
+            h = torch.bmm(x, gate_up_w)
+            if layout.has_bias:
+                h = h + experts.gate_up_proj_bias.unsqueeze(1)
+            h = experts._apply_gate(h)
+            amax = h.detach().abs().amax(dim=(1, 2)).float()
+            self.input_amax["down"] = torch.maximum(self.input_amax["down"], amax)
+
+    def dense_routed_forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Batched forward of a ``DENSE_ROUTED`` experts module (Llama 4); returns ``[E*T, H]``."""
+        experts, layout = self.block.experts, self.layout
+        num_experts = self.block.num_experts
+        x = hidden.view(num_experts, -1, hidden.shape[-1])
+        gate_up_w, down_w = self._parameters()
+        if self.mode is QuantMode.CALIBRATE:
+            routed = (x != 0).any(dim=-1)
+            self.tokens += routed.sum(dim=1)
+            self.input_amax["gate_up"] = torch.maximum(
+                self.input_amax["gate_up"], x.detach().abs().amax(dim=(1, 2)).float()
+            )
+        elif self.mode is QuantMode.SIMULATE:
+            x = self._fake_quant_experts(x, "gate_up")
+        gate_up = torch.bmm(x, gate_up_w)
+        gate, up = gate_up.chunk(2, dim=-1)
+        h = up * experts.act_fn(gate)
+        if self.mode is QuantMode.CALIBRATE:
+            self.input_amax["down"] = torch.maximum(
+                self.input_amax["down"], h.detach().abs().amax(dim=(1, 2)).float()
+            )
+        elif self.mode is QuantMode.SIMULATE:
+            h = self._fake_quant_experts(h, "down")
+        return torch.bmm(h, down_w).view(-1, hidden.shape[-1])
+
+    def _fake_quant_experts(self, x: torch.Tensor, projection: str) -> torch.Tensor:
+        scales = self.input_scale(projection)
+        if scales is None:
+            return self.codec.fake_quantize_input(x, None)
+        return torch.stack([self.codec.fake_quantize_input(x[e], scales[e]) for e in range(x.shape[0])])
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.mode is QuantMode.OFF:
+            return self.original_forward(*args, **kwargs)
+        if self.layout.contract is ForwardContract.DENSE_ROUTED:
+            return self.dense_routed_forward(*args, **kwargs)
+        return self.top_k_forward(*args, **kwargs)
+
+
+def install_experts_quantizer(block: MoEBlock, codec: SchemeCodec) -> ExpertsQuantizer:
+    """Attach an :class:`ExpertsQuantizer` to ``block.experts`` and route its forward through it."""
+    experts = block.experts
+    existing = experts.__dict__.get(_ATTR)
+    if existing is not None:
+        return existing
+    quantizer = ExpertsQuantizer(block, codec, experts.forward)
+    experts.__dict__[_ATTR] = quantizer
+    experts.forward = quantizer.forward
+    return quantizer
+
+
+def experts_quantizer_of(module: nn.Module) -> ExpertsQuantizer | None:
+    """The experts module's quantizer, if one is installed."""
+    return module.__dict__.get(_ATTR)

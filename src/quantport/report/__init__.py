@@ -1,0 +1,1 @@
+"""Reports about a quantization run: expert coverage summary and heat map."""
