@@ -49,7 +49,8 @@ def _build(family: str) -> torch.nn.Module:
     if family == "deepseek_v3":
         return DeepseekV3ForCausalLM(DeepseekV3Config(
             **{**COMMON, "num_key_value_heads": 4}, intermediate_size=INTER * 2, moe_intermediate_size=INTER,
-            n_routed_experts=EXPERTS, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+            n_routed_experts=EXPERTS, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+            n_group=1, topk_group=1,
             q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, v_head_dim=16))
     if family == "olmoe":
         return OlmoeForCausalLM(OlmoeConfig(**COMMON, intermediate_size=INTER, num_experts=EXPERTS,
@@ -79,7 +80,7 @@ def silence_expert(model: torch.nn.Module, expert: int) -> None:
     """Route no token to ``expert`` in every MoE layer (as if its router logit were masked).
 
     Top-k families: indices equal to ``expert`` are sent to the next expert instead. Llama 4 (every
-    expert sees every token, scaled by its router score): the expert's rows are zeroed.
+    expert sees every token, scaled by its router score): the expert's rows move to the next expert.
     """
     from quantport.arch.experts import ForwardContract, find_moe_blocks
 
@@ -87,6 +88,7 @@ def silence_expert(model: torch.nn.Module, expert: int) -> None:
         if block.layout.contract is ForwardContract.DENSE_ROUTED:
             def zero_rows(module, args, e=expert, n=block.num_experts):
                 x = args[0].view(n, -1, args[0].shape[-1]).clone()
+                x[(e + 1) % n] += x[e]
                 x[e] = 0
                 return (x.view(-1, x.shape[-1]),)
             block.experts.register_forward_pre_hook(zero_rows)

@@ -9,11 +9,13 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from .calibrate.moe_policy import MoECalibration, MoEInputScales
 from .errors import QuantportError
 from .export import ExportFormat, export
+from .export.targets import default_format, recipe_for_format
 from .loading import load_model
 from .pipeline import quantize
-from .recipes import PRESETS, KVCacheFormat, get_recipe
+from .recipes import PRESETS, KVCacheFormat
 from .state import state_of
 
 __all__ = ["main"]
@@ -26,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("model", help="local model directory, hub id (org/name) or bundled:tiny-llama")
     q.add_argument("out", type=Path, help="output directory (must not exist or be empty, unless --overwrite)")
     q.add_argument("--recipe", required=True, help=f"one of: {', '.join(PRESETS)}")
-    q.add_argument("--format", default=ExportFormat.MODELOPT.value, choices=[f.value for f in ExportFormat])
+    q.add_argument("--format", choices=[f.value for f in ExportFormat],
+                   help="checkpoint format (default: modelopt when the recipe has a ModelOpt form, "
+                        "else compressed-tensors)")
     q.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")
     q.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
     q.add_argument("--calib-batch-size", type=int, default=8, help="sequences per forward (default 8)")
@@ -35,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                    help="leave modules matching this shell pattern unquantized (repeatable)")
     q.add_argument("--kv-cache", choices=[k.value for k in KVCacheFormat], default=KVCacheFormat.NONE.value)
+    q.add_argument("--moe-input-scales", choices=[p.value for p in MoEInputScales], default="shared",
+                   help="experts' input scales: one per projection per layer (shared, default) or per expert")
+    q.add_argument("--moe-calib", choices=[c.value for c in MoECalibration], default="routed",
+                   help="expert statistics from routed tokens (default) or from every token through every expert")
+    q.add_argument("--coverage-png", type=Path, metavar="PATH",
+                   help="also write a heat map of calibration tokens per expert (MoE models)")
     q.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     q.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
@@ -47,27 +57,30 @@ def _directory_size(path: Path) -> int:
 
 def _quantize_command(args: argparse.Namespace) -> None:
     start = time.perf_counter()
-    get_recipe(args.recipe)  # fail on a bad recipe before loading anything
+    recipe = recipe_for_format(args.recipe, args.format)  # fail on a bad (recipe, format) before loading
+    fmt = ExportFormat(args.format) if args.format else default_format(recipe.scheme)
     from .export.shards import check_output_directory
 
     check_output_directory(args.out, args.overwrite)
     model, directory = load_model(args.model, device=args.device)
     quantize(
         model,
-        args.recipe,
+        recipe,
         exclude=args.exclude,
         kv_cache=args.kv_cache,
         calib_text=args.calib_text,
         calib_samples=args.calib_samples,
         calib_seq_len=args.calib_seq_len,
         batch_size=args.calib_batch_size,
+        moe_input_scales=args.moe_input_scales,
+        moe_calib=args.moe_calib,
         progress=not args.quiet,
     )
-    export(model, args.out, args.format, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+    export(model, args.out, fmt, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
            progress=not args.quiet)
     state = state_of(model)
     elapsed = time.perf_counter() - start
-    print(f"quantport: {args.recipe} ({args.format}) of {directory} -> {args.out}")
+    print(f"quantport: {args.recipe} ({fmt.value}) of {directory} -> {args.out}")
     print(f"  quantized layers : {len(state.quantized)}")
     print(f"  excluded layers  : {len(state.excluded)}")
     for name, reason in sorted(state.excluded.items())[:10]:
@@ -75,6 +88,15 @@ def _quantize_command(args: argparse.Namespace) -> None:
     if len(state.excluded) > 10:
         print(f"    ... and {len(state.excluded) - 10} more (see quantport_report.json)")
     print(f"  kv cache         : {state.recipe.kv_cache.value}")
+    if state.experts:
+        print(f"  experts modules  : {len(state.experts)}")
+    if state.coverage is not None:
+        for line in state.coverage.summary_lines():
+            print(f"    {line}")
+        if args.coverage_png:
+            from .report.heatmap import write_coverage_heatmap
+
+            print(f"  coverage heat map: {write_coverage_heatmap(state.coverage, args.coverage_png)}")
     print(f"  calibration      : {state.calibration_tokens} tokens")
     print(f"  output size      : {_directory_size(args.out) / 1e6:.1f} MB")
     print(f"  time             : {elapsed:.1f} s")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 from collections.abc import Iterable
 from typing import Any
@@ -17,7 +18,7 @@ from .errors import CalibrationDataError, InvalidWeightsError
 from .modules.kv_cache import install_kv_quantizer
 from .modules.quant_experts import ExpertsQuantizer, install_experts_quantizer
 from .modules.quant_linear import QuantLinear, QuantMode
-from .recipes import KVCacheFormat, QuantRecipe, get_recipe
+from .recipes import KVCacheFormat, LinearScheme, QuantRecipe, get_recipe
 from .report.coverage import ExpertCoverage, LayerCoverage
 from .schemes import SchemeCodec, codec_for
 from .state import QuantizationState, attach_state, set_mode
@@ -27,9 +28,13 @@ __all__ = ["quantize", "simulate"]
 logger = logging.getLogger(__name__)
 
 
-def _exclusion_reason(name: str, module: nn.Linear, recipe: QuantRecipe, codec: SchemeCodec) -> str | None:
+def _exclusion_reason(
+    name: str, module: nn.Linear, recipe: QuantRecipe, codec: SchemeCodec, no_block_scales: tuple[str, ...]
+) -> str | None:
     if recipe.is_excluded(name):
         return "matches an exclusion pattern"
+    if codec.scheme is LinearScheme.FP8_BLOCK and any(fnmatch.fnmatchcase(name, p) for p in no_block_scales):
+        return "the engine permutes this layer's scales for rotary; 2-D block scales would break (model family rule)"
     if type(module) is not nn.Linear:
         return f"{type(module).__name__} is not a plain nn.Linear"
     if module.in_features % codec.input_multiple:
@@ -42,8 +47,9 @@ def _exclusion_reason(name: str, module: nn.Linear, recipe: QuantRecipe, codec: 
 
 def _plan_layers(model: nn.Module, recipe: QuantRecipe, codec: SchemeCodec, state: QuantizationState) -> list[str]:
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    no_block_scales = tuple(p for block in find_moe_blocks(model) for p in block.layout.no_block_scales)
     for name, module in linears.items():
-        reason = _exclusion_reason(name, module, recipe, codec)
+        reason = _exclusion_reason(name, module, recipe, codec, no_block_scales)
         if reason is not None:
             state.excluded[name] = reason
     for group in find_shared_input_groups(model):

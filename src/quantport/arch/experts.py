@@ -76,6 +76,8 @@ class ExpertLayout:
         router: attribute of the MoE block holding the router (left in full precision).
         leaf_names: per-expert checkpoint names of the gate, up and down projections.
         naming: how the exporter names the experts on disk.
+        no_block_scales: Linear-name patterns that must not get 2-D block scales in this family
+            (vLLM permutes Llama 4's q/k weights and scales for rotary, which block scales break).
     """
 
     family: str
@@ -87,6 +89,7 @@ class ExpertLayout:
     router: str = "gate"
     leaf_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     naming: ExpertNaming = ExpertNaming.PER_EXPERT
+    no_block_scales: tuple[str, ...] = ()
 
     def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.transpose(-1, -2) if self.transposed else weight
@@ -137,6 +140,7 @@ LAYOUTS: tuple[ExpertLayout, ...] = (
         contract=ForwardContract.DENSE_ROUTED,
         transposed=True,
         router="router",
+        no_block_scales=("*.q_proj", "*.k_proj"),
     ),
     ExpertLayout(
         family="llama4",
@@ -145,6 +149,7 @@ LAYOUTS: tuple[ExpertLayout, ...] = (
         transposed=True,
         router="router",
         naming=ExpertNaming.FUSED,
+        no_block_scales=("*.q_proj", "*.k_proj"),
     ),
     ExpertLayout(
         family="gpt_oss",

@@ -5,19 +5,19 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from .. import __version__
-from ..errors import ExportError
 from ..state import QuantizationState, state_of
+from .compressed_tensors import write_compressed_tensors
 from .modelopt import excluded_modules, write_modelopt
 from .shards import staging_directory, write_json
+from .targets import ExportFormat, check_exportable, default_format, parse_format, recipe_for_format
 
-__all__ = ["ExportFormat", "export"]
+__all__ = ["ExportFormat", "export", "recipe_for_format"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,21 +35,14 @@ TOKENIZER_FILES = (
 REPORT_FILE = "quantport_report.json"
 
 
-class ExportFormat(str, Enum):
-    """Checkpoint formats quantport writes."""
-
-    MODELOPT = "modelopt"
-    """NVIDIA ModelOpt unified HF checkpoint (``quant_method: modelopt``): vLLM, SGLang, TensorRT-LLM."""
-
-    def __str__(self) -> str:
-        return self.value
-
-
 CheckpointWriter = Callable[..., dict[str, Any]]
 """``writer(model, state, staging_dir, *, max_shard_size, progress) -> quantization_config``: writes the
 tensors and any format-specific side files, returns the block for ``config.json``."""
 
-WRITERS: dict[ExportFormat, CheckpointWriter] = {ExportFormat.MODELOPT: write_modelopt}
+WRITERS: dict[ExportFormat, CheckpointWriter] = {
+    ExportFormat.MODELOPT: write_modelopt,
+    ExportFormat.COMPRESSED_TENSORS: write_compressed_tensors,
+}
 
 
 def _config_dict(model: nn.Module, quantization_config: dict[str, Any]) -> dict[str, Any]:
@@ -83,13 +76,15 @@ def _report(state: QuantizationState, fmt: ExportFormat, exclude: list[str]) -> 
         "exclude_modules": exclude,
         "shared_input_groups": [g.fused_name for g in state.groups],
         "calibration_tokens": state.calibration_tokens,
+        "experts_modules": list(state.experts),
+        "coverage": state.coverage.to_json() if state.coverage is not None else None,
     }
 
 
 def export(
     model: nn.Module,
     out_dir: str | Path,
-    format: ExportFormat | str = ExportFormat.MODELOPT,  # noqa: A002  (public API name)
+    format: ExportFormat | str | None = None,  # noqa: A002  (public API name)
     *,
     overwrite: bool = False,
     max_shard_size: int | str = "5GB",
@@ -100,14 +95,13 @@ def export(
 
     The model is only read. Files are written to a staging directory beside ``out_dir`` and renamed
     at the end, so an interrupted export leaves nothing that looks like a checkpoint. The same model
-    and recipe give the same bytes.
+    and recipe give the same bytes. ``format`` None is the first format that stores the recipe's
+    scheme exactly (ModelOpt when it can); a format that cannot is refused before anything is written.
     """
-    try:
-        fmt = ExportFormat(format)
-    except ValueError:
-        known = ", ".join(f.value for f in ExportFormat)
-        raise ExportError(f"unknown export format {format!r}; choose one of: {known}") from None
+    fmt = None if format is None else parse_format(format)
     state = state_of(model)
+    fmt = fmt or default_format(state.recipe.scheme)
+    check_exportable(state.recipe, fmt)
     writer = WRITERS[fmt]
     out_dir = Path(out_dir)
     with staging_directory(out_dir, overwrite=overwrite) as staging:

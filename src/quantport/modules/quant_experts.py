@@ -226,7 +226,7 @@ class ExpertsQuantizer:
 
     def dense_routed_forward(self, hidden: torch.Tensor) -> torch.Tensor:
         """Batched forward of a ``DENSE_ROUTED`` experts module (Llama 4); returns ``[E*T, H]``."""
-        experts, layout = self.block.experts, self.layout
+        experts = self.block.experts
         num_experts = self.block.num_experts
         x = hidden.view(num_experts, -1, hidden.shape[-1])
         gate_up_w, down_w = self._parameters()

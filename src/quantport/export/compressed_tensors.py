@@ -1,0 +1,163 @@
+"""The compressed-tensors checkpoint format (``quant_method: compressed-tensors``).
+
+Per quantized Linear ``P`` the tensors are the scheme codec's, under compressed-tensors' names and
+shapes (see :mod:`quantport.export.ct_schemes`):
+
+==================  ===========================================================================
+scheme              tensors (``P.`` prefix)
+==================  ===========================================================================
+fp8                 ``weight`` fp8 ``[out, in]``, ``weight_scale`` fp32 ``(1,)``, ``input_scale`` fp32 ``(1,)``
+fp8-dynamic         ``weight`` fp8, ``weight_scale`` fp32 ``[out, 1]``
+fp8-block           ``weight`` fp8, ``weight_scale`` fp32 ``[ceil(out/128), in/128]``
+nvfp4(-ct)          ``weight_packed`` uint8 ``[out, in/2]``, ``weight_scale`` fp8 ``[out, in/16]``,
+                    ``weight_global_scale`` fp32 ``(1,)`` = 2688/amax, ``input_global_scale`` (W4A4)
+mxfp4               ``weight_packed`` uint8 ``[out, in/2]``, ``weight_scale`` uint8 E8M0 ``[out, in/32]``
+int8                ``weight`` int8 ``[out, in]``, ``weight_scale`` (model dtype) ``[out, 1]``
+w4a16 / w8a16       ``weight_packed`` int32 ``[out, in*bits/32]``, ``weight_scale`` (model dtype)
+                    ``[out, in/128]``, ``weight_shape`` int64 ``[2]``, ``weight_zero_point`` (asym)
+==================  ===========================================================================
+
+An FP8 KV cache adds ``<attn>.k_scale`` / ``<attn>.v_scale`` (fp32 ``(1,)``, amax / 448) and a
+``kv_cache_scheme``. ``config.json["quantization_config"]`` is built with compressed-tensors' own
+``QuantizationConfig`` / ``QuantizationScheme`` / ``QuantizationArgs`` models and ``format`` is
+inferred by compressed-tensors' ``infer_module_format``, so the config is what its readers parse.
+compressed-tensors is imported only here, when this format is written.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ExportError
+from ..modules.kv_cache import kv_quantizer_of
+from ..modules.quant_experts import experts_quantizer_of
+from ..modules.quant_linear import QuantLinear
+from ..recipes import KVCacheFormat, LinearScheme
+from ..schemes import TensorSpec
+from ..state import QuantizationState
+from .ct_experts import ct_expert_plan
+from .ct_schemes import CT_SCHEMES, KV_CACHE_ARGS, CtScheme, ct_shape
+from .modelopt import _passthrough_entries, _tied_aliases, excluded_modules
+from .names import CheckpointNames
+from .shards import PlannedTensor, write_sharded_safetensors
+
+__all__ = ["ct_quantization_config", "ct_scheme", "ct_tensor_plan", "write_compressed_tensors"]
+
+TARGETS = ["Linear"]
+"""Config-group targets: vLLM matches Linear layers (and MoE experts) by this class name."""
+
+
+def _compressed_tensors() -> Any:
+    try:
+        import compressed_tensors
+    except ImportError as exc:  # pragma: no cover  (the dev environment has it)
+        raise ExportError(
+            "writing the compressed-tensors format needs the compressed-tensors package: "
+            "pip install compressed-tensors"
+        ) from exc
+    return compressed_tensors
+
+
+def ct_scheme(scheme: LinearScheme) -> Any:
+    """compressed-tensors' ``QuantizationScheme`` of ``scheme``, with its inferred ``format`` set."""
+    _compressed_tensors()
+    from compressed_tensors.compressors.format import infer_module_format
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    row = CT_SCHEMES[scheme]
+    inputs = None if row.input_activations is None else QuantizationArgs(**row.input_activations)
+    result = QuantizationScheme(targets=list(TARGETS), weights=QuantizationArgs(**row.weights), input_activations=inputs)
+    inferred = infer_module_format(nn.Linear, result)
+    if inferred.value != row.format:
+        raise AssertionError(f"compressed-tensors infers {inferred.value} for {scheme.value}, expected {row.format}")
+    result.format = inferred
+    return result
+
+
+def ct_quantization_config(state: QuantizationState, exclude: list[str]) -> dict[str, Any]:
+    """``config.json["quantization_config"]``, as compressed-tensors' ``ModelCompressor`` writes it."""
+    ct = _compressed_tensors()
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationStatus
+
+    scheme = ct_scheme(state.recipe.scheme)
+    kv_fp8 = state.recipe.kv_cache is KVCacheFormat.FP8 and bool(state.kv_modules)
+    config = QuantizationConfig(
+        config_groups={"group_0": scheme},
+        format=scheme.format.value,
+        ignore=list(exclude),
+        kv_cache_scheme=QuantizationArgs(**KV_CACHE_ARGS) if kv_fp8 else None,
+        quantization_status=QuantizationStatus.COMPRESSED,
+    )
+    return {
+        "version": ct.__version__,
+        "quant_method": "compressed-tensors",
+        "sparsity_config": {},
+        "transform_config": {},
+        **config.model_dump(exclude={"quant_method"}),
+    }
+
+
+def _linear_entries(prefix: str, module: QuantLinear, row: CtScheme) -> list[PlannedTensor]:
+    tensors = lru_cache(maxsize=1)(module.quantized_tensors)
+    specs = module.codec.weight_specs(module.out_features, module.in_features, module.weight.dtype)
+    if module.codec.static_input_scale:
+        specs["input_scale"] = TensorSpec(torch.float32, ())
+    entries = []
+    for suffix, spec in specs.items():
+        shape = ct_shape(suffix, spec.shape, module.out_features)
+        entries.append(
+            PlannedTensor(
+                f"{prefix}.{row.renames.get(suffix, suffix)}",
+                TensorSpec(spec.dtype, shape),
+                lambda suffix=suffix, shape=shape: tensors()[suffix].reshape(shape),
+            )
+        )
+    return entries
+
+
+def _kv_entries(prefix: str, module: nn.Module) -> list[PlannedTensor]:
+    quantizer = kv_quantizer_of(module)
+    if quantizer is None:
+        return []
+    spec = TensorSpec(torch.float32, (1,))
+    return [
+        PlannedTensor(f"{prefix}.k_scale", spec, lambda: quantizer.scales()[0].reshape(1)),
+        PlannedTensor(f"{prefix}.v_scale", spec, lambda: quantizer.scales()[1].reshape(1)),
+    ]
+
+
+def ct_tensor_plan(model: nn.Module, state: QuantizationState) -> list[PlannedTensor]:
+    """Every tensor of the checkpoint under its checkpoint name, computed lazily; the model is only read."""
+    row = CT_SCHEMES[state.recipe.scheme]
+    names = CheckpointNames(model)
+    aliases = _tied_aliases(model)
+    replaced: set[str] = set()
+    plan: list[PlannedTensor] = []
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            plan.extend(_linear_entries(names.module(name), module, row))
+            replaced.add(f"{name}.weight")
+        plan.extend(_kv_entries(names.module(name), module))
+        experts = experts_quantizer_of(module)
+        if experts is not None:
+            entries, parameters = ct_expert_plan(experts, names, row)
+            plan.extend(entries)
+            replaced |= parameters
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name not in replaced and name not in aliases:
+            plan.extend(_passthrough_entries(name, tensor, names))
+    return plan
+
+
+def write_compressed_tensors(
+    model: nn.Module, state: QuantizationState, staging: Path, *, max_shard_size: int | str, progress: bool
+) -> dict[str, Any]:
+    """Write the tensors; return ``config.json``'s ``quantization_config``."""
+    config = ct_quantization_config(state, excluded_modules(model))
+    write_sharded_safetensors(ct_tensor_plan(model, state), staging, max_shard_size=max_shard_size, progress=progress)
+    return config

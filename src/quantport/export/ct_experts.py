@@ -1,0 +1,72 @@
+"""Quantized experts in a compressed-tensors checkpoint: 2-D tensors per expert, for every family.
+
+compressed-tensors (as llm-compressor writes it, and as vLLM's ``CompressedTensorsMoEMethod`` reads
+it) has no fused expert names: each expert's projections are Linear-like modules
+``<block>.experts.{e}.<gate|up|down leaf>`` with the scheme's tensors (``weight_packed``,
+``weight_scale``, ``weight_global_scale``, ``input_global_scale``, ...). Leaf names come from the
+layout (``gate_proj``/``up_proj``/``down_proj``, Mixtral's ``w1``/``w3``/``w2``), module names from
+the checkpoint-name mapping. GPT-OSS (interleaved gate/up with biases) is refused: no vLLM loader
+reads its experts from per-expert compressed-tensors names.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from ..arch.experts import GateUpSplit
+from ..modules.quant_experts import ExpertsQuantizer
+from ..schemes import TensorSpec
+from .ct_schemes import CtScheme, ct_shape
+from .experts import replaced_parameters
+from .names import CheckpointNames
+from .shards import PlannedTensor
+from .targets import UnsupportedFormatError
+
+__all__ = ["ct_expert_plan"]
+
+_PROJECTIONS = ("gate", "up", "down")
+
+
+def _check_layout(quantizer: ExpertsQuantizer) -> None:
+    layout = quantizer.layout
+    if layout.split is GateUpSplit.INTERLEAVED or layout.has_bias:
+        raise UnsupportedFormatError(
+            f"{quantizer.block.experts_name}: {layout.family} experts (interleaved gate/up with biases) have "
+            "no compressed-tensors form that vLLM loads; export this model with format='modelopt'"
+        )
+
+
+def _specs(quantizer: ExpertsQuantizer, projection: str) -> dict[str, TensorSpec]:
+    down = quantizer.expert_weights(0)["down"]  # [H, I], in the dtype the experts are quantized from
+    hidden, inter = down.shape
+    out_features, in_features = (hidden, inter) if projection == "down" else (inter, hidden)
+    specs = quantizer.codec.weight_specs(out_features, in_features, down.dtype)
+    if quantizer.codec.static_input_scale:
+        specs["input_scale"] = TensorSpec(torch.float32, ())
+    return {suffix: TensorSpec(s.dtype, ct_shape(suffix, s.shape, out_features)) for suffix, s in specs.items()}
+
+
+def ct_expert_plan(
+    quantizer: ExpertsQuantizer, names: CheckpointNames, row: CtScheme
+) -> tuple[list[PlannedTensor], set[str]]:
+    """(every exported tensor of one quantized experts module, the model parameters it replaces)."""
+    _check_layout(quantizer)
+    expert_tensors = lru_cache(maxsize=1)(quantizer.quantized_expert)
+    specs = {projection: _specs(quantizer, projection) for projection in _PROJECTIONS}
+    plan = []
+    for expert in range(quantizer.block.num_experts):
+        for projection, leaf in zip(_PROJECTIONS, quantizer.layout.leaf_names, strict=True):
+            prefix = names.module(f"{quantizer.block.experts_name}.{expert}.{leaf}")
+            for suffix, spec in specs[projection].items():
+                plan.append(
+                    PlannedTensor(
+                        f"{prefix}.{row.renames.get(suffix, suffix)}",
+                        spec,
+                        lambda e=expert, p=projection, s=suffix, shape=spec.shape: expert_tensors(e)[p][s].reshape(
+                            shape
+                        ),
+                    )
+                )
+    return plan, replaced_parameters(quantizer)
