@@ -15,6 +15,7 @@ from .arch.fused_groups import find_attention_modules, find_shared_input_groups
 from .calibrate import calibration_batches, run_calibration
 from .calibrate.moe_policy import MoECalibration, MoEInputScales, apply_input_policy
 from .errors import CalibrationDataError, InvalidWeightsError
+from .memory.mapped_weights import MappedWeights
 from .modules.kv_cache import install_kv_quantizer
 from .modules.quant_experts import ExpertsQuantizer, install_experts_quantizer
 from .modules.quant_linear import QuantLinear, QuantMode
@@ -84,13 +85,18 @@ def _plan_experts(
     return selected
 
 
-def _check_finite(model: nn.Module, names: list[str], blocks: list[MoEBlock]) -> None:
+def _check_finite(model: nn.Module, names: list[str], blocks: list[MoEBlock], mapped: MappedWeights) -> None:
     modules = dict(model.named_modules())
-    bad = [f"{n}.weight" for n in names if not torch.isfinite(modules[n].weight).all()]
+    bad = []
+    for name in names:
+        if not torch.isfinite(modules[name].weight).all():
+            bad.append(f"{name}.weight")
+        mapped.release_module(modules[name])
     for block in blocks:
         for param in ("gate_up_proj", "down_proj"):
             if not torch.isfinite(getattr(block.experts, param)).all():
                 bad.append(f"{block.experts_name}.{param}")
+        mapped.release_module(block.experts)
     if bad:
         shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
         raise InvalidWeightsError(
@@ -199,11 +205,12 @@ def quantize(
         **options: ``exclude`` (extra patterns), ``kv_cache`` ("fp8"), ``tokenizer``, ``calib_text``
             (path), ``calib_samples`` (64), ``calib_seq_len`` (512), ``batch_size`` (8),
             ``moe_input_scales`` ("shared" | "per-expert"), ``moe_calib`` ("routed" | "all-experts"),
-            ``progress`` (True).
+            ``release_weights`` (True: drop memory-mapped weights from memory once a layer is done with
+            them, see :mod:`quantport.memory.mapped_weights`), ``progress`` (True).
     """
     unknown = set(options) - {
         "exclude", "kv_cache", "tokenizer", "calib_text", "calib_samples", "calib_seq_len", "batch_size",
-        "moe_input_scales", "moe_calib", "progress",
+        "moe_input_scales", "moe_calib", "release_weights", "progress",
     }
     if unknown:
         raise TypeError(f"unknown quantize option(s): {', '.join(sorted(unknown))}")
@@ -214,7 +221,8 @@ def quantize(
     state = QuantizationState(recipe=recipe)
     names = _plan_layers(model, recipe, codec, state)
     blocks = _plan_experts(model, recipe, codec, state)
-    _check_finite(model, names, blocks)
+    mapped = MappedWeights() if options.get("release_weights", True) else MappedWeights.disabled()
+    _check_finite(model, names, blocks, mapped)
     modules = dict(model.named_modules())
     for name in names:
         QuantLinear.convert(modules[name], codec)
@@ -230,13 +238,17 @@ def quantize(
     if codec.static_input_scale or state.kv_modules:
         batches = _calibration_data(model, calib_data, options)
         set_mode(model, QuantMode.CALIBRATE)
+        hooks = mapped.release_after_forward(model)
         try:
             state.calibration_tokens = run_calibration(model, batches, progress=options.get("progress", True))
         finally:
             set_mode(model, QuantMode.OFF)
+            for hook in hooks:
+                hook.remove()
         _drop_uncalibrated(model, state)
     _finish_experts(experts, state, options)
     _unify_groups(model, state, codec)
+    mapped.release_all()
     attach_state(model, state)
     logger.info("quantized %d Linear layers, %d left unquantized", len(state.quantized), len(state.excluded))
     return model

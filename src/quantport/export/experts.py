@@ -13,15 +13,13 @@ the weights the simulation uses.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
 from ..arch.experts import ExpertNaming
 from ..modules.quant_experts import ExpertsQuantizer
 from ..schemes import TensorSpec
 from .names import CheckpointNames
-from .shards import PlannedTensor
+from .shards import OneSlotCache, PlannedTensor
 
 __all__ = ["expert_plan", "replaced_parameters"]
 
@@ -43,8 +41,10 @@ def _specs(quantizer: ExpertsQuantizer, projection: str) -> dict[str, TensorSpec
     return specs
 
 
-def _per_expert_plan(quantizer: ExpertsQuantizer, names: CheckpointNames) -> list[PlannedTensor]:
-    expert_tensors = lru_cache(maxsize=1)(quantizer.quantized_expert)
+def _per_expert_plan(quantizer: ExpertsQuantizer, names: CheckpointNames, cache: OneSlotCache) -> list[PlannedTensor]:
+    def expert_tensors(expert: int) -> dict[str, dict[str, torch.Tensor]]:
+        return cache.get((quantizer, expert), lambda: quantizer.quantized_expert(expert))
+
     plan = []
     for expert in range(quantizer.block.num_experts):
         for projection, leaf in zip(_PROJECTIONS, quantizer.layout.leaf_names, strict=True):
@@ -77,8 +77,10 @@ def _fused_tensors(quantizer: ExpertsQuantizer) -> dict[str, dict[str, torch.Ten
     return fused
 
 
-def _fused_plan(quantizer: ExpertsQuantizer, names: CheckpointNames) -> list[PlannedTensor]:
-    tensors = lru_cache(maxsize=1)(lambda: _fused_tensors(quantizer))
+def _fused_plan(quantizer: ExpertsQuantizer, names: CheckpointNames, cache: OneSlotCache) -> list[PlannedTensor]:
+    def tensors() -> dict[str, dict[str, torch.Tensor]]:
+        return cache.get(quantizer, lambda: _fused_tensors(quantizer))
+
     experts = quantizer.block.num_experts
     plan = []
     for parameter, projection in (("gate_up_proj", "gate"), ("down_proj", "down")):
@@ -95,8 +97,8 @@ def _fused_plan(quantizer: ExpertsQuantizer, names: CheckpointNames) -> list[Pla
     return plan
 
 
-def expert_plan(quantizer: ExpertsQuantizer, names: CheckpointNames) -> list[PlannedTensor]:
+def expert_plan(quantizer: ExpertsQuantizer, names: CheckpointNames, cache: OneSlotCache) -> list[PlannedTensor]:
     """Every exported tensor of one quantized experts module (biases are passed through elsewhere)."""
     if quantizer.layout.naming is ExpertNaming.FUSED:
-        return _fused_plan(quantizer, names)
-    return _per_expert_plan(quantizer, names)
+        return _fused_plan(quantizer, names, cache)
+    return _per_expert_plan(quantizer, names, cache)

@@ -13,13 +13,13 @@ quantport identifies itself in ``quantport_report.json``.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..memory.mapped_weights import MappedWeights
 from ..modules.kv_cache import kv_quantizer_of
 from ..modules.quant_experts import experts_quantizer_of
 from ..modules.quant_linear import QuantLinear
@@ -28,7 +28,7 @@ from ..schemes import SchemeCodec, TensorSpec, codec_for
 from ..state import QuantizationState
 from .experts import expert_plan, replaced_parameters
 from .names import CheckpointNames
-from .shards import PlannedTensor, write_json, write_sharded_safetensors
+from .shards import OneSlotCache, PlannedTensor, write_json, write_sharded_safetensors
 
 __all__ = [
     "MODELOPT_FORMAT_VERSION",
@@ -63,18 +63,13 @@ def _tied_aliases(model: nn.Module) -> set[str]:
     return aliases
 
 
-def _linear_entries(prefix: str, module: QuantLinear) -> list[PlannedTensor]:
+def _linear_entries(prefix: str, module: QuantLinear, cache: OneSlotCache) -> list[PlannedTensor]:
     codec: SchemeCodec = module.codec
-
-    @lru_cache(maxsize=1)
-    def tensors() -> dict[str, torch.Tensor]:
-        return module.quantized_tensors()
-
     specs = codec.weight_specs(module.out_features, module.in_features)
     if codec.static_input_scale:
         specs["input_scale"] = TensorSpec(torch.float32, ())
     return [
-        PlannedTensor(f"{prefix}.{suffix}", spec, lambda suffix=suffix: tensors()[suffix])
+        PlannedTensor(f"{prefix}.{suffix}", spec, lambda s=suffix: cache.get(module, module.quantized_tensors)[s])
         for suffix, spec in specs.items()
     ]
 
@@ -90,13 +85,18 @@ def _kv_entries(prefix: str, module: nn.Module) -> list[PlannedTensor]:
     ]
 
 
-def _passthrough_entries(name: str, tensor: torch.Tensor, names: CheckpointNames) -> list[PlannedTensor]:
+def _passthrough_entries(
+    name: str, tensor: torch.Tensor, names: CheckpointNames, cache: OneSlotCache
+) -> list[PlannedTensor]:
     """An unquantized tensor under its checkpoint name(s); split when transformers fused it at load."""
     meta = names.split(name, torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"))
     if len(meta) == 1:
         (target,) = meta
         return [PlannedTensor(target, TensorSpec(tensor.dtype, tuple(tensor.shape)), lambda: tensor.detach())]
-    pieces = lru_cache(maxsize=1)(lambda: names.split(name, tensor.detach()))
+
+    def pieces() -> dict[str, torch.Tensor]:
+        return cache.get(name, lambda: names.split(name, tensor.detach()))
+
     return [
         PlannedTensor(target, TensorSpec(t.dtype, tuple(t.shape)), lambda k=target: pieces()[k].contiguous())
         for target, t in meta.items()
@@ -106,21 +106,22 @@ def _passthrough_entries(name: str, tensor: torch.Tensor, names: CheckpointNames
 def modelopt_tensor_plan(model: nn.Module) -> list[PlannedTensor]:
     """Every tensor of the checkpoint under its checkpoint name, computed lazily; the model is only read."""
     names = CheckpointNames(model)
+    cache = OneSlotCache()
     aliases = _tied_aliases(model)
     replaced: set[str] = set()
     plan: list[PlannedTensor] = []
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            plan.extend(_linear_entries(names.module(name), module))
+            plan.extend(_linear_entries(names.module(name), module, cache))
             replaced.add(f"{name}.weight")
         plan.extend(_kv_entries(names.module(name), module))
         experts = experts_quantizer_of(module)
         if experts is not None:
-            plan.extend(expert_plan(experts, names))
+            plan.extend(expert_plan(experts, names, cache))
             replaced |= replaced_parameters(experts)
     for name, tensor in model.state_dict(keep_vars=True).items():
         if name not in replaced and name not in aliases:
-            plan.extend(_passthrough_entries(name, tensor, names))
+            plan.extend(_passthrough_entries(name, tensor, names, cache))
     return plan
 
 
@@ -184,6 +185,10 @@ def write_modelopt(
     """Write tensors and ``hf_quant_config.json``; return ``config.json``'s ``quantization_config``."""
     exclude = excluded_modules(model)
     flat, nested = modelopt_configs(codec_for(state.recipe.scheme), state, exclude)
-    write_sharded_safetensors(modelopt_tensor_plan(model), staging, max_shard_size=max_shard_size, progress=progress)
+    mapped = MappedWeights()
+    write_sharded_safetensors(
+        modelopt_tensor_plan(model), staging, max_shard_size=max_shard_size, progress=progress,
+        after_each=mapped.release_all,
+    )
     write_json(staging / "hf_quant_config.json", nested)
     return flat

@@ -25,7 +25,14 @@ from tqdm.auto import tqdm
 from ..errors import OutputExistsError
 from ..schemes import TensorSpec
 
-__all__ = ["PlannedTensor", "parse_size", "staging_directory", "write_json", "write_sharded_safetensors"]
+__all__ = [
+    "OneSlotCache",
+    "PlannedTensor",
+    "parse_size",
+    "staging_directory",
+    "write_json",
+    "write_sharded_safetensors",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +53,26 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+
+class OneSlotCache:
+    """Keeps the result of the last computation only.
+
+    Planned tensors of one module (a layer's weight and scales) come from one quantization; they are
+    written one after the other, so one slot shared by the whole plan is enough, and memory never
+    holds more than one module's tensors.
+    """
+
+    def __init__(self) -> None:
+        self._key: object = None
+        self._value: object = None
+
+    def get(self, key: object, compute: Callable[[], object]) -> object:
+        if self._key != key:
+            self._key, self._value = None, None  # drop the old value before computing the new one
+            self._value = compute()
+            self._key = key
+        return self._value
 
 
 @dataclass(frozen=True)
@@ -108,9 +135,17 @@ def _split(plan: list[PlannedTensor], max_shard_bytes: int) -> list[list[Planned
 
 
 def write_sharded_safetensors(
-    plan: list[PlannedTensor], directory: Path, *, max_shard_size: int | str = "5GB", progress: bool = True
+    plan: list[PlannedTensor],
+    directory: Path,
+    *,
+    max_shard_size: int | str = "5GB",
+    progress: bool = True,
+    after_each: Callable[[], None] | None = None,
 ) -> list[str]:
-    """Write ``plan`` (sorted by name) as HF-style safetensors shards; returns the file names."""
+    """Write ``plan`` (sorted by name) as HF-style safetensors shards; returns the file names.
+
+    ``after_each`` runs after every tensor is written (quantport drops memory-mapped weights there).
+    """
     plan = sorted(plan, key=lambda e: e.name)
     names = [e.name for e in plan]
     if len(set(names)) != len(names):
@@ -128,6 +163,8 @@ def write_sharded_safetensors(
             for entry in entries:
                 handle.write(_tensor_bytes(entry.compute(), entry))
                 bar.update(entry.spec.nbytes)
+                if after_each is not None:
+                    after_each()
     bar.close()
     if len(shards) > 1:
         index = {

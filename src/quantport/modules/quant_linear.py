@@ -69,7 +69,7 @@ class QuantLinear(nn.Linear):
         """fp32 0-d per-tensor weight amax: the group's shared value when set, else this weight's own."""
         if self.shared_weight_amax is not None:
             return self.shared_weight_amax
-        return self.weight.detach().abs().amax().float()
+        return update_amax(None, self.weight)
 
     def input_scale(self) -> torch.Tensor | None:
         """The exported ``input_scale`` (None for weight-only and dynamic schemes)."""

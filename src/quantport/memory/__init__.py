@@ -1,0 +1,1 @@
+"""Memory management: keep only the weights being worked on resident."""
