@@ -37,6 +37,30 @@ class LinearScheme(str, Enum):
     """NVFP4 weights as :attr:`NVFP4`, activations unquantized."""
     MXFP8 = "mxfp8"
     """FP8 E4M3 weights and activations with an E8M0 scale per 32 inputs."""
+    NVFP4_CT = "nvfp4-ct"
+    """NVFP4 W4A4 with compressed-tensors' numerics: fp32 global scale ``448*6/amax`` (the divisor, the
+    reciprocal of ModelOpt's), FP8 block scale ``fp8(global * block_amax / 6)``."""
+    W4A16_NVFP4_CT = "w4a16-nvfp4-ct"
+    """NVFP4 weights as :attr:`NVFP4_CT`, activations unquantized."""
+    MXFP4 = "mxfp4"
+    """MXFP4 weights (E2M1 with an E8M0 scale per 32 inputs), activations unquantized."""
+    INT8 = "int8"
+    """W8A8 INT8: symmetric per-output-channel weights (scale ``amax/127.5`` in the weight dtype, as
+    compressed-tensors computes it), dynamic symmetric per-token INT8 activations."""
+    W4A16 = "w4a16"
+    """Symmetric INT4 weights, one scale per 128 inputs (``amax/7.5`` in the weight dtype); activations
+    unquantized (compressed-tensors ``pack-quantized``)."""
+    W4A16_ASYM = "w4a16-asym"
+    """Asymmetric INT4 weights (scale and INT4 zero point per 128 inputs); activations unquantized."""
+    W8A16 = "w8a16"
+    """Symmetric INT8 weights, one scale per 128 inputs (``amax/127.5``); activations unquantized."""
+    W8A16_ASYM = "w8a16-asym"
+    """Asymmetric INT8 weights (scale and zero point per 128 inputs); activations unquantized."""
+    W4A16_MODELOPT = "w4a16-modelopt"
+    """INT4 weights as ModelOpt's ``W4A16_AWQ`` stores them: fp32 scale ``amax/7`` per 128 inputs, codes
+    packed two per byte along the output dim; round to nearest (no AWQ smoothing); for TensorRT-LLM."""
+    W8A16_MODELOPT = "w8a16-modelopt"
+    """INT8 weights as ModelOpt's ``W8A16``: fp32 scale ``amax/127`` per output channel; for TensorRT-LLM."""
 
     def __str__(self) -> str:
         return self.value
@@ -83,18 +107,24 @@ class QuantRecipe:
         scheme: numeric format of every quantized Linear.
         kv_cache: KV-cache format.
         exclude: module-name patterns left unquantized (shell wildcards over full names).
+        variants: schemes with the same intent whose numerics another checkpoint format stores
+            exactly (e.g. ``nvfp4`` -> :attr:`LinearScheme.NVFP4_CT` for compressed-tensors); see
+            :func:`quantport.export.recipe_for_format`.
     """
 
     name: str
     scheme: LinearScheme
     kv_cache: KVCacheFormat = KVCacheFormat.NONE
     exclude: tuple[str, ...] = field(default=DEFAULT_EXCLUDES)
+    variants: tuple[LinearScheme, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.scheme, LinearScheme):
             raise ValueError(f"scheme must be a LinearScheme, got {self.scheme!r}")
         if not isinstance(self.kv_cache, KVCacheFormat):
             raise ValueError(f"kv_cache must be a KVCacheFormat, got {self.kv_cache!r}")
+        if not all(isinstance(v, LinearScheme) for v in self.variants):
+            raise ValueError(f"variants must be LinearSchemes, got {self.variants!r}")
 
     def with_options(
         self, *, kv_cache: KVCacheFormat | str | None = None, extra_exclude: tuple[str, ...] = ()
@@ -114,9 +144,15 @@ PRESETS: dict[str, QuantRecipe] = {
         QuantRecipe("fp8", LinearScheme.FP8),
         QuantRecipe("fp8-dynamic", LinearScheme.FP8_DYNAMIC),
         QuantRecipe("fp8-block", LinearScheme.FP8_BLOCK),
-        QuantRecipe("nvfp4", LinearScheme.NVFP4),
-        QuantRecipe("w4a16-nvfp4", LinearScheme.W4A16_NVFP4),
+        QuantRecipe("nvfp4", LinearScheme.NVFP4, variants=(LinearScheme.NVFP4_CT,)),
+        QuantRecipe("w4a16-nvfp4", LinearScheme.W4A16_NVFP4, variants=(LinearScheme.W4A16_NVFP4_CT,)),
         QuantRecipe("mxfp8", LinearScheme.MXFP8),
+        QuantRecipe("mxfp4", LinearScheme.MXFP4),
+        QuantRecipe("int8", LinearScheme.INT8),
+        QuantRecipe("w4a16", LinearScheme.W4A16, variants=(LinearScheme.W4A16_MODELOPT,)),
+        QuantRecipe("w4a16-asym", LinearScheme.W4A16_ASYM),
+        QuantRecipe("w8a16", LinearScheme.W8A16, variants=(LinearScheme.W8A16_MODELOPT,)),
+        QuantRecipe("w8a16-asym", LinearScheme.W8A16_ASYM),
     )
 }
 

@@ -119,6 +119,9 @@ class Context:
     engine: Engine
     qcfg: QuantConfig
     facts: ModelFacts
+    memo: dict[str, object] = field(default_factory=dict, repr=False)
+    """Values computed once and shared between rules."""
+    _scalars: dict[str, float | None] = field(default_factory=dict, repr=False)
 
     @cached_property
     def modules(self) -> dict[str, dict[str, TensorInfo]]:
@@ -218,7 +221,8 @@ class Context:
         return out
 
     def load_scalar(self, name: str) -> float | None:
-        tensor = self.ckpt.load_float(name)
-        if tensor is None or tensor.numel() != 1:
-            return None
-        return float(tensor.reshape(()))
+        """The value of a one-element tensor (None when absent or larger), read once."""
+        if name not in self._scalars:
+            tensor = self.ckpt.load_float(name)
+            self._scalars[name] = None if tensor is None or tensor.numel() != 1 else float(tensor.reshape(()))
+        return self._scalars[name]

@@ -26,7 +26,6 @@ compressed-tensors is imported only here, when this format is written.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +43,7 @@ from .ct_experts import ct_expert_plan
 from .ct_schemes import CT_SCHEMES, KV_CACHE_ARGS, CtScheme, ct_shape
 from .modelopt import _passthrough_entries, _tied_aliases, excluded_modules
 from .names import CheckpointNames
-from .shards import PlannedTensor, write_sharded_safetensors
+from .shards import OneSlotCache, PlannedTensor, write_sharded_safetensors
 
 __all__ = ["ct_quantization_config", "ct_scheme", "ct_tensor_plan", "write_compressed_tensors"]
 
@@ -71,7 +70,8 @@ def ct_scheme(scheme: LinearScheme) -> Any:
 
     row = CT_SCHEMES[scheme]
     inputs = None if row.input_activations is None else QuantizationArgs(**row.input_activations)
-    result = QuantizationScheme(targets=list(TARGETS), weights=QuantizationArgs(**row.weights), input_activations=inputs)
+    weights = QuantizationArgs(**row.weights)
+    result = QuantizationScheme(targets=list(TARGETS), weights=weights, input_activations=inputs)
     inferred = infer_module_format(nn.Linear, result)
     if inferred.value != row.format:
         raise AssertionError(f"compressed-tensors infers {inferred.value} for {scheme.value}, expected {row.format}")
@@ -102,8 +102,10 @@ def ct_quantization_config(state: QuantizationState, exclude: list[str]) -> dict
     }
 
 
-def _linear_entries(prefix: str, module: QuantLinear, row: CtScheme) -> list[PlannedTensor]:
-    tensors = lru_cache(maxsize=1)(module.quantized_tensors)
+def _linear_entries(prefix: str, module: QuantLinear, row: CtScheme, cache: OneSlotCache) -> list[PlannedTensor]:
+    def tensors() -> dict[str, torch.Tensor]:
+        return cache.get(module, module.quantized_tensors)
+
     specs = module.codec.weight_specs(module.out_features, module.in_features, module.weight.dtype)
     if module.codec.static_input_scale:
         specs["input_scale"] = TensorSpec(torch.float32, ())
@@ -135,22 +137,23 @@ def ct_tensor_plan(model: nn.Module, state: QuantizationState) -> list[PlannedTe
     """Every tensor of the checkpoint under its checkpoint name, computed lazily; the model is only read."""
     row = CT_SCHEMES[state.recipe.scheme]
     names = CheckpointNames(model)
+    cache = OneSlotCache()
     aliases = _tied_aliases(model)
     replaced: set[str] = set()
     plan: list[PlannedTensor] = []
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            plan.extend(_linear_entries(names.module(name), module, row))
+            plan.extend(_linear_entries(names.module(name), module, row, cache))
             replaced.add(f"{name}.weight")
         plan.extend(_kv_entries(names.module(name), module))
         experts = experts_quantizer_of(module)
         if experts is not None:
-            entries, parameters = ct_expert_plan(experts, names, row)
+            entries, parameters = ct_expert_plan(experts, names, row, cache)
             plan.extend(entries)
             replaced |= parameters
     for name, tensor in model.state_dict(keep_vars=True).items():
         if name not in replaced and name not in aliases:
-            plan.extend(_passthrough_entries(name, tensor, names))
+            plan.extend(_passthrough_entries(name, tensor, names, cache))
     return plan
 
 

@@ -11,8 +11,6 @@ reads its experts from per-expert compressed-tensors names.
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 
 from ..arch.experts import GateUpSplit
@@ -21,7 +19,7 @@ from ..schemes import TensorSpec
 from .ct_schemes import CtScheme, ct_shape
 from .experts import replaced_parameters
 from .names import CheckpointNames
-from .shards import PlannedTensor
+from .shards import OneSlotCache, PlannedTensor
 from .targets import UnsupportedFormatError
 
 __all__ = ["ct_expert_plan"]
@@ -49,11 +47,14 @@ def _specs(quantizer: ExpertsQuantizer, projection: str) -> dict[str, TensorSpec
 
 
 def ct_expert_plan(
-    quantizer: ExpertsQuantizer, names: CheckpointNames, row: CtScheme
+    quantizer: ExpertsQuantizer, names: CheckpointNames, row: CtScheme, cache: OneSlotCache
 ) -> tuple[list[PlannedTensor], set[str]]:
     """(every exported tensor of one quantized experts module, the model parameters it replaces)."""
     _check_layout(quantizer)
-    expert_tensors = lru_cache(maxsize=1)(quantizer.quantized_expert)
+
+    def expert_tensors(expert: int) -> dict[str, dict[str, torch.Tensor]]:
+        return cache.get((quantizer, expert), lambda: quantizer.quantized_expert(expert))
+
     specs = {projection: _specs(quantizer, projection) for projection in _PROJECTIONS}
     plan = []
     for expert in range(quantizer.block.num_experts):

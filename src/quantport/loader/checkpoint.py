@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,6 +81,9 @@ def read_quant_settings(directory: Path, config: dict[str, Any]) -> QuantSetting
     )
 
 
+_FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
 class TensorStore:
     """The tensors of a checkpoint's safetensors files, read on demand; remembers which were used."""
 
@@ -113,6 +118,16 @@ class TensorStore:
 
     def mark_used(self, name: str) -> None:
         self._used.add(name)
+
+    def most_common_dtype(self) -> torch.dtype | None:
+        """Of bf16/fp16/fp32, the dtype holding most elements of non-scale tensors (None if none does)."""
+        counts: Counter[str] = Counter()
+        for key, index in self._where.items():
+            if "scale" not in key.rsplit(".", 1)[-1]:
+                view = self._handles[index].get_slice(key)
+                counts[view.get_dtype()] += math.prod(view.get_shape())
+        ranked = [dtype for dtype, _ in counts.most_common() if dtype in _FLOAT_DTYPES]
+        return _FLOAT_DTYPES[ranked[0]] if ranked else None
 
     def unused(self) -> list[str]:
         """Tensors that were never read, sorted."""

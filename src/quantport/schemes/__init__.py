@@ -37,8 +37,8 @@ class SchemeCodec(Protocol):
     """What the pipeline needs to know about one Linear scheme."""
 
     scheme: LinearScheme
-    modelopt_algo: str
-    """``quant_algo`` in the ModelOpt unified checkpoint."""
+    modelopt_algo: str | None
+    """``quant_algo`` in the ModelOpt unified checkpoint; None when ModelOpt has no form for the numerics."""
     input_multiple: int
     """``in_features`` must be a multiple of this (1: no constraint)."""
     static_input_scale: bool
@@ -48,8 +48,14 @@ class SchemeCodec(Protocol):
     group_size: int | None
     """Block size along the input dimension, written as ``group_size`` in the config."""
 
-    def weight_specs(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:
-        """Exported weight tensors (suffix -> spec), without ``input_scale``."""
+    def weight_specs(
+        self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
+    ) -> dict[str, TensorSpec]:
+        """Exported weight tensors (suffix -> spec), without ``input_scale``.
+
+        ``dtype`` is the weight's dtype, for schemes whose scales are stored in it (compressed-tensors
+        integer schemes); the others ignore it.
+        """
         ...
 
     def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -85,4 +91,4 @@ def codec_for(scheme: LinearScheme) -> SchemeCodec:
     return CODECS[scheme]
 
 
-from . import fp8, mxfp8, nvfp4  # noqa: E402,F401  (registration)
+from . import fp8, integer, integer_modelopt, mxfp4, mxfp8, nvfp4, nvfp4_ct  # noqa: E402,F401  (registration)

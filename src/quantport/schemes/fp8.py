@@ -27,7 +27,9 @@ class Fp8TensorCodec:
     shared_weight_amax: bool = False  # engines requantize fused shards to the max weight scale
     group_size: int | None = None
 
-    def weight_specs(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+    def weight_specs(
+        self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
+    ) -> dict[str, TensorSpec]:
         return {"weight": TensorSpec(_FP8, (out_features, in_features)), "weight_scale": TensorSpec(_F32, ())}
 
     def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -55,7 +57,9 @@ class Fp8DynamicCodec:
     shared_weight_amax: bool = False
     group_size: int | None = None
 
-    def weight_specs(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+    def weight_specs(
+        self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
+    ) -> dict[str, TensorSpec]:
         return {
             "weight": TensorSpec(_FP8, (out_features, in_features)),
             "weight_scale": TensorSpec(_F32, (out_features,)),
@@ -87,7 +91,9 @@ class Fp8BlockCodec:
     shared_weight_amax: bool = False
     group_size: int | None = None
 
-    def weight_specs(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+    def weight_specs(
+        self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
+    ) -> dict[str, TensorSpec]:
         return {
             "weight": TensorSpec(_FP8, (out_features, in_features)),
             "weight_scale": TensorSpec(_F32, fp8.fp8_block_scale_shape(out_features, in_features)),

@@ -24,7 +24,9 @@ class Mxfp8Codec:
     shared_weight_amax: bool = False
     group_size: int | None = mx.MX_BLOCK
 
-    def weight_specs(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+    def weight_specs(
+        self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
+    ) -> dict[str, TensorSpec]:
         return {
             "weight": TensorSpec(torch.float8_e4m3fn, (out_features, in_features)),
             "weight_scale": TensorSpec(torch.uint8, (out_features, in_features // mx.MX_BLOCK)),

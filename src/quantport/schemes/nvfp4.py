@@ -24,7 +24,9 @@ class Nvfp4Codec:
     shared_weight_amax: bool = True  # engines fuse q/k/v and gate/up with one weight_scale_2
     group_size: int | None = nvfp4.NVFP4_BLOCK
 
-    def weight_specs(self, out_features: int, in_features: int) -> dict[str, TensorSpec]:
+    def weight_specs(
+        self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
+    ) -> dict[str, TensorSpec]:
         block = nvfp4.NVFP4_BLOCK
         return {
             "weight": TensorSpec(torch.uint8, (out_features, in_features // 2)),

@@ -79,7 +79,7 @@ def _modelopt_findings(ctx: Context, q: QuantConfig) -> Iterator[Finding]:
     if q.nested and src == HF_QUANT_CONFIG_FILE:
         legacy_ok = algo in LEGACY_ALGOS or ctx.engine is Engine.SGLANG
         yield LEGACY_ONLY.finding(
-            CONFIG_FILE, f"config.json has no quantization_config; engines fall back to hf_quant_config.json"
+            CONFIG_FILE, "config.json has no quantization_config; engines fall back to hf_quant_config.json"
             + ("" if legacy_ok else f", where vLLM raises 'Unknown ModelOpt quant algo' for {algo}"),
             severity=None if legacy_ok else Severity.ERROR)
     ignore_key = "exclude_modules" if q.nested else ("ignore" if "ignore" in q.raw else "exclude_modules")
