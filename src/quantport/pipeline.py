@@ -13,10 +13,12 @@ from torch import nn
 from .arch.experts import ForwardContract, MoEBlock, find_moe_blocks
 from .arch.fused_groups import find_attention_modules, find_shared_input_groups
 from .calibrate import calibration_batches, run_calibration
+from .calibrate.loop import auto_batch_size
 from .calibrate.moe_policy import MoECalibration, MoEInputScales, apply_input_policy
 from .errors import CalibrationDataError, InvalidWeightsError
 from .memory.mapped_weights import MappedWeights
 from .modules.kv_cache import install_kv_quantizer
+from .modules.observe import update_amax
 from .modules.quant_experts import ExpertsQuantizer, install_experts_quantizer
 from .modules.quant_linear import QuantLinear, QuantMode
 from .recipes import KVCacheFormat, LinearScheme, QuantRecipe, get_recipe
@@ -85,11 +87,16 @@ def _plan_experts(
     return selected
 
 
-def _check_finite(model: nn.Module, names: list[str], blocks: list[MoEBlock], mapped: MappedWeights) -> None:
+def _weight_amax_checked(
+    model: nn.Module, names: list[str], blocks: list[MoEBlock], mapped: MappedWeights
+) -> dict[str, torch.Tensor]:
+    """fp32 amax of every weight to quantize, in one pass that also finds NaN / inf weights."""
     modules = dict(model.named_modules())
     bad = []
+    amax = {}
     for name in names:
-        if not torch.isfinite(modules[name].weight).all():
+        amax[name] = update_amax(None, modules[name].weight)
+        if not torch.isfinite(amax[name]):
             bad.append(f"{name}.weight")
         mapped.release_module(modules[name])
     for block in blocks:
@@ -104,6 +111,7 @@ def _check_finite(model: nn.Module, names: list[str], blocks: list[MoEBlock], ma
             "corrupt or was saved after a diverged training step. Fix the weights, or exclude those "
             "layers with --exclude PATTERN."
         )
+    return amax
 
 
 def _calibration_data(model: nn.Module, calib_data: Iterable[Any] | None, options: dict[str, Any]) -> Iterable[Any]:
@@ -121,12 +129,16 @@ def _calibration_data(model: nn.Module, calib_data: Iterable[Any] | None, option
                 f"no calibration data given and no tokenizer found for {source!r} ({exc}); pass "
                 "calib_data=[input_ids, ...] or tokenizer=..."
             ) from exc
+    seq_len = options.get("calib_seq_len", 512)
+    batch_size = options.get("batch_size", 8)
+    if batch_size == "auto":  # fill the GPU: measured on one probe forward (8 on the CPU)
+        batch_size = auto_batch_size(model, seq_len)
     return calibration_batches(
         tokenizer,
         text_path=options.get("calib_text"),
         samples=options.get("calib_samples", 64),
-        seq_len=options.get("calib_seq_len", 512),
-        batch_size=options.get("batch_size", 8),
+        seq_len=seq_len,
+        batch_size=batch_size,
     )
 
 
@@ -203,7 +215,8 @@ def quantize(
             and the recipe needs calibration, the bundled English text is tokenized with the model's
             tokenizer.
         **options: ``exclude`` (extra patterns), ``kv_cache`` ("fp8"), ``tokenizer``, ``calib_text``
-            (path), ``calib_samples`` (64), ``calib_seq_len`` (512), ``batch_size`` (8),
+            (path), ``calib_samples`` (64), ``calib_seq_len`` (512), ``batch_size`` (8, or "auto":
+            as many sequences as fill the free GPU memory),
             ``moe_input_scales`` ("shared" | "per-expert"), ``moe_calib`` ("routed" | "all-experts"),
             ``release_weights`` (True: drop memory-mapped weights from memory once a layer is done with
             them, see :mod:`quantport.memory.mapped_weights`), ``progress`` (True).
@@ -222,10 +235,10 @@ def quantize(
     names = _plan_layers(model, recipe, codec, state)
     blocks = _plan_experts(model, recipe, codec, state)
     mapped = MappedWeights() if options.get("release_weights", True) else MappedWeights.disabled()
-    _check_finite(model, names, blocks, mapped)
+    weight_amax = _weight_amax_checked(model, names, blocks, mapped)
     modules = dict(model.named_modules())
     for name in names:
-        QuantLinear.convert(modules[name], codec)
+        QuantLinear.convert(modules[name], codec, weight_amax[name])
     state.quantized = names
     experts = _install_experts(blocks, codec, options)
     state.experts = [b.experts_name for b in blocks]

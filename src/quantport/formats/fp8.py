@@ -51,8 +51,13 @@ def _check_float(x: Tensor, name: str) -> None:
 
 
 def _cast_fp8(q: Tensor) -> Tensor:
-    """Saturating round-to-nearest-even cast of an already scaled tensor to float8_e4m3fn; NaN -> 0."""
-    return torch.nan_to_num(q, nan=0.0).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(_FP8)
+    """Saturating round-to-nearest-even cast of an already scaled tensor to float8_e4m3fn; NaN -> 0.
+
+    ``q`` must be a temporary (every caller passes a fresh quotient): it is sanitised in place, which
+    saves two full-size allocations per weight.
+    """
+    torch.nan_to_num_(q, nan=0.0)
+    return q.clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(_FP8)
 
 
 def fp8_scale_from_amax(amax: Tensor) -> Tensor:

@@ -45,8 +45,11 @@ class QuantLinear(nn.Linear):
     mode: QuantMode
 
     @classmethod
-    def convert(cls, linear: nn.Linear, codec: SchemeCodec) -> QuantLinear:
-        """Turn ``linear`` into a QuantLinear in place and return it."""
+    def convert(cls, linear: nn.Linear, codec: SchemeCodec, weight_amax: torch.Tensor | None = None) -> QuantLinear:
+        """Turn ``linear`` into a QuantLinear in place and return it.
+
+        ``weight_amax``: the weight's fp32 0-d amax when the caller already computed it (saves a pass).
+        """
         if type(linear) is not nn.Linear and not isinstance(linear, QuantLinear):
             # Subclasses with their own forward (e.g. routers) must not lose it silently.
             raise TypeError(f"cannot quantize {type(linear).__name__}: only plain nn.Linear is supported")
@@ -54,13 +57,14 @@ class QuantLinear(nn.Linear):
         linear.codec = codec
         linear.input_amax = None
         linear.shared_weight_amax = None
+        linear._own_weight_amax = weight_amax
         linear.mode = QuantMode.OFF
         linear._simulated_weight = None
         return linear  # type: ignore[return-value]
 
     def revert(self) -> nn.Linear:
         """Back to a plain ``nn.Linear`` (statistics are dropped)."""
-        for attr in ("codec", "input_amax", "shared_weight_amax", "mode", "_simulated_weight"):
+        for attr in ("codec", "input_amax", "shared_weight_amax", "_own_weight_amax", "mode", "_simulated_weight"):
             self.__dict__.pop(attr, None)
         self.__class__ = nn.Linear
         return self
@@ -69,7 +73,9 @@ class QuantLinear(nn.Linear):
         """fp32 0-d per-tensor weight amax: the group's shared value when set, else this weight's own."""
         if self.shared_weight_amax is not None:
             return self.shared_weight_amax
-        return update_amax(None, self.weight)
+        if self._own_weight_amax is None:
+            self._own_weight_amax = update_amax(None, self.weight)
+        return self._own_weight_amax
 
     def input_scale(self) -> torch.Tensor | None:
         """The exported ``input_scale`` (None for weight-only and dynamic schemes)."""
