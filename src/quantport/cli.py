@@ -1,4 +1,4 @@
-"""Command line: ``quantport quantize MODEL OUT --recipe NAME``."""
+"""Command line: ``quantport quantize | check | inspect | eval``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .calibrate.moe_policy import MoECalibration, MoEInputScales
+from .check.commands import add_commands as add_check_commands
+from .eval_commands import add_commands as add_eval_commands
 from .errors import QuantportError
 from .export import ExportFormat, export
 from .export.targets import default_format, recipe_for_format
@@ -48,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     q.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+    add_check_commands(commands)
+    add_eval_commands(commands)
     return parser
 
 
@@ -109,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "quantize":
             _quantize_command(args)
+        elif hasattr(args, "func"):
+            return args.func(args)
     except QuantportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -202,3 +202,14 @@ def test_llama4_attention_gets_no_block_scales():
     assert "model.layers.0.self_attn.v_proj" in excluded  # fused with q/k
     assert "model.layers.0.self_attn.o_proj" not in excluded
     assert "model.layers.0.feed_forward.experts" not in excluded
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_modelopt_format_refuses_experts_engines_cannot_read(tmp_path, family):
+    from quantport.export.targets import UnsupportedFormatError
+
+    model = tiny_moe(family)
+    quantport.quantize(model, "fp8-dynamic", BATCHES, progress=False)  # per-channel experts
+    with pytest.raises(UnsupportedFormatError, match="compressed-tensors"):
+        quantport.export(model, tmp_path / "out", format="modelopt", progress=False)
+    assert not (tmp_path / "out").exists()

@@ -95,24 +95,25 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     if not isinstance(header, dict):
         raise HeaderError("header is not a JSON object")
     data_size = size - 8 - n
-    tensors: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise HeaderError(f"header entry of {name!r} is malformed: {entry!r}") from None
-        info = TensorInfo(name, str(dtype), shape, path.name)
-        if dtype not in DTYPE_BYTES:
-            raise HeaderError(f"{name!r} has unknown dtype {dtype!r}")
-        if end - begin != info.nbytes:
-            raise HeaderError(f"{name!r} occupies {end - begin} bytes but {dtype}{list(shape)} needs {info.nbytes}")
-        if end > data_size:
-            raise HeaderError(f"{name!r} ends at byte {end} of the data section, which has only {data_size} bytes",
-                              truncated=True)
-        tensors[name] = info
-    return tensors
+    return {name: _entry(name, entry, path.name, data_size) for name, entry in header.items()
+            if name != "__metadata__"}
+
+
+def _entry(name: str, entry: Any, file: str, data_size: int) -> TensorInfo:
+    """One validated header entry: known dtype, byte range matching the shape, inside the file."""
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise HeaderError(f"header entry of {name!r} is malformed: {entry!r}") from None
+    info = TensorInfo(name, str(dtype), shape, file)
+    if dtype not in DTYPE_BYTES:
+        raise HeaderError(f"{name!r} has unknown dtype {dtype!r}")
+    if end - begin != info.nbytes:
+        raise HeaderError(f"{name!r} occupies {end - begin} bytes but {dtype}{list(shape)} needs {info.nbytes}")
+    if end > data_size:
+        raise HeaderError(f"{name!r} ends at byte {end} of the data section, which has only {data_size} bytes",
+                          truncated=True)
+    return info
 
 
 def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:

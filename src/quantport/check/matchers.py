@@ -8,7 +8,8 @@ one fused layer disagree.
 * vLLM ModelOpt (§1.5): exact names with fused-shard expansion (all shards or none), the ``experts``
   substring rule, a plain substring test (also with ``language_model.`` stripped), and ``fnmatch``;
   patterns ending in ``*`` without a dot before it are first split into ``p`` and ``p.*``.
-* SGLang ModelOpt (§6): each pattern becomes a regex (``.`` literal, ``*`` -> ``.*``) that must
+* SGLang ModelOpt (§6): the same exact-name check with fused shards (SGLang's ``is_layer_skipped``,
+  seen in its source), then each pattern as a regex (``.`` literal, ``*`` -> ``.*``) that must
   fullmatch the prefix or one of its dot-separated parts (also with ``language_model.`` stripped);
   DeepSeek's fused MLA names match by substring of the last segment.
 * compressed-tensors (§4): exact names or ``re:`` regexes (``re.match``), evaluated per shard; a
@@ -22,7 +23,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Decision", "ct_decision", "ct_matches", "is_class_name", "sglang_decision", "vllm_decision"]
+__all__ = ["Decision", "ct_decision", "ct_matches", "is_class_name", "mixed_decision", "sglang_decision",
+           "vllm_decision"]
 
 _LANGUAGE_MODEL = "language_model."
 _MLA_FUSED = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
@@ -55,22 +57,28 @@ def _vllm_expand(patterns: Sequence[str]) -> list[str]:
     return out
 
 
-def vllm_decision(layer: str, shards: Sequence[str], patterns: Sequence[str]) -> Decision:
-    """vLLM's ``is_layer_excluded`` for ModelOpt: exact (with shards), substring, fnmatch."""
-    expanded = _vllm_expand(patterns)
-    exact = set(expanded)
+def _exact_decision(layer: str, shards: Sequence[str], patterns: Sequence[str]) -> Decision | None:
+    """``is_layer_skipped`` (shared by vLLM and SGLang): exact names, a fused layer by its shards."""
+    exact = set(patterns)
     if layer.endswith(".experts") or layer == "experts":
-        hit = next((p for p in expanded if p == layer or ("experts" in p and layer in p)), None)
-        if hit is not None:
-            return Decision(True, reason=f"exact/experts match of {hit!r}")
-    elif len(shards) > 1 or shards[0] != layer:
+        hit = next((p for p in patterns if p == layer or ("experts" in p and layer in p)), None)
+        return Decision(True, reason=f"exact/experts match of {hit!r}") if hit is not None else None
+    if len(shards) > 1 or shards[0] != layer:
         hits = [s in exact for s in shards]
         if all(hits):
             return Decision(True, reason="every shard is listed by name")
         if any(hits):
             return Decision(True, partial=True, reason="some but not all shards are listed by name")
-    elif layer in exact:
-        return Decision(True, reason=f"exact match of {layer!r}")
+        return None
+    return Decision(True, reason=f"exact match of {layer!r}") if layer in exact else None
+
+
+def vllm_decision(layer: str, shards: Sequence[str], patterns: Sequence[str]) -> Decision:
+    """vLLM's ``is_layer_excluded`` for ModelOpt: exact (with shards), substring, fnmatch."""
+    expanded = _vllm_expand(patterns)
+    exact = _exact_decision(layer, shards, expanded)
+    if exact is not None:
+        return exact
     stripped = layer.removeprefix(_LANGUAGE_MODEL)
     for p in expanded:
         if p and (p in layer or p in stripped):
@@ -85,7 +93,11 @@ def _sglang_regex(pattern: str) -> re.Pattern[str]:
 
 
 def sglang_decision(layer: str, shards: Sequence[str], patterns: Sequence[str]) -> Decision:
-    """SGLang's ModelOpt exclusion: regex fullmatch of the prefix or of one of its parts."""
+    """SGLang's ModelOpt exclusion: exact names with fused shards (``is_layer_skipped``), then a regex
+    fullmatch of the prefix or of one of its parts."""
+    exact = _exact_decision(layer, shards, patterns)
+    if exact is not None:
+        return exact
     names = {layer, layer.removeprefix(_LANGUAGE_MODEL)}
     last = layer.rsplit(".", 1)[-1]
     for p in patterns:
@@ -118,11 +130,36 @@ def ct_matches(name: str, entry: str) -> bool:
 
 
 def ct_decision(layer: str, shards: Sequence[str], patterns: Sequence[str]) -> Decision:
-    """compressed-tensors ``ignore``, evaluated per shard: all shards or none."""
+    """vLLM's compressed-tensors ``should_ignore_layer``: a MoE ``experts`` layer and a plain layer by
+    their own name (exact or ``re:``); a fused layer by its name listed exactly, else per shard, all
+    shards or none (an ignore list naming every expert does not ignore the MoE layer, issue #2060)."""
     names = [p for p in patterns if not is_class_name(p)]
+    fused = len(shards) > 1 or shards[0] != layer
+    if layer.endswith("experts") or not fused:
+        hit = next((p for p in names if ct_matches(layer, p)), None)
+        return Decision(hit is not None, reason=f"ignore entry {hit!r}" if hit else "")
+    if layer in names:
+        return Decision(True, reason=f"ignore entry {layer!r}")
     hits = [next((p for p in names if ct_matches(s, p)), None) for s in shards]
     if all(h is not None for h in hits):
         return Decision(True, reason=f"ignore entry {hits[0]!r}")
     if any(h is not None for h in hits):
         return Decision(True, partial=True, reason="some but not all shards match the ignore list")
     return Decision(False)
+
+
+def mixed_decision(layer: str, shards: Sequence[str], quantized_layers: Sequence[str]) -> Decision:
+    """ModelOpt MIXED_PRECISION: a layer is quantized only when ``quantized_layers`` lists it; every
+    shard of a fused layer must be listed alike (an experts layer: any entry under its prefix)."""
+    listed = set(quantized_layers)
+    if layer.endswith("experts"):
+        hit = layer in listed or any(name.startswith(layer + ".") for name in listed)
+        return Decision(not hit, reason="" if hit else "not in quantized_layers")
+    hits = [s in listed for s in shards] if shards[0] != layer or len(shards) > 1 else [layer in listed]
+    if len(shards) > 1 and layer in listed:
+        hits = [True] * len(shards)
+    if all(hits):
+        return Decision(False)
+    if any(hits):
+        return Decision(True, partial=True, reason="some but not all shards are in quantized_layers")
+    return Decision(True, reason="not in quantized_layers")

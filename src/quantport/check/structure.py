@@ -106,6 +106,8 @@ class MoEBlock:
     fused: bool
     experts: dict[int, dict[str, str]] = field(default_factory=dict)
     leaves: tuple[str, ...] = ()
+    also_fused: bool = False
+    """Per-expert modules *and* fused 3-D tensors under the same prefix."""
 
     def modules(self) -> list[str]:
         return [m for leaves in self.experts.values() for m in leaves.values()]
@@ -157,6 +159,7 @@ class Context:
     def moe_blocks(self) -> dict[str, MoEBlock]:
         """experts prefix -> block, for per-expert and fused layouts."""
         blocks: dict[str, MoEBlock] = {}
+        fused: list[str] = []
         for module, params in self.modules.items():
             match = _PER_EXPERT.match(module)
             if match:
@@ -164,6 +167,11 @@ class Context:
                 block = blocks.setdefault(prefix, MoEBlock(prefix, fused=False))
                 block.experts.setdefault(int(match["e"]), {})[match["leaf"]] = module
             elif module.endswith("experts") and any(fused_expert_param(p) for p in params):
+                fused.append(module)
+        for module in fused:
+            if module in blocks:
+                blocks[module].also_fused = True
+            else:
                 blocks[module] = MoEBlock(module, fused=True)
         for block in blocks.values():
             if not block.fused:
@@ -219,6 +227,14 @@ class Context:
         for module in self.weight_modules:
             out.setdefault(module, (module, (module,)))
         return out
+
+    def modelopt_algo(self, module: str) -> str | None:
+        """ModelOpt ``quant_algo`` of a checkpoint module; under MIXED_PRECISION its own entry, else the
+        entry of its engine layer (``...qkv_proj``, ``...experts``)."""
+        algo = self.qcfg.modelopt_algo_for(module)
+        if algo is None and module in self.engine_layer:
+            algo = self.qcfg.modelopt_algo_for(self.engine_layer[module][0])
+        return algo
 
     def load_scalar(self, name: str) -> float | None:
         """The value of a one-element tensor (None when absent or larger), read once."""

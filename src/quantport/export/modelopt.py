@@ -23,12 +23,13 @@ from ..memory.mapped_weights import MappedWeights
 from ..modules.kv_cache import kv_quantizer_of
 from ..modules.quant_experts import experts_quantizer_of
 from ..modules.quant_linear import QuantLinear
-from ..recipes import KVCacheFormat
+from ..recipes import KVCacheFormat, LinearScheme
 from ..schemes import SchemeCodec, TensorSpec, codec_for
 from ..state import QuantizationState
 from .experts import expert_plan, replaced_parameters
 from .names import CheckpointNames
 from .shards import OneSlotCache, PlannedTensor, write_json, write_sharded_safetensors
+from .targets import UnsupportedFormatError
 
 __all__ = [
     "MODELOPT_FORMAT_VERSION",
@@ -179,10 +180,26 @@ def modelopt_configs(
     return flat, {"producer": dict(_PRODUCER), "quantization": nested}
 
 
+MOE_SCHEMES = frozenset({LinearScheme.FP8, LinearScheme.NVFP4, LinearScheme.W4A16_NVFP4, LinearScheme.MXFP8})
+"""Schemes vLLM's ModelOpt MoE methods read for experts: per-tensor FP8, NVFP4 and MXFP8 (engine-contract
+§3.1: FP8_PER_CHANNEL_PER_TOKEN and FP8_PB_WO experts would be loaded by the per-tensor FP8 method)."""
+
+
+def check_modelopt_experts(state: QuantizationState) -> None:
+    """A clear error when quantized experts have no form an engine reads in the ModelOpt format."""
+    if state.experts and state.recipe.scheme not in MOE_SCHEMES:
+        raise UnsupportedFormatError(
+            f"the ModelOpt format has no {state.recipe.scheme.value} form for MoE experts that vLLM or SGLang "
+            f"load ({len(state.experts)} experts modules are quantized); export with --format compressed-tensors, "
+            "use fp8 / nvfp4 / mxfp8, or keep the experts in bf16 with --exclude '*.experts'"
+        )
+
+
 def write_modelopt(
     model: nn.Module, state: QuantizationState, staging: Path, *, max_shard_size: int | str, progress: bool
 ) -> dict[str, Any]:
     """Write tensors and ``hf_quant_config.json``; return ``config.json``'s ``quantization_config``."""
+    check_modelopt_experts(state)
     exclude = excluded_modules(model)
     flat, nested = modelopt_configs(codec_for(state.recipe.scheme), state, exclude)
     mapped = MappedWeights()

@@ -57,6 +57,8 @@ CT_GROUP = Rule("config.ct-group", "a compressed-tensors config group is incompl
                 "block_structure where the strategy needs it)")
 CT_STATUS = Rule("config.ct-status", 'quantization_status is not "compressed"',
                  "save the checkpoint compressed (quantization_status: compressed)", Severity.WARNING)
+HFQ_UNREADABLE = Rule("hfq.unreadable", "hf_quant_config.json is not valid JSON",
+                      "rewrite hf_quant_config.json (or delete it when config.json has the quantization_config)")
 HFQ_PRODUCER = Rule("hfq.producer", 'hf_quant_config.json producer.name is not "modelopt"',
                     'set producer.name to "modelopt" (engines detect the format by it)')
 HFQ_KEY = Rule("hfq.missing-key", "hf_quant_config.json lacks a key the engines require",
@@ -96,6 +98,11 @@ def _modelopt_findings(ctx: Context, q: QuantConfig) -> Iterator[Finding]:
                                severity=Severity.WARNING)
     if algo == "MIXED_PRECISION":
         yield from _mixed_findings(q)
+        algos = {str(e.get("quant_algo", "")).upper() for e in q.quantized_layers.values() if isinstance(e, dict)} \
+            if isinstance(q.quantized_layers, dict) else set()
+        if ctx.engine is Engine.SGLANG and not any("NVFP4" in a for a in algos):
+            yield ENGINE_ALGO.finding(src, f"SGLang reads MIXED_PRECISION without an NVFP4 layer as w4afp8 "
+                                      f"(layers use {sorted(algos)})")
 
 
 def _mixed_findings(q: QuantConfig) -> Iterator[Finding]:
@@ -204,7 +211,7 @@ def check(ctx: Context) -> Iterator[Finding]:
     ckpt, q = ctx.ckpt, ctx.qcfg
     for name, error in sorted(ckpt.json_errors.items()):
         if name in (CONFIG_FILE, HF_QUANT_CONFIG_FILE):
-            yield (MISSING if name == CONFIG_FILE else HFQ_KEY).finding(name, error)
+            yield (MISSING if name == CONFIG_FILE else HFQ_UNREADABLE).finding(name, error)
     if ckpt.config is None and CONFIG_FILE not in ckpt.json_errors:
         yield MISSING.finding(CONFIG_FILE, "config.json does not exist")
     if q.format is Format.NONE:

@@ -20,11 +20,13 @@ NO_WEIGHTS = Rule("shards.no-weights", "the directory has no *.safetensors file"
 UNREADABLE = Rule("shards.unreadable", "a safetensors header cannot be parsed",
                   "re-export the checkpoint; the file is corrupt")
 TRUNCATED = Rule("shards.truncated", "a safetensors file is shorter than its header says",
-                 "the file was cut short (interrupted copy or download); copy or export it again")
+                 "the file was cut short (interrupted copy or download); copy or export it again (tensor rules run "
+                 "once every shard is readable)")
 INDEX_UNREADABLE = Rule("shards.index-unreadable", f"{INDEX_FILE} is not valid JSON with a weight_map",
                         "re-export the checkpoint, or delete the index if there is a single shard")
 MISSING_FILE = Rule("shards.missing-file", "the index names a shard that does not exist",
-                    "copy the missing shard into the directory (or re-export)")
+                    "copy the missing shard into the directory, or re-export (tensor rules run once every "
+                    "shard is present)")
 MISSING_KEY = Rule("shards.index-missing-key", "an indexed tensor is in no shard",
                    "re-export the checkpoint; the index and the shards come from different exports")
 WRONG_SHARD = Rule("shards.index-wrong-shard", "the index points a tensor at a shard that does not hold it",
@@ -61,22 +63,27 @@ def _index_findings(ctx: Context) -> Iterator[Finding]:
         if len(ckpt.files) > 1 and INDEX_FILE not in ckpt.json_errors:
             yield NO_INDEX.finding(str(ckpt.path), f"{len(ckpt.files)} safetensors files and no {INDEX_FILE}")
         return
-    present = set(ckpt.files)
-    for file in sorted(set(ckpt.index.values()) - present):
-        count = sum(1 for f in ckpt.index.values() if f == file)
+    yield from _index_entries(ctx, ckpt.index)
+
+
+def _index_entries(ctx: Context, index: dict[str, str]) -> Iterator[Finding]:
+    ckpt = ctx.ckpt
+    present, listed = set(ckpt.files), set(index.values())
+    for file in sorted(listed - present):
+        count = sum(1 for f in index.values() if f == file)
         yield MISSING_FILE.finding(file, f"the index maps {count} tensors to {file}, which does not exist")
     where = {name: file for file, tensors in ckpt.headers.items() for name in tensors}
-    for name, file in sorted(ckpt.index.items()):
+    for name, file in sorted(index.items()):
         if file not in present or file in ckpt.file_errors or name in ckpt.headers.get(file, {}):
             continue
         if name in where:
             yield WRONG_SHARD.finding(name, f"the index says {name} is in {file}, but it is in {where[name]}")
         else:
             yield MISSING_KEY.finding(name, f"the index says {name} is in {file}, but no shard holds it")
-    for file in sorted(present - set(ckpt.index.values())):
+    for file in sorted(present - listed):
         yield UNINDEXED.finding(file, f"{file} is not referenced by the index; engines will not read it")
     for name, file in sorted(where.items()):
-        if name not in ckpt.index and file in set(ckpt.index.values()):
+        if name not in index and file in listed:
             yield UNINDEXED.finding(name, f"{name} (in {file}) is missing from the index")
 
 

@@ -1,0 +1,61 @@
+"""``check_checkpoint``: run every rule module over one checkpoint directory."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .checkpoint import Checkpoint
+from .findings import CheckReport, Engine, Rule
+from .qconfig import model_facts, parse_quant_config
+from .rules import CONTENT_RULES, FILE_RULES
+from .structure import Context
+
+__all__ = ["check_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+INTERNAL = Rule("check.internal-error", "a rule crashed on this checkpoint",
+                "report this as a quantport bug, with the checkpoint's file listing (quantport inspect)")
+
+
+def check_checkpoint(path: str | Path, engine: Engine | str = Engine.VLLM) -> CheckReport:
+    """Check the checkpoint directory ``path`` against ``engine``'s loading rules.
+
+    Only files are read: the JSON configs, the safetensors headers, and the values of scale tensors
+    and other small tensors. When a shard is unreadable or missing, only the file and config rules
+    run (every tensor rule would report the consequences of the broken shard).
+
+    Returns a :class:`CheckReport`; ``report.ok`` is True when there is no error. Raises
+    ``FileNotFoundError`` / ``NotADirectoryError`` when ``path`` is not a directory, and
+    ``ValueError`` for an unknown engine.
+    """
+    try:
+        engine = Engine(engine)
+    except ValueError:
+        raise ValueError(f"unknown engine {engine!r}; choose one of: {', '.join(e.value for e in Engine)}") from None
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is not a directory; pass the checkpoint directory")
+    ckpt = Checkpoint.open(path)
+    try:
+        qcfg = parse_quant_config(ckpt)
+        ctx = Context(ckpt, engine, qcfg, model_facts(ckpt.config))
+        report = CheckReport(str(path), engine, qcfg.format.value, tensors=len(ckpt.tensors))
+        missing = set((ckpt.index or {}).values()) - set(ckpt.files)
+        complete = not ckpt.file_errors and not missing
+        if not complete:
+            logger.warning("%s: unreadable or missing shards; tensor rules skipped until they are fixed", path)
+        for module in FILE_RULES + (CONTENT_RULES if complete else ()):
+            name = module.__name__.rsplit(".", 1)[-1]
+            try:
+                report.findings.extend(module.check(ctx))
+            except Exception as exc:  # a crash must not hide the other rules' findings
+                logger.exception("rule module %s crashed on %s", name, path)
+                report.findings.append(INTERNAL.finding(name, f"rules '{name}' crashed: {exc!r}"))
+    finally:
+        ckpt.close()
+    logger.info("checked %s: %d errors, %d warnings", path, len(report.errors), len(report.warnings))
+    return report
