@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import quantport
+from quantport.check import check_checkpoint
 from quantport.errors import ExportError
 from quantport.modules.quant_linear import QuantLinear
 from quantport.recipes import PRESETS
@@ -36,6 +37,8 @@ def test_round_trip_dequantizes_to_the_simulated_weights(tmp_path, tiny_model, c
             assert torch.equal(decoded, module.simulated_weight()), name
             if codec.static_input_scale:
                 assert torch.equal(exported["input_scale"], module.input_scale())
+    report = check_checkpoint(tmp_path / "out")
+    assert report.ok, [str(f) for f in report.errors]
 
 
 @pytest.mark.parametrize("recipe", ["fp8", "nvfp4", "fp8-block"])

@@ -11,7 +11,10 @@ from quantport.report.heatmap import write_coverage_heatmap
 
 def _coverage() -> ExpertCoverage:
     coverage = ExpertCoverage("shared", "routed")
-    coverage.layers = [LayerCoverage("model.layers.0.mlp", (5, 0, 9, 2)), LayerCoverage("model.layers.1.mlp", (4, 4, 4, 4))]
+    coverage.layers = [
+        LayerCoverage("model.layers.0.mlp", (5, 0, 9, 2)),
+        LayerCoverage("model.layers.1.mlp", (4, 4, 4, 4)),
+    ]
     return coverage
 
 
