@@ -174,10 +174,21 @@ def test_quantport_moe_round_trip_weights(tmp_path, family, recipe):
             assert torch.equal(loaded[name].weight, module.simulated_weight()), name
 
 
-def test_simulating_quantized_expert_activations_is_not_implemented_yet(tmp_path):
-    _, out = _quantized_moe(tmp_path, "qwen3_moe", "fp8")
-    with pytest.raises(NotImplementedError, match="simulate_activations=False"):
-        load(out, simulate_activations=True)
+SIMULATED_MOE_CASES = [(f, r) for f in ("qwen3_moe", "mixtral", "gpt_oss", "llama4_text") for r in ("fp8", "nvfp4")]
+
+
+@pytest.mark.parametrize(("family", "recipe"), SIMULATED_MOE_CASES, ids=[f"{f}-{r}" for f, r in SIMULATED_MOE_CASES])
+def test_moe_round_trip_with_simulated_activations(tmp_path, family, recipe):
+    """load(simulate_activations=True) computes exactly what the in-memory quantized model simulates."""
+    model, out = _quantized_moe(tmp_path, family, recipe)
+    ids = make_calibration_batches(vocab_size=256)[0]
+    with torch.no_grad(), quantport.simulate(model):
+        expected = model(ids).logits
+    loaded = load(out, simulate_activations=True)
+    with torch.no_grad():
+        actual = loaded(ids).logits
+    assert torch.equal(actual, expected)
+    assert len(load_report(loaded).experts) == 2
 
 
 def test_weight_only_experts_load_with_simulated_activations(tmp_path):

@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from .errors import QuantportError  # noqa: E402
 from .export import ExportFormat, export  # noqa: E402
+from .loader import load  # noqa: E402
 from .pipeline import quantize, simulate  # noqa: E402
 from .recipes import PRESETS, KVCacheFormat, LinearScheme, QuantRecipe, get_recipe  # noqa: E402
 
@@ -19,6 +20,7 @@ __all__ = [
     "__version__",
     "export",
     "get_recipe",
+    "load",
     "quantize",
     "simulate",
 ]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from .calibrate.moe_policy import MoECalibration, MoEInputScales
 from .check.commands import add_commands as add_check_commands
-from .eval_commands import add_commands as add_eval_commands
 from .errors import QuantportError
+from .eval_commands import add_commands as add_eval_commands
 from .export import ExportFormat, export
 from .export.targets import default_format, recipe_for_format
 from .loading import load_model

@@ -102,9 +102,6 @@ class TensorStore:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def __len__(self) -> int:
-        return len(self._where)
-
     def first(self, names: tuple[str, ...] | list[str]) -> str | None:
         """The first of ``names`` that the checkpoint holds."""
         return next((n for n in names if n in self._where), None)
@@ -115,9 +112,6 @@ class TensorStore:
             raise CheckpointError(f"tensor {name!r} is missing from the checkpoint")
         self._used.add(name)
         return self._handles[self._where[name]].get_tensor(name).to(self._device)
-
-    def mark_used(self, name: str) -> None:
-        self._used.add(name)
 
     def most_common_dtype(self) -> torch.dtype | None:
         """Of bf16/fp16/fp32, the dtype holding most elements of non-scale tensors (None if none does)."""

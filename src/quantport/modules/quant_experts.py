@@ -38,11 +38,17 @@ def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor
     return transformers_grouped_linear(x, weight, offsets, bias=bias, is_transposed=transposed)
 
 
-def _segment_amax(rows: torch.Tensor, expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """fp32 [E]: max |row| over the rows of each expert (0 for experts without rows)."""
-    row_amax = rows.detach().abs().amax(dim=-1).float()
-    out = torch.zeros(num_experts, dtype=torch.float32, device=rows.device)
-    return out.scatter_reduce(0, expert_ids, row_amax, reduce="amax", include_self=True)
+def _row_amax(x: torch.Tensor) -> torch.Tensor:
+    """fp32 [rows]: max |x| over the last dim, in one pass over ``x`` (no |x| temporary)."""
+    return torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=-1).float()
+
+
+def _expert_offsets(sorted_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 counts [E] and end offsets [E] of ids sorted ascending, without a host sync
+    (``bincount`` on CUDA reads the largest id back to the host)."""
+    bounds = torch.arange(1, num_experts + 1, device=sorted_ids.device, dtype=sorted_ids.dtype)
+    ends = torch.searchsorted(sorted_ids, bounds, out_int32=True)
+    return torch.diff(ends, prepend=ends.new_zeros(1)), ends
 
 
 class ExpertsQuantizer:
@@ -72,6 +78,7 @@ class ExpertsQuantizer:
         self.mode = QuantMode.OFF
         self.all_experts_statistics = False
         self._simulated: dict[str, torch.Tensor] | None = None
+        self._stored_input_scales: dict[str, torch.Tensor] | None = None
 
     @property
     def layout(self) -> ExpertLayout:
@@ -120,10 +127,18 @@ class ExpertsQuantizer:
             out[name] = tensors
         return out
 
+    def use_stored(self, input_scales: dict[str, torch.Tensor] | None) -> None:
+        """Simulate a loaded checkpoint: the module's parameters already are the dequantized weights and
+        ``input_scales`` (projection -> fp32 [E]) are the stored ones."""
+        self._simulated = {"gate_up": self.block.experts.gate_up_proj, "down": self.block.experts.down_proj}
+        self._stored_input_scales = input_scales
+
     def input_scale(self, projection: str) -> torch.Tensor | None:
         """fp32 [E] ``input_scale`` per expert (None for weight-only / dynamic schemes)."""
         if not self.codec.static_input_scale:
             return None
+        if self._stored_input_scales is not None:
+            return self._stored_input_scales[projection]
         if self.export_input_amax is None:
             raise RuntimeError(f"{self.block.experts_name}: no calibrated input amax; run calibration first")
         return self.codec.input_scale(self.export_input_amax[projection])
@@ -160,9 +175,9 @@ class ExpertsQuantizer:
         pieces = torch.split(x, counts.tolist())
         return torch.cat([self.codec.fake_quantize_input(p, scales[e]) for e, p in enumerate(pieces)])
 
-    def _observe(self, projection: str, rows: torch.Tensor, expert_ids: torch.Tensor) -> None:
-        amax = _segment_amax(rows, expert_ids, self.block.num_experts)
-        self.input_amax[projection] = torch.maximum(self.input_amax[projection], amax)
+    def _observe(self, projection: str, row_amax: torch.Tensor, expert_ids: torch.Tensor) -> None:
+        """Running per-expert amax: one segmented max of the rows' amax into the statistics, in place."""
+        self.input_amax[projection].scatter_reduce_(0, expert_ids, row_amax, reduce="amax", include_self=True)
 
     # --- forward contracts --------------------------------------------------------------------------------
 
@@ -179,21 +194,21 @@ class ExpertsQuantizer:
         num_experts, top_k = self.block.num_experts, top_k_index.shape[-1]
         expert_ids = top_k_index.reshape(-1)
         sorted_ids, order = torch.sort(expert_ids, stable=True)
-        rows = hidden[order // top_k]
-        counts = torch.bincount(sorted_ids, minlength=num_experts)
-        offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        token_of_row = order // top_k
+        rows = hidden[token_of_row]
+        counts, offsets = _expert_offsets(sorted_ids, num_experts)
         gate_up_w, down_w = self._parameters()
         gate_up_b = experts.gate_up_proj_bias[sorted_ids] if layout.has_bias else None
         down_b = experts.down_proj_bias[sorted_ids] if layout.has_bias else None
         if self.mode is QuantMode.CALIBRATE:
             self.tokens += counts
-            if not self.all_experts_statistics:
-                self._observe("gate_up", rows, sorted_ids)
+            if not self.all_experts_statistics:  # a row's amax is its token's: reduce T rows, not T*K
+                self._observe("gate_up", _row_amax(hidden)[token_of_row], sorted_ids)
         elif self.mode is QuantMode.SIMULATE:
             rows = self._fake_quant_rows(rows, counts, "gate_up")
         h = experts._apply_gate(_grouped_linear(rows, gate_up_w, offsets, gate_up_b, layout.transposed))
         if self.mode is QuantMode.CALIBRATE and not self.all_experts_statistics:
-            self._observe("down", h, sorted_ids)
+            self._observe("down", _row_amax(h), sorted_ids)
         elif self.mode is QuantMode.SIMULATE:
             h = self._fake_quant_rows(h, counts, "down")
         out = _grouped_linear(h, down_w, offsets, down_b, layout.transposed)
@@ -251,8 +266,8 @@ class ExpertsQuantizer:
 
     def _fake_quant_experts(self, x: torch.Tensor, projection: str) -> torch.Tensor:
         scales = self.input_scale(projection)
-        if scales is None:
-            return self.codec.fake_quantize_input(x, None)
+        if scales is None or bool((scales == scales[0]).all()):
+            return self.codec.fake_quantize_input(x, None if scales is None else scales[0])
         return torch.stack([self.codec.fake_quantize_input(x[e], scales[e]) for e in range(x.shape[0])])
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:

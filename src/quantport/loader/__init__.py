@@ -1,0 +1,300 @@
+"""``quantport.load``: read a quantized checkpoint back into a dense Hugging Face model.
+
+The model is built from the checkpoint's ``config.json`` in the stored dtype, and every parameter is
+filled from the checkpoint: quantized weights are dequantized with the scheme codecs (so a checkpoint
+quantport wrote decodes to exactly the weights its simulation used), MoE experts are re-fused into
+the model's 3-D parameters as their :class:`~quantport.arch.experts.ExpertLayout` says, and everything
+else is copied as stored. With ``simulate_activations=True`` the dense Linear layers also see their
+input as the engine quantizes it (stored ``input_scale`` or dynamic), and an FP8 KV cache is simulated
+with the stored ``k_scale`` / ``v_scale``.
+
+Reads ModelOpt unified checkpoints (``quant_method: modelopt``), written by quantport or by
+nvidia-modelopt 0.47, with any ``quant_algo`` a scheme codec declares (``FP8``,
+``FP8_PER_CHANNEL_PER_TOKEN``, ``FP8_PB_WO``, ``NVFP4``, ``W4A16_NVFP4``, ``MXFP8``, ``W4A16_AWQ``, ``W8A16``),
+also per layer in ``MIXED_PRECISION``; and unquantized checkpoints. Simulating the activations of
+quantized MoE experts is not implemented yet (``NotImplementedError``); their per-expert input scales
+are in the :class:`LoadReport`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..arch.experts import MoEBlock, find_moe_blocks
+from ..arch.fused_groups import find_attention_modules
+from ..errors import ModelLoadError
+from ..export.names import CheckpointNames
+from ..loading import resolve_device
+from ..modules.quant_experts import install_experts_quantizer
+from ..modules.quant_linear import QuantMode
+from ..schemes import SchemeCodec
+from .checkpoint import CheckpointError, QuantSettings, TensorStore, read_quant_settings
+from .experts import ExpertsRecord, load_experts
+from .modelopt import codec_for_algo, dequantize_linear, quantizes_activations
+from .simulate import install_input_fake_quant, install_kv_scales
+
+__all__ = ["CheckpointError", "ExpertsRecord", "LoadReport", "QuantSettings", "load", "load_report"]
+
+logger = logging.getLogger(__name__)
+
+_REPORT_ATTR = "quantport_load_report"
+_PACKED_DTYPES = (torch.uint8, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load` read, kept on the model (see :func:`load_report`).
+
+    Attributes:
+        directory: the checkpoint directory.
+        settings: the quantization the checkpoint declares.
+        dtype: the model dtype (the stored one).
+        dequantized: in-memory module name -> ``quant_algo`` of every dequantized Linear.
+        experts: how each MoE experts module was stored, with its per-expert input scales.
+        activations_simulated: Linear layers whose input is fake-quantized.
+        kv_simulated: attention modules with a simulated FP8 KV cache.
+        unused_tensors: checkpoint tensors nothing read (logged as a warning).
+    """
+
+    directory: Path
+    settings: QuantSettings
+    dtype: torch.dtype
+    dequantized: dict[str, str] = field(default_factory=dict)
+    experts: list[ExpertsRecord] = field(default_factory=list)
+    activations_simulated: list[str] = field(default_factory=list)
+    kv_simulated: list[str] = field(default_factory=list)
+    unused_tensors: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _StoredLinear:
+    codec: SchemeCodec
+    input_scale: torch.Tensor | None
+
+
+@dataclass
+class _Reader:
+    model: nn.Module
+    names: CheckpointNames
+    store: TensorStore
+    report: LoadReport
+
+    def candidates(self, module: str) -> tuple[str, ...]:
+        """Checkpoint prefixes of ``module``: its saved (hub) name, then its in-memory name."""
+        return tuple(dict.fromkeys((self.names.module(module), module)))
+
+    def quantized_weight(self, module: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, _StoredLinear] | None:
+        prefix = self.store.first([f"{p}.weight_scale" for p in self.candidates(module)])
+        if prefix is None:
+            return None
+        prefix = prefix.rsplit(".", 1)[0]
+        algo = self.report.settings.algo_for(prefix)
+        if algo is None:
+            raise CheckpointError(f"{prefix} has scale tensors, but the checkpoint config names no quant_algo for it")
+        if len(shape) != 2:
+            raise CheckpointError(f"{prefix} is quantized, but {module}.weight is not a 2-D matrix")
+        codec = codec_for_algo(algo)
+        dense = dequantize_linear(self.store, prefix, codec, (shape[0], shape[1]), self.report.dtype)
+        self.report.dequantized[module] = algo
+        return dense.weight, _StoredLinear(codec, dense.input_scale)
+
+    def value(self, key: str, target: torch.Tensor) -> tuple[torch.Tensor, _StoredLinear | None] | None:
+        """The dense value of state-dict entry ``key`` (None when the checkpoint lacks it)."""
+        module, _, leaf = key.rpartition(".")
+        if leaf == "weight":
+            quantized = self.quantized_weight(module, tuple(target.shape))
+            if quantized is not None:
+                return quantized
+        name = self.store.first(tuple(dict.fromkeys((self.names.tensor(key), key))))
+        if name is None:
+            return None
+        stored = self.store.get(name)
+        if stored.dtype in _PACKED_DTYPES and target.dtype not in _PACKED_DTYPES:
+            raise CheckpointError(f"{name} is stored as {stored.dtype} without the scale tensors that decode it")
+        if tuple(stored.shape) != tuple(target.shape):
+            raise CheckpointError(f"{name} has shape {tuple(stored.shape)}, the model expects {tuple(target.shape)}")
+        return stored, None
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    if not directory.is_dir():
+        raise ModelLoadError(f"checkpoint directory {directory} does not exist or is not a directory")
+    path = directory / "config.json"
+    if not path.is_file():
+        raise ModelLoadError(f"{directory} has no config.json; it is not a Hugging Face checkpoint")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _no_init() -> Any:
+    try:  # parameters are all overwritten: skip the random initialisation
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover  (older transformers)
+        return nullcontext()
+    return no_init_weights()
+
+
+def _build_model(directory: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(directory)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are dequantized: transformers must not quantize
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    model_class = getattr(transformers, architecture, None) if architecture else None
+    with torch.device(device), _no_init():
+        if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
+            model = model_class._from_config(config, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # skipped with the initialisation
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model.eval()
+
+
+def _fill_tensors(reader: _Reader, skip: set[str]) -> dict[str, _StoredLinear]:
+    """Fill every parameter and persistent buffer not in ``skip``; return the quantized Linears."""
+    model = reader.model
+    parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    tied: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        if key not in skip:
+            tied.setdefault(id(tensor), []).append((key, tensor))
+    quantized: dict[str, _StoredLinear] = {}
+    missing: list[str] = []
+    for members in tied.values():
+        found = next(((k, t, v) for k, t in members if (v := reader.value(k, t)) is not None), None)
+        if found is None:
+            if any(k in parameters for k, _ in members):
+                missing.append(members[0][0])
+            else:
+                logger.warning("buffer %s is not in the checkpoint; keeping its built value", members[0][0])
+            continue
+        key, tensor, (value, stored) = found
+        with torch.no_grad():
+            tensor.copy_(value)
+        if stored is not None:
+            quantized[key.rpartition(".")[0]] = stored
+    if missing:
+        shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+        raise CheckpointError(f"the checkpoint lacks {len(missing)} parameter(s) of the model: {shown}")
+    return quantized
+
+
+def _load_kv_scales(reader: _Reader, simulate: bool) -> None:
+    kv_algo = reader.report.settings.kv_algo
+    for name, attention in find_attention_modules(reader.model):
+        scales = []
+        for projection, leaf in (("k_proj", "k_scale"), ("v_proj", "v_scale")):
+            stored = reader.store.first([f"{p}.{leaf}" for p in reader.candidates(f"{name}.{projection}")])
+            scales.append(reader.store.get(stored) if stored is not None else None)
+        if not simulate or kv_algo is None:
+            continue
+        if kv_algo != "FP8":
+            raise NotImplementedError(
+                f"simulating a {kv_algo} KV cache is not implemented; load with simulate_activations=False"
+            )
+        if None in scales:
+            logger.warning("%s has no stored k_scale/v_scale: simulating scale 1.0, as engines default", name)
+        one = torch.ones((), dtype=torch.float32)
+        install_kv_scales(attention, *(s if s is not None else one for s in scales))
+        reader.report.kv_simulated.append(name)
+
+
+def _simulate_experts(block: MoEBlock, record: ExpertsRecord) -> None:
+    """Route the experts through the exporter's own simulation, with the stored weights and scales."""
+    if record.codec is None or not quantizes_activations(record.codec):
+        return
+    scales = None
+    if record.codec.static_input_scale:
+        if record.gate_up_input_scale is None or record.down_input_scale is None:
+            raise CheckpointError(
+                f"the experts of {record.name} have no input scales in the checkpoint, so their activations "
+                "cannot be simulated; load with simulate_activations=False"
+            )
+        scales = {"gate_up": record.gate_up_input_scale, "down": record.down_input_scale}
+    quantizer = install_experts_quantizer(block, record.codec)
+    quantizer.use_stored(scales)
+    quantizer.mode = QuantMode.SIMULATE
+
+
+def _simulate_linear_inputs(model: nn.Module, quantized: dict[str, _StoredLinear], report: LoadReport) -> None:
+    modules = dict(model.named_modules())
+    for name, stored in quantized.items():
+        if not quantizes_activations(stored.codec):
+            continue
+        if stored.codec.static_input_scale and stored.input_scale is None:
+            raise CheckpointError(
+                f"{name} ({stored.codec.modelopt_algo}) has no input_scale in the checkpoint, so its "
+                "activations cannot be simulated; load with simulate_activations=False"
+            )
+        install_input_fake_quant(modules[name], stored.codec, stored.input_scale)
+        report.activations_simulated.append(name)
+
+
+def load(
+    directory: str | Path, simulate_activations: bool = False, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """Load the checkpoint in ``directory`` as a dense transformers model, weights dequantized.
+
+    Args:
+        directory: a checkpoint directory (``config.json`` and safetensors files).
+        simulate_activations: also fake-quantize activations as the engine does (stored input
+            scales, dynamic schemes, FP8 KV cache), so that logits equal the quantized model's
+            :func:`quantport.simulate` logits.
+        device: where to build the model (``cpu``, ``cuda``, ``cuda:N`` or ``auto``).
+
+    Returns:
+        The model in eval mode; :func:`load_report` tells what was read.
+
+    Raises:
+        ModelLoadError: missing directory or config.
+        CheckpointError: unknown quantization method or algorithm, missing or malformed tensors.
+        NotImplementedError: ``simulate_activations`` for MoE experts with quantized activations or a
+            non-FP8 KV cache.
+    """
+    directory = Path(directory)
+    config = _read_config(directory)
+    settings = read_quant_settings(directory, config)
+    target = device if isinstance(device, torch.device) else resolve_device(device)
+    store = TensorStore(directory, target)
+    dtype = store.most_common_dtype() or torch.float32
+    model = _build_model(directory, dtype, target)
+    report = LoadReport(directory, settings, dtype)
+    reader = _Reader(model, CheckpointNames(model), store, report)
+    skip: set[str] = set()
+    for block in find_moe_blocks(model):
+        record = load_experts(block, reader.names, store, settings, dtype)
+        if simulate_activations:
+            _simulate_experts(block, record)
+        report.experts.append(record)
+        skip.update({f"{block.experts_name}.gate_up_proj", f"{block.experts_name}.down_proj"})
+    quantized = _fill_tensors(reader, skip)
+    _load_kv_scales(reader, simulate_activations)
+    if simulate_activations:
+        _simulate_linear_inputs(model, quantized, report)
+    report.unused_tensors = store.unused()
+    if report.unused_tensors:
+        logger.warning("%d checkpoint tensor(s) were not used: %s", len(report.unused_tensors),
+                       ", ".join(report.unused_tensors[:8]))
+    model.__dict__[_REPORT_ATTR] = report
+    logger.info("loaded %s: %d dequantized Linear layers, %d experts modules", directory,
+                len(report.dequantized), len(report.experts))
+    return model
+
+
+def load_report(model: nn.Module) -> LoadReport:
+    """The :class:`LoadReport` of a model returned by :func:`load`."""
+    report = model.__dict__.get(_REPORT_ATTR)
+    if report is None:
+        raise ValueError("this model was not loaded with quantport.load")
+    return report

@@ -1,0 +1,163 @@
+"""Dequantizing ModelOpt unified-checkpoint tensors back to dense weights.
+
+The numerics are the scheme codecs' (:mod:`quantport.schemes`, built on :mod:`quantport.formats`), so
+a checkpoint quantport wrote decodes to exactly the weights its simulation used. This module only
+knows ModelOpt's *names* and *layouts*:
+
+* a quantized Linear (or one expert's projection) ``P`` stores ``P.weight`` plus the codec's scale
+  tensors ``P.weight_scale``, ``P.weight_scale_2`` and, for static activations, ``P.input_scale``;
+* fused 3-D experts (Llama 4, GPT-OSS) store ``X.gate_up_proj`` with ``X.gate_up_proj_weight_scale``,
+  ``X.gate_up_proj_weight_scale_2``, ``X.gate_up_proj_input_scale`` (likewise ``down_proj``), each scale
+  either one value for all experts or one slice per expert. ModelOpt blocks NVFP4 along the input
+  dimension and stores the result in the model's ``[E, in, out]`` orientation (weight
+  ``[E, in/2, out]``, block scale ``[E, in/16, out]``), while it blocks MXFP8 along the stored last
+  dimension; which orientation a tensor uses is read off the shapes, which never fit both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..schemes import CODECS, SchemeCodec
+from .checkpoint import CheckpointError, TensorStore
+
+__all__ = ["DenseWeight", "codec_for_algo", "dequantize_fused", "dequantize_linear", "quantizes_activations"]
+
+@dataclass(frozen=True, slots=True)
+class DenseWeight:
+    """A dequantized weight and the activation scale stored beside it.
+
+    Attributes:
+        weight: dense weight in the model's layout and dtype.
+        input_scale: fp32 stored ``input_scale`` (0-d, or ``[E]`` for experts), None when absent.
+    """
+
+    weight: torch.Tensor
+    input_scale: torch.Tensor | None
+
+
+def codec_for_algo(algo: str) -> SchemeCodec:
+    """The codec whose ModelOpt ``quant_algo`` is ``algo`` (case-insensitive)."""
+    by_algo: dict[str, SchemeCodec] = {}
+    for codec in CODECS.values():
+        if codec.modelopt_algo:
+            by_algo.setdefault(codec.modelopt_algo.upper(), codec)
+    try:
+        return by_algo[algo.upper()]
+    except KeyError:
+        known = ", ".join(sorted(by_algo))
+        raise CheckpointError(
+            f"ModelOpt quant_algo {algo!r} is not supported by quantport.load; supported: {known}"
+        ) from None
+
+
+def quantizes_activations(codec: SchemeCodec) -> bool:
+    """Whether ``codec`` changes activations (static or dynamic), False for weight-only schemes."""
+    if codec.static_input_scale:
+        return True
+    probe = torch.linspace(-3.0, 3.0, 128)
+    return not torch.equal(codec.fake_quantize_input(probe, None), probe)
+
+
+def _read(store: TensorStore, names: dict[str, str], algo: str) -> dict[str, torch.Tensor]:
+    missing = [n for n in names.values() if n not in store]
+    if missing:
+        raise CheckpointError(
+            f"quant_algo {algo} needs tensor(s) {', '.join(missing)}, which the checkpoint lacks; "
+            "the checkpoint is incomplete or was written for another algorithm"
+        )
+    return {suffix: store.get(name) for suffix, name in names.items()}
+
+
+def _check_shape(weight: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
+    if tuple(weight.shape) != tuple(shape):
+        raise CheckpointError(f"{name} decodes to shape {tuple(weight.shape)}, but the model expects {tuple(shape)}")
+    return weight
+
+
+def _input_scale(store: TensorStore, name: str, codec: SchemeCodec) -> torch.Tensor | None:
+    if name not in store:
+        return None
+    scale = store.get(name)
+    return scale.float() if codec.static_input_scale else None
+
+
+def dequantize_linear(
+    store: TensorStore, prefix: str, codec: SchemeCodec, shape: tuple[int, int], dtype: torch.dtype
+) -> DenseWeight:
+    """Dense ``[out, in]`` weight of the quantized Linear stored under ``prefix``."""
+    specs = codec.weight_specs(*shape)
+    tensors = _read(store, {suffix: f"{prefix}.{suffix}" for suffix in specs}, codec.modelopt_algo or "")
+    pre_quant_scale = f"{prefix}.pre_quant_scale"
+    if pre_quant_scale in store:  # AWQ: y = W (x * s), i.e. the dense weight is W * s, rounded once
+        weight = codec.dequantize_weight(tensors, torch.float32) * store.get(pre_quant_scale).float()
+        weight = weight.to(dtype)
+    else:
+        weight = codec.dequantize_weight(tensors, dtype)
+    _check_shape(weight, shape, f"{prefix}.weight")
+    return DenseWeight(weight, _input_scale(store, f"{prefix}.input_scale", codec))
+
+
+def _per_expert(tensor: torch.Tensor, expert: int, num_experts: int, name: str) -> torch.Tensor:
+    if tensor.dim() == 0:
+        return tensor
+    if tensor.shape[0] != num_experts:
+        raise CheckpointError(f"{name} has shape {tuple(tensor.shape)}; expected one value or one slice per expert")
+    return tensor[expert]
+
+
+def _swap(tensor: torch.Tensor) -> torch.Tensor:
+    """The other orientation of a weight or scale: 2-D transposed, 4-D block grid permuted."""
+    if tensor.numel() == 1 or tensor.dim() < 2:
+        return tensor
+    if tensor.dim() == 4:  # [ob, 1, ib, 1] block grid
+        return tensor.permute(2, 1, 0, 3)
+    return tensor.transpose(-1, -2)
+
+
+def _fits(codec: SchemeCodec, tensors: dict[str, torch.Tensor], out_features: int, in_features: int) -> bool:
+    specs = codec.weight_specs(out_features, in_features)
+    for suffix, spec in specs.items():
+        actual = tensors[suffix]
+        if tuple(actual.shape) != spec.shape and not (suffix != "weight" and actual.numel() == 1):
+            return False
+    return True
+
+
+def dequantize_fused(
+    store: TensorStore,
+    prefix: str,
+    param: str,
+    codec: SchemeCodec,
+    shape: tuple[int, int, int],
+    dtype: torch.dtype,
+    out_in_transposed: bool,
+) -> DenseWeight:
+    """Dense ``[E, a, b]`` fused expert parameter ``param`` stored with ModelOpt's fused names.
+
+    ``out_in_transposed``: the parameter is ``[E, in, out]`` (so its ``[out, in]`` view, the one
+    engines quantize, is the transpose); that orientation is tried first.
+    """
+    num_experts, rows, cols = shape
+    specs = codec.weight_specs(rows, cols)
+    names = {suffix: f"{prefix}.{param}" if suffix == "weight" else f"{prefix}.{param}_{suffix}" for suffix in specs}
+    tensors = _read(store, names, codec.modelopt_algo or "")
+    first = {k: _per_expert(v, 0, num_experts, names[k]) for k, v in tensors.items()}
+    orientations = (True, False) if out_in_transposed else (False, True)
+    fitting = [t for t in orientations if _fits(codec, {k: _swap(v) if t else v for k, v in first.items()},
+                                                 *((cols, rows) if t else (rows, cols)))]
+    transpose = (fitting or orientations)[0]
+    experts = []
+    for e in range(num_experts):
+        part = {k: _per_expert(v, e, num_experts, names[k]) for k, v in tensors.items()}
+        if transpose:
+            part = {k: _swap(v) for k, v in part.items()}
+        dense = codec.dequantize_weight(part, dtype)
+        experts.append(dense.transpose(-1, -2) if transpose else dense)
+    weight = _check_shape(torch.stack(experts), shape, names["weight"])
+    scale = _input_scale(store, f"{prefix}.{param}_input_scale", codec)
+    if scale is not None:
+        scale = scale.reshape(-1).expand(num_experts) if scale.numel() == 1 else scale.reshape(num_experts)
+    return DenseWeight(weight, scale)
