@@ -53,6 +53,7 @@ def _weights(shape, dtype, seed: int) -> torch.Tensor:
     flat[2, :16] = ties
     flat[2, 16:32] = torch.tensor([7, 0.5, 1.5, 2.5, 3.5, 4.5, 5.5, 6.5, -0.5, -1.5, -2.5, -3.5, -4.5, -5.5, -6.5, 0])
     flat[3, :16] = torch.tensor([448, 1.0625, 1.1875, 3.0625, 0.001953125, 2**-10, 2**-7, 2**-9] * 2)
+    flat[4, :128] = torch.randn(128, generator=gen) * 1e-39  # fp32/bf16 subnormals: exact-division fallbacks
     return w.to(dtype)
 
 
@@ -69,7 +70,7 @@ def _run_both(op: str, function, w: torch.Tensor, **arguments):
 def test_nvfp4_matches_reference(shape, dtype):
     w = _weights(shape, dtype, seed=1)
     amax = reference.matrix_amax(w) if len(shape) == 3 else w.abs().amax().float()
-    for global_scale in (amax / 2688, torch.ones_like(amax), amax / 2688 * 0.37):
+    for global_scale in (amax / 2688, torch.ones_like(amax), amax / 2688 * 0.37, amax / 2688 * 1e-30):
         ours, expected = _run_both("nvfp4", kernels.quantize_nvfp4, w, global_scale=global_scale)
         _assert_same(f"nvfp4 {shape} {dtype}", ours, expected)
 

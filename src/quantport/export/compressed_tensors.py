@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..arch.experts import find_moe_blocks
 from ..errors import ExportError
 from ..modules.kv_cache import kv_quantizer_of
 from ..modules.quant_experts import experts_quantizer_of
@@ -45,7 +46,7 @@ from .modelopt import _passthrough_entries, _tied_aliases, excluded_modules
 from .names import CheckpointNames
 from .shards import OneSlotCache, PlannedTensor, write_sharded_safetensors
 
-__all__ = ["ct_quantization_config", "ct_scheme", "ct_tensor_plan", "write_compressed_tensors"]
+__all__ = ["ct_ignore", "ct_quantization_config", "ct_scheme", "ct_tensor_plan", "write_compressed_tensors"]
 
 TARGETS = ["Linear"]
 """Config-group targets: vLLM matches Linear layers (and MoE experts) by this class name."""
@@ -77,6 +78,26 @@ def ct_scheme(scheme: LinearScheme) -> Any:
         raise AssertionError(f"compressed-tensors infers {inferred.value} for {scheme.value}, expected {row.format}")
     result.format = inferred
     return result
+
+
+def ct_ignore(model: nn.Module) -> list[str]:
+    """The ``ignore`` list: every module with a weight matrix and no scales, by checkpoint name.
+
+    An unquantized experts module is listed as its per-expert projections
+    (``<experts>.{e}.<gate|up|down leaf>``): compressed-tensors readers match experts by those
+    Linear-like names (vLLM looks up ``<experts>.0.gate_proj``), never by the experts module's name.
+    """
+    names = CheckpointNames(model)
+    ignore = set(excluded_modules(model))
+    for block in find_moe_blocks(model):
+        if experts_quantizer_of(block.experts) is None:
+            ignore.discard(names.module(block.experts_name))
+            ignore.update(
+                names.module(f"{block.experts_name}.{e}.{leaf}")
+                for e in range(block.num_experts)
+                for leaf in block.layout.leaf_names
+            )
+    return sorted(ignore)
 
 
 def ct_quantization_config(state: QuantizationState, exclude: list[str]) -> dict[str, Any]:
@@ -161,6 +182,6 @@ def write_compressed_tensors(
     model: nn.Module, state: QuantizationState, staging: Path, *, max_shard_size: int | str, progress: bool
 ) -> dict[str, Any]:
     """Write the tensors; return ``config.json``'s ``quantization_config``."""
-    config = ct_quantization_config(state, excluded_modules(model))
+    config = ct_quantization_config(state, ct_ignore(model))
     write_sharded_safetensors(ct_tensor_plan(model, state), staging, max_shard_size=max_shard_size, progress=progress)
     return config
