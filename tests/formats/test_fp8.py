@@ -356,3 +356,14 @@ def test_reference_bf16_quotient_rounding_matters() -> None:
     naive = (w.float() / scale).to(FP8)
     assert not torch.equal(_bytes(naive), _bytes(theirs))  # the test data exercises double rounding
     assert torch.equal(_bytes(quantize_fp8_per_tensor(w, scale)), _bytes(theirs))
+
+
+def test_in_range_fast_path_gives_the_same_codes():
+    torch.manual_seed(3)
+    for dtype in (torch.bfloat16, torch.float32):
+        w = (torch.randn(64, 96) * torch.logspace(-4, 2, 96)).to(dtype)
+        w[0, 0] = -w.abs().max() * 1.0  # the amax element itself, negative
+        scale = fp8.fp8_scale_from_amax(w.abs().amax().float())
+        fast = fp8.quantize_fp8_per_tensor(w, scale, in_range=True)
+        checked = fp8.quantize_fp8_per_tensor(w, scale)
+        assert torch.equal(fast.view(torch.uint8), checked.view(torch.uint8))

@@ -15,6 +15,7 @@ import os
 import shutil
 import struct
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,14 +158,22 @@ def write_sharded_safetensors(
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
     bar = tqdm(total=sum(e.spec.nbytes for e in plan), unit="B", unit_scale=True, desc="writing", disable=not progress)
-    for file, entries in zip(files, shards, strict=True):
-        with open(directory / file, "wb") as handle:
-            handle.write(_header(entries))
-            for entry in entries:
-                handle.write(_tensor_bytes(entry.compute(), entry))
-                bar.update(entry.spec.nbytes)
-                if after_each is not None:
-                    after_each()
+    # One writer thread: the next tensor is quantized while the previous one is written (file writes
+    # release the GIL). At most two tensors are in flight.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantport-writer") as writer:
+        for file, entries in zip(files, shards, strict=True):
+            with open(directory / file, "wb") as handle:
+                pending = writer.submit(handle.write, _header(entries))
+                for entry in entries:
+                    data = _tensor_bytes(entry.compute(), entry)
+                    pending.result()
+                    if after_each is not None:
+                        after_each()
+                    pending = writer.submit(handle.write, data)
+                    bar.update(entry.spec.nbytes)
+                pending.result()
+    if after_each is not None:
+        after_each()
     bar.close()
     if len(shards) > 1:
         index = {

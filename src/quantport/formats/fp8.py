@@ -75,17 +75,23 @@ def fp8_scale_from_amax(amax: Tensor) -> Tensor:
     return amax.to(torch.float32) / FP8_E4M3_MAX
 
 
-def quantize_fp8_per_tensor(w: Tensor, scale: Tensor) -> Tensor:
+def quantize_fp8_per_tensor(w: Tensor, scale: Tensor, *, in_range: bool = False) -> Tensor:
     """``w`` (any shape, float) with a one-element fp32 ``scale`` -> float8_e4m3fn codes of ``w.shape``.
 
     Mirrors modelopt: the quotient ``w / scale`` is taken with ``scale`` as a 0-d fp32 tensor, so it is
     rounded to ``w.dtype`` (e.g. bf16) before the fp8 cast.
+
+    ``in_range=True`` is a promise that ``w`` is finite and ``scale >= max|w| / 448`` (true when the
+    scale comes from ``w``'s own amax): every quotient is then a finite value the cast represents
+    without saturation, and the NaN / saturation sanitising (two passes over ``w``) is skipped. The
+    codes are the same either way.
     """
     _check_float(w, "w")
     scale = torch.as_tensor(scale, device=w.device)
     if scale.numel() != 1:
         raise ValueError(f"per-tensor scale must have one element, got shape {tuple(scale.shape)}")
-    return _cast_fp8(w / scale.to(torch.float32).reshape(()))
+    quotient = w / scale.to(torch.float32).reshape(())
+    return quotient.to(_FP8) if in_range else _cast_fp8(quotient)
 
 
 def quantize_fp8_per_channel(w: Tensor, scale: Tensor) -> Tensor:

@@ -116,13 +116,15 @@ def cast_to_e2m1_codes(x: Tensor) -> Tensor:
     Round-half-to-even on |x|, saturating at 6 (+-inf -> +-6), sign bit from ``x < 0``; NaN -> code 0.
     """
     _check_float(x, "x")
-    mag = x.detach().abs()
+    mag = torch.nan_to_num_(x.detach().abs(), nan=0.0)
     index = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
-    for bound in _TIE_DOWN:
-        index += (mag > bound).to(torch.uint8)
-    for bound in _TIE_UP:
-        index += (mag >= bound).to(torch.uint8)
-    return index | ((x.detach() < 0).to(torch.uint8) << 3)
+    hit = torch.empty(x.shape, dtype=torch.bool, device=x.device)  # one reused comparison buffer
+    for bound in _TIE_DOWN:  # midpoints whose tie rounds down count only when exceeded
+        index += torch.gt(mag, bound, out=hit)
+    for bound in _TIE_UP:  # ... the others when reached
+        index += torch.ge(mag, bound, out=hit)
+    torch.lt(x.detach(), 0, out=hit)
+    return index.bitwise_or_(hit.view(torch.uint8) << 3)
 
 
 def _check_codes(codes: Tensor, name: str) -> None:
@@ -162,7 +164,8 @@ def unpack_fp4(packed: Tensor) -> Tensor:
 
 def _block_scales(w: Tensor, g: Tensor, n_blocks: int) -> Tensor:
     blocks = w.detach().reshape(*w.shape[:-1], n_blocks, NVFP4_BLOCK)
-    block_amax = blocks.abs().amax(dim=-1).to(torch.float32)
+    low, high = torch.aminmax(blocks, dim=-1)  # max |x| per block without a full-size |w| temporary
+    block_amax = torch.maximum(high, low.neg()).to(torch.float32)
     scale = block_amax / (E2M1_MAX * g)
     scale = torch.where((scale == 0) | torch.isnan(scale), torch.ones_like(scale), scale)
     return scale.clamp(min=_BLOCK_SCALE_MIN, max=_FP8_MAX).to(torch.float8_e4m3fn)

@@ -34,7 +34,8 @@ class Fp8TensorCodec:
 
     def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
         scale = fp8.fp8_scale_from_amax(weight_amax)
-        return {"weight": fp8.quantize_fp8_per_tensor(weight, scale), "weight_scale": scale}
+        # weight_amax is the weight's own (or a larger shared) amax of finite weights: in range.
+        return {"weight": fp8.quantize_fp8_per_tensor(weight, scale, in_range=True), "weight_scale": scale}
 
     def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return fp8.dequantize_fp8(tensors["weight"], tensors["weight_scale"], dtype)
