@@ -36,6 +36,8 @@ def _exclusion_reason(
 ) -> str | None:
     if recipe.is_excluded(name):
         return "matches an exclusion pattern"
+    if not recipe.linears:
+        return f"recipe {recipe.name} quantizes MoE experts only"
     if codec.scheme is LinearScheme.FP8_BLOCK and any(fnmatch.fnmatchcase(name, p) for p in no_block_scales):
         return "the engine permutes this layer's scales for rotary; 2-D block scales would break (model family rule)"
     if type(module) is not nn.Linear:
@@ -62,7 +64,7 @@ def _plan_layers(model: nn.Module, recipe: QuantRecipe, codec: SchemeCodec, stat
                 state.excluded.setdefault(member, f"fused with {excluded[0]}, which is excluded")
             logger.warning("excluding all of %s because %s is excluded", group.fused_name, excluded[0])
     for name, reason in state.excluded.items():
-        if not recipe.is_excluded(name):
+        if not recipe.is_excluded(name) and recipe.linears:
             logger.warning("leaving %s unquantized: %s", name, reason)
     return [n for n in linears if n not in state.excluded]
 
@@ -248,7 +250,8 @@ def quantize(
             state.kv_modules.append(name)
         if not state.kv_modules:
             raise ValueError("--kv-cache fp8 was asked for, but the model has no attention with k_proj/v_proj")
-    if codec.static_input_scale or state.kv_modules:
+    # Weight-only recipes need no forward, except to report expert coverage when data was given.
+    if codec.static_input_scale or state.kv_modules or (experts and calib_data is not None):
         batches = _calibration_data(model, calib_data, options)
         set_mode(model, QuantMode.CALIBRATE)
         hooks = mapped.release_after_forward(model)

@@ -107,6 +107,7 @@ class QuantRecipe:
         scheme: numeric format of every quantized Linear.
         kv_cache: KV-cache format.
         exclude: module-name patterns left unquantized (shell wildcards over full names).
+        linears: quantize Linear layers (False: MoE experts only, e.g. gpt-oss's native MXFP4).
         variants: schemes with the same intent whose numerics another checkpoint format stores
             exactly (e.g. ``nvfp4`` -> :attr:`LinearScheme.NVFP4_CT` for compressed-tensors); see
             :func:`quantport.export.recipe_for_format`.
@@ -116,6 +117,7 @@ class QuantRecipe:
     scheme: LinearScheme
     kv_cache: KVCacheFormat = KVCacheFormat.NONE
     exclude: tuple[str, ...] = field(default=DEFAULT_EXCLUDES)
+    linears: bool = True
     variants: tuple[LinearScheme, ...] = ()
 
     def __post_init__(self) -> None:
@@ -148,6 +150,7 @@ PRESETS: dict[str, QuantRecipe] = {
         QuantRecipe("w4a16-nvfp4", LinearScheme.W4A16_NVFP4, variants=(LinearScheme.W4A16_NVFP4_CT,)),
         QuantRecipe("mxfp8", LinearScheme.MXFP8),
         QuantRecipe("mxfp4", LinearScheme.MXFP4),
+        QuantRecipe("mxfp4-experts", LinearScheme.MXFP4, linears=False),
         QuantRecipe("int8", LinearScheme.INT8),
         QuantRecipe("w4a16", LinearScheme.W4A16, variants=(LinearScheme.W4A16_MODELOPT,)),
         QuantRecipe("w4a16-asym", LinearScheme.W4A16_ASYM),

@@ -78,6 +78,8 @@ class ExpertLayout:
         naming: how the exporter names the experts on disk.
         no_block_scales: Linear-name patterns that must not get 2-D block scales in this family
             (vLLM permutes Llama 4's q/k weights and scales for rotary, which block scales break).
+        native_mxfp4: the family has a native MXFP4 checkpoint format (``quant_method: mxfp4``,
+            ``*_blocks`` / ``*_scales``) that vLLM and SGLang load (GPT-OSS).
     """
 
     family: str
@@ -90,6 +92,7 @@ class ExpertLayout:
     leaf_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     naming: ExpertNaming = ExpertNaming.PER_EXPERT
     no_block_scales: tuple[str, ...] = ()
+    native_mxfp4: bool = False
 
     def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.transpose(-1, -2) if self.transposed else weight
@@ -113,13 +116,15 @@ class ExpertLayout:
         """Down weights ``[..., H, I]`` (a view) from ``down_proj``."""
         return self._oriented(down_proj)
 
+    def fuse_rows(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """Gate and up rows ``[..., I, in]`` -> ``[..., 2I, in]`` in the family's gate/up order."""
+        if self.split is GateUpSplit.INTERLEAVED:
+            return torch.stack((gate, up), dim=-2).flatten(-3, -2)
+        return torch.cat((gate, up), dim=-2)
+
     def fuse(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`gate`/:meth:`up`: ``gate_up_proj`` in the model's own layout."""
-        if self.split is GateUpSplit.INTERLEAVED:
-            w = torch.stack((gate, up), dim=-2).flatten(-3, -2)
-        else:
-            w = torch.cat((gate, up), dim=-2)
-        return self._oriented(w)
+        return self._oriented(self.fuse_rows(gate, up))
 
     def unorient_down(self, down: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`down`: ``down_proj`` in the model's own layout."""
@@ -159,6 +164,7 @@ LAYOUTS: tuple[ExpertLayout, ...] = (
         has_bias=True,
         router="router",
         naming=ExpertNaming.FUSED,
+        native_mxfp4=True,
     ),
 )
 """The known expert families."""

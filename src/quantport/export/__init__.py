@@ -14,6 +14,7 @@ from .. import __version__
 from ..state import QuantizationState, state_of
 from .compressed_tensors import write_compressed_tensors
 from .modelopt import excluded_modules, write_modelopt
+from .mxfp4_native import write_native_mxfp4
 from .shards import staging_directory, write_json
 from .targets import ExportFormat, check_exportable, default_format, parse_format, recipe_for_format
 
@@ -42,6 +43,7 @@ tensors and any format-specific side files, returns the block for ``config.json`
 WRITERS: dict[ExportFormat, CheckpointWriter] = {
     ExportFormat.MODELOPT: write_modelopt,
     ExportFormat.COMPRESSED_TENSORS: write_compressed_tensors,
+    ExportFormat.MXFP4: write_native_mxfp4,
 }
 
 

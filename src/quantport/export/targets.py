@@ -38,6 +38,9 @@ class ExportFormat(str, Enum):
     """NVIDIA ModelOpt unified HF checkpoint (``quant_method: modelopt``): vLLM, SGLang, TensorRT-LLM."""
     COMPRESSED_TENSORS = "compressed-tensors"
     """compressed-tensors checkpoint (``quant_method: compressed-tensors``): vLLM, SGLang, transformers."""
+    MXFP4 = "mxfp4"
+    """gpt-oss's native MXFP4 MoE checkpoint (``quant_method: mxfp4``, ``*_blocks`` / ``*_scales``):
+    vLLM, SGLang, transformers. MXFP4 experts only; everything else in the model dtype."""
 
     def __str__(self) -> str:
         return self.value
@@ -60,6 +63,8 @@ def supports(fmt: ExportFormat, scheme: LinearScheme) -> bool:
     """Whether ``fmt`` stores ``scheme``'s numerics exactly and an engine reads them."""
     if fmt is ExportFormat.MODELOPT:
         return codec_for(scheme).modelopt_algo is not None
+    if fmt is ExportFormat.MXFP4:
+        return scheme is LinearScheme.MXFP4
     return scheme in CT_SCHEMES
 
 
