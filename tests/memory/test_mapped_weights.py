@@ -49,7 +49,8 @@ def test_copies_and_modified_mappings_are_never_released(saved_model):
     with torch.no_grad():
         model.model.norm.weight.mul_(2)  # a write makes the mapping dirty: it must not be touched again
     mapped = MappedWeights()
-    assert not mapped.active
+    ours = str((saved_model / "model.safetensors").resolve())
+    assert all(region.path != ours for region in mapped.regions)  # other tests' mappings may be clean
     copy = torch.ones(1024)
     MappedWeights().release_tensor(copy)
     assert torch.equal(copy, torch.ones(1024))
