@@ -1,0 +1,98 @@
+"""Integer weight-only schemes in ModelOpt's unified-checkpoint layout (TensorRT-LLM).
+
+* ``w4a16-modelopt`` (``quant_algo: W4A16_AWQ``, ``group_size: 128``): ``weight`` uint8 ``[out/2, in]``
+  with two INT4 codes per byte packed along the *output* dim (row ``2k`` in the low nibble), ``weight_scale``
+  fp32 ``[out, in/128]`` = block amax / 7. Round to nearest: no AWQ smoothing, so no ``pre_quant_scale``.
+* ``w8a16-modelopt`` (``quant_algo: W8A16``): ``weight`` int8 ``[out, in]``, ``weight_scale`` fp32 ``[out]``
+  = channel amax / 127.
+
+vLLM's ModelOpt reader rejects both algorithms; the compressed-tensors forms of these recipes
+(:mod:`quantport.schemes.integer`) are the ones vLLM runs. The numerics are modelopt 0.47's export
+arithmetic, from :mod:`quantport.formats.integer`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..formats import integer
+from ..recipes import LinearScheme
+from . import TensorSpec, register
+
+__all__ = ["ModeloptInt4Codec", "ModeloptInt8WeightCodec"]
+
+
+@dataclass(frozen=True)
+class ModeloptInt4Codec:
+    """INT4 group-128 weights, ModelOpt ``W4A16_AWQ`` layout."""
+
+    scheme: LinearScheme = LinearScheme.W4A16_MODELOPT
+    modelopt_algo: str | None = "W4A16_AWQ"
+    input_multiple: int = integer.INT4_GROUP
+    static_input_scale: bool = False
+    shared_weight_amax: bool = False
+    group_size: int | None = integer.INT4_GROUP
+
+    def weight_specs(
+        self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
+    ) -> dict[str, TensorSpec]:
+        if out_features % 2:
+            raise ValueError(f"W4A16_AWQ packs two output rows per byte; out_features {out_features} is odd")
+        return {
+            "weight": TensorSpec(torch.uint8, (out_features // 2, in_features)),
+            "weight_scale": TensorSpec(torch.float32, (out_features, in_features // integer.INT4_GROUP)),
+        }
+
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
+        scale = integer.int4_group_scales(weight.detach())
+        codes = integer.quantize_int4(weight.detach(), scale)
+        return {"weight": integer.pack_int4_modelopt(codes), "weight_scale": scale}
+
+    def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        codes = integer.unpack_int4_modelopt(tensors["weight"])
+        return integer.dequantize_int4(codes, tensors["weight_scale"], dtype=dtype)
+
+    def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("weight-only scheme has no input_scale")
+
+    def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
+        return x
+
+
+@dataclass(frozen=True)
+class ModeloptInt8WeightCodec:
+    """INT8 per-channel weights, ModelOpt ``W8A16`` layout."""
+
+    scheme: LinearScheme = LinearScheme.W8A16_MODELOPT
+    modelopt_algo: str | None = "W8A16"
+    input_multiple: int = 1
+    static_input_scale: bool = False
+    shared_weight_amax: bool = False
+    group_size: int | None = None
+
+    def weight_specs(
+        self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
+    ) -> dict[str, TensorSpec]:
+        return {
+            "weight": TensorSpec(torch.int8, (out_features, in_features)),
+            "weight_scale": TensorSpec(torch.float32, (out_features,)),
+        }
+
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
+        scale = integer.int8_scale_from_amax(weight.detach().abs().amax(dim=-1))
+        return {"weight": integer.quantize_int8(weight.detach(), scale), "weight_scale": scale}
+
+    def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return integer.dequantize_int8(tensors["weight"], tensors["weight_scale"], dtype)
+
+    def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("weight-only scheme has no input_scale")
+
+    def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
+        return x
+
+
+register(ModeloptInt4Codec())
+register(ModeloptInt8WeightCodec())

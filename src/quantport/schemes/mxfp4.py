@@ -1,0 +1,57 @@
+"""MXFP4 weight-only Linear scheme (compressed-tensors ``mxfp4-pack-quantized``).
+
+The numerics are :mod:`quantport.formats.mx` (nvidia-modelopt's MXFP4 rounding). Every decoded value is
+an E2M1 value times a power of two, so compressed-tensors' decompressor (which decodes the E8M0 scale
+to bfloat16) gives exactly these weights; the way the shared exponent is chosen is ours to pick.
+ModelOpt writes plain MXFP4 as a raw ``"mxfp4"`` algorithm that no engine's ModelOpt reader accepts,
+so this scheme exports to compressed-tensors only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..formats import mx
+from ..recipes import LinearScheme
+from . import TensorSpec, register
+
+__all__ = ["Mxfp4Codec"]
+
+
+@dataclass(frozen=True)
+class Mxfp4Codec:
+    """``weight_packed`` uint8 ``[out, in/2]`` (two E2M1 codes per byte, even column low), ``weight_scale``
+    uint8 E8M0 ``[out, in/32]``; activations unquantized."""
+
+    scheme: LinearScheme = LinearScheme.MXFP4
+    modelopt_algo: str | None = None
+    input_multiple: int = mx.MX_BLOCK
+    static_input_scale: bool = False
+    shared_weight_amax: bool = False
+    group_size: int | None = mx.MX_BLOCK
+
+    def weight_specs(
+        self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
+    ) -> dict[str, TensorSpec]:
+        return {
+            "weight_packed": TensorSpec(torch.uint8, (out_features, in_features // 2)),
+            "weight_scale": TensorSpec(torch.uint8, (out_features, in_features // mx.MX_BLOCK)),
+        }
+
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
+        packed, scale = mx.quantize_mxfp4(weight.detach())
+        return {"weight_packed": packed, "weight_scale": scale}
+
+    def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return mx.dequantize_mxfp4(tensors["weight_packed"], tensors["weight_scale"], dtype)
+
+    def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("weight-only scheme has no input_scale")
+
+    def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
+        return x
+
+
+register(Mxfp4Codec())
