@@ -82,6 +82,20 @@ def test_nvfp4_experts_share_global_scales_where_vllm_fuses(tmp_path):
         assert len({tensors[f"{prefix}.{e}.w2.input_global_scale"].item() for e in range(4)}) == 1
 
 
+def test_unquantized_experts_are_ignored_by_their_per_expert_names(tmp_path):
+    model = tiny_moe("mixtral")
+    quantport.quantize(model, recipe_for_format("fp8", CT), _batches(), exclude=["*.experts"], progress=False)
+    out = quantport.export(model, tmp_path / "out", CT, progress=False)
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    tensors = load_tensors(out)
+    for layer in range(2):
+        prefix = f"model.layers.{layer}.block_sparse_moe.experts"
+        expected = {prefix} | {f"{prefix}.{e}.{leaf}" for e in range(4) for leaf in ("w1", "w2", "w3")}
+        assert expected <= set(ignore)  # vLLM looks up <experts>.0.w1 / .w3 / .w2 in the ignore list
+        for name in expected - {prefix}:
+            assert tensors[f"{name}.weight"].dtype == torch.bfloat16 and f"{name}.weight_scale" not in tensors
+
+
 def test_gpt_oss_is_refused_before_writing(tmp_path):
     model = tiny_moe("gpt_oss")
     quantport.quantize(model, recipe_for_format("fp8", CT), _batches(), progress=False)

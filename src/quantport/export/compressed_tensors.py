@@ -83,15 +83,14 @@ def ct_scheme(scheme: LinearScheme) -> Any:
 def ct_ignore(model: nn.Module) -> list[str]:
     """The ``ignore`` list: every module with a weight matrix and no scales, by checkpoint name.
 
-    An unquantized experts module is listed as its per-expert projections
-    (``<experts>.{e}.<gate|up|down leaf>``): compressed-tensors readers match experts by those
-    Linear-like names (vLLM looks up ``<experts>.0.gate_proj``), never by the experts module's name.
+    An unquantized experts module is listed by its own name and by its per-expert projections
+    (``<experts>.{e}.<gate|up|down leaf>``): vLLM 0.32's ``CompressedTensorsMoEMethod`` decides by
+    looking up ``<experts>.0.<gate leaf>`` etc. in the ignore list, not the experts module's name.
     """
     names = CheckpointNames(model)
     ignore = set(excluded_modules(model))
     for block in find_moe_blocks(model):
         if experts_quantizer_of(block.experts) is None:
-            ignore.discard(names.module(block.experts_name))
             ignore.update(
                 names.module(f"{block.experts_name}.{e}.{leaf}")
                 for e in range(block.num_experts)
