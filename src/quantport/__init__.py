@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from .errors import QuantportError  # noqa: E402
 from .export import ExportFormat, export  # noqa: E402
+from .export.targets import recipe_for_format  # noqa: E402
 from .loader import load  # noqa: E402
 from .pipeline import quantize, simulate  # noqa: E402
 from .recipes import PRESETS, KVCacheFormat, LinearScheme, QuantRecipe, get_recipe  # noqa: E402
@@ -22,5 +23,6 @@ __all__ = [
     "get_recipe",
     "load",
     "quantize",
+    "recipe_for_format",
     "simulate",
 ]

@@ -221,14 +221,20 @@ def quantize(
             as many sequences as fill the free GPU memory),
             ``moe_input_scales`` ("shared" | "per-expert"), ``moe_calib`` ("routed" | "all-experts"),
             ``release_weights`` (True: drop memory-mapped weights from memory once a layer is done with
-            them, see :mod:`quantport.memory.mapped_weights`), ``progress`` (True).
+            them, see :mod:`quantport.memory.mapped_weights`), ``format`` (the checkpoint format the
+            model will be exported to, when the recipe's numerics differ per format, e.g.
+            ``"compressed-tensors"`` for ``nvfp4``), ``progress`` (True).
     """
     unknown = set(options) - {
         "exclude", "kv_cache", "tokenizer", "calib_text", "calib_samples", "calib_seq_len", "batch_size",
-        "moe_input_scales", "moe_calib", "release_weights", "progress",
+        "moe_input_scales", "moe_calib", "release_weights", "format", "progress",
     }
     if unknown:
         raise TypeError(f"unknown quantize option(s): {', '.join(sorted(unknown))}")
+    if options.get("format") is not None:
+        from .export.targets import recipe_for_format
+
+        recipe = recipe_for_format(recipe, options["format"])
     recipe = get_recipe(recipe).with_options(
         kv_cache=options.get("kv_cache"), extra_exclude=tuple(options.get("exclude") or ())
     )

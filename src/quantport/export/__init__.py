@@ -13,10 +13,11 @@ from torch import nn
 from .. import __version__
 from ..state import QuantizationState, state_of
 from .compressed_tensors import write_compressed_tensors
-from .modelopt import excluded_modules, write_modelopt
+from .modelopt import write_modelopt
 from .mxfp4_native import write_native_mxfp4
 from .shards import staging_directory, write_json
 from .targets import ExportFormat, check_exportable, default_format, parse_format, recipe_for_format
+from .unquantized import excluded_modules
 
 __all__ = ["ExportFormat", "export", "recipe_for_format"]
 

@@ -42,9 +42,9 @@ from ..schemes import TensorSpec
 from ..state import QuantizationState
 from .ct_experts import ct_expert_plan
 from .ct_schemes import CT_SCHEMES, KV_CACHE_ARGS, CtScheme, ct_shape
-from .modelopt import _passthrough_entries, _tied_aliases, excluded_modules
 from .names import CheckpointNames
 from .shards import OneSlotCache, PlannedTensor, write_sharded_safetensors
+from .unquantized import excluded_modules, unquantized_plan
 
 __all__ = ["ct_ignore", "ct_quantization_config", "ct_scheme", "ct_tensor_plan", "write_compressed_tensors"]
 
@@ -158,7 +158,6 @@ def ct_tensor_plan(model: nn.Module, state: QuantizationState) -> list[PlannedTe
     row = CT_SCHEMES[state.recipe.scheme]
     names = CheckpointNames(model)
     cache = OneSlotCache()
-    aliases = _tied_aliases(model)
     replaced: set[str] = set()
     plan: list[PlannedTensor] = []
     for name, module in model.named_modules():
@@ -171,10 +170,7 @@ def ct_tensor_plan(model: nn.Module, state: QuantizationState) -> list[PlannedTe
             entries, parameters = ct_expert_plan(experts, names, row, cache)
             plan.extend(entries)
             replaced |= parameters
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if name not in replaced and name not in aliases:
-            plan.extend(_passthrough_entries(name, tensor, names, cache))
-    return plan
+    return plan + unquantized_plan(model, replaced, names, cache)
 
 
 def write_compressed_tensors(

@@ -30,6 +30,7 @@ from .experts import expert_plan, replaced_parameters
 from .names import CheckpointNames
 from .shards import OneSlotCache, PlannedTensor, write_json, write_sharded_safetensors
 from .targets import UnsupportedFormatError
+from .unquantized import excluded_modules, unquantized_plan
 
 __all__ = [
     "MODELOPT_FORMAT_VERSION",
@@ -45,23 +46,6 @@ MODELOPT_FORMAT_VERSION = "0.47.0"
 _PRODUCER = {"name": "modelopt", "version": MODELOPT_FORMAT_VERSION}
 _FP8_SCHEME = {"dynamic": False, "num_bits": 8, "type": "float"}
 _NVFP4_SCHEME = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
-
-
-def _tied_aliases(model: nn.Module) -> set[str]:
-    """State-dict keys that share storage with another key (tied weights). Each storage is saved
-    once, under the input-embedding name rather than the output head's, as ``save_pretrained`` does."""
-    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    output_weight = getattr(output, "weight", None)
-    by_storage: dict[tuple[int, tuple[int, ...]], list[tuple[str, torch.Tensor]]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if tensor.numel():
-            by_storage.setdefault((tensor.data_ptr(), tuple(tensor.shape)), []).append((name, tensor))
-    aliases: set[str] = set()
-    for members in by_storage.values():
-        if len(members) > 1:
-            keep = next((n for n, t in members if t is not output_weight), members[0][0])
-            aliases.update(n for n, _ in members if n != keep)
-    return aliases
 
 
 def _linear_entries(prefix: str, module: QuantLinear, cache: OneSlotCache) -> list[PlannedTensor]:
@@ -86,29 +70,10 @@ def _kv_entries(prefix: str, module: nn.Module) -> list[PlannedTensor]:
     ]
 
 
-def _passthrough_entries(
-    name: str, tensor: torch.Tensor, names: CheckpointNames, cache: OneSlotCache
-) -> list[PlannedTensor]:
-    """An unquantized tensor under its checkpoint name(s); split when transformers fused it at load."""
-    meta = names.split(name, torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"))
-    if len(meta) == 1:
-        (target,) = meta
-        return [PlannedTensor(target, TensorSpec(tensor.dtype, tuple(tensor.shape)), lambda: tensor.detach())]
-
-    def pieces() -> dict[str, torch.Tensor]:
-        return cache.get(name, lambda: names.split(name, tensor.detach()))
-
-    return [
-        PlannedTensor(target, TensorSpec(t.dtype, tuple(t.shape)), lambda k=target: pieces()[k].contiguous())
-        for target, t in meta.items()
-    ]
-
-
 def modelopt_tensor_plan(model: nn.Module) -> list[PlannedTensor]:
     """Every tensor of the checkpoint under its checkpoint name, computed lazily; the model is only read."""
     names = CheckpointNames(model)
     cache = OneSlotCache()
-    aliases = _tied_aliases(model)
     replaced: set[str] = set()
     plan: list[PlannedTensor] = []
     for name, module in model.named_modules():
@@ -120,27 +85,7 @@ def modelopt_tensor_plan(model: nn.Module) -> list[PlannedTensor]:
         if experts is not None:
             plan.extend(expert_plan(experts, names, cache))
             replaced |= replaced_parameters(experts)
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if name not in replaced and name not in aliases:
-            plan.extend(_passthrough_entries(name, tensor, names, cache))
-    return plan
-
-
-def excluded_modules(model: nn.Module) -> list[str]:
-    """Checkpoint names of the modules that carry no scale tensors: those with a 2-D weight (Linear,
-    Embedding, routers) that are not quantized, and experts modules that are not quantized."""
-    names = CheckpointNames(model)
-    excluded = []
-    for name, module in model.named_modules():
-        if not name or isinstance(module, QuantLinear) or experts_quantizer_of(module) is not None:
-            continue
-        weight = getattr(module, "weight", None)
-        is_matrix = isinstance(weight, nn.Parameter) and weight.dim() >= 2
-        down = getattr(module, "down_proj", None)
-        is_experts = isinstance(down, nn.Parameter) and down.dim() == 3
-        if is_matrix or is_experts:
-            excluded.append(names.module(name))
-    return sorted(excluded)
+    return plan + unquantized_plan(model, replaced, names, cache)
 
 
 def _config_groups(codec: SchemeCodec) -> dict[str, Any] | None:

@@ -26,10 +26,10 @@ from ..recipes import LinearScheme
 from ..schemes import TensorSpec
 from ..state import QuantizationState
 from .experts import replaced_parameters
-from .modelopt import _passthrough_entries, _tied_aliases, excluded_modules
 from .names import CheckpointNames
 from .shards import OneSlotCache, PlannedTensor, write_sharded_safetensors
 from .targets import UnsupportedFormatError
+from .unquantized import excluded_modules, unquantized_plan
 
 __all__ = ["check_native_mxfp4", "write_native_mxfp4"]
 
@@ -105,10 +105,7 @@ def write_native_mxfp4(
     for quantizer in quantizers:
         plan.extend(_expert_entries(quantizer, names, cache))
         replaced |= replaced_parameters(quantizer)
-    aliases = _tied_aliases(model)
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if name not in replaced and name not in aliases:
-            plan.extend(_passthrough_entries(name, tensor, names, cache))
+    plan.extend(unquantized_plan(model, replaced, names, cache))
     mapped = MappedWeights()
     write_sharded_safetensors(plan, staging, max_shard_size=max_shard_size, progress=progress,
                               after_each=mapped.release_all)

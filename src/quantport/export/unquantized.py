@@ -1,0 +1,82 @@
+"""Tensors a checkpoint writes as the model holds them, and the modules it lists as unquantized.
+
+Shared by every checkpoint writer: tied weights are saved once, keys take their checkpoint (hub) names,
+and tensors transformers fused at load (unquantized experts) are split back as the hub stores them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..modules.quant_experts import experts_quantizer_of
+from ..modules.quant_linear import QuantLinear
+from ..schemes import TensorSpec
+from .names import CheckpointNames
+from .shards import OneSlotCache, PlannedTensor
+
+__all__ = ["excluded_modules", "passthrough_entries", "tied_aliases", "unquantized_plan"]
+
+
+def tied_aliases(model: nn.Module) -> set[str]:
+    """State-dict keys that share storage with another key (tied weights). Each storage is saved
+    once, under the input-embedding name rather than the output head's, as ``save_pretrained`` does."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    output_weight = getattr(output, "weight", None)
+    by_storage: dict[tuple[int, tuple[int, ...]], list[tuple[str, torch.Tensor]]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if tensor.numel():
+            by_storage.setdefault((tensor.data_ptr(), tuple(tensor.shape)), []).append((name, tensor))
+    aliases: set[str] = set()
+    for members in by_storage.values():
+        if len(members) > 1:
+            keep = next((n for n, t in members if t is not output_weight), members[0][0])
+            aliases.update(n for n, _ in members if n != keep)
+    return aliases
+
+
+def passthrough_entries(
+    name: str, tensor: torch.Tensor, names: CheckpointNames, cache: OneSlotCache
+) -> list[PlannedTensor]:
+    """An unquantized tensor under its checkpoint name(s); split when transformers fused it at load."""
+    meta = names.split(name, torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"))
+    if len(meta) == 1:
+        (target,) = meta
+        return [PlannedTensor(target, TensorSpec(tensor.dtype, tuple(tensor.shape)), lambda: tensor.detach())]
+
+    def pieces() -> dict[str, torch.Tensor]:
+        return cache.get(name, lambda: names.split(name, tensor.detach()))
+
+    return [
+        PlannedTensor(target, TensorSpec(t.dtype, tuple(t.shape)), lambda k=target: pieces()[k].contiguous())
+        for target, t in meta.items()
+    ]
+
+
+def unquantized_plan(
+    model: nn.Module, replaced: set[str], names: CheckpointNames, cache: OneSlotCache
+) -> list[PlannedTensor]:
+    """Every state-dict tensor that is neither replaced by quantized tensors nor a tied alias."""
+    aliases = tied_aliases(model)
+    plan: list[PlannedTensor] = []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if name not in replaced and name not in aliases:
+            plan.extend(passthrough_entries(name, tensor, names, cache))
+    return plan
+
+
+def excluded_modules(model: nn.Module) -> list[str]:
+    """Checkpoint names of the modules that carry no scale tensors: those with a 2-D weight (Linear,
+    Embedding, routers) that are not quantized, and experts modules that are not quantized."""
+    names = CheckpointNames(model)
+    excluded = []
+    for name, module in model.named_modules():
+        if not name or isinstance(module, QuantLinear) or experts_quantizer_of(module) is not None:
+            continue
+        weight = getattr(module, "weight", None)
+        is_matrix = isinstance(weight, nn.Parameter) and weight.dim() >= 2
+        down = getattr(module, "down_proj", None)
+        is_experts = isinstance(down, nn.Parameter) and down.dim() == 3
+        if is_matrix or is_experts:
+            excluded.append(names.module(name))
+    return sorted(excluded)
