@@ -15,6 +15,7 @@ import torch
 
 from ..arch.experts import GateUpSplit
 from ..modules.quant_experts import ExpertsQuantizer
+from ..recipes import LinearScheme
 from ..schemes import TensorSpec
 from .ct_schemes import CtScheme, ct_shape
 from .experts import replaced_parameters
@@ -32,7 +33,12 @@ def _check_layout(quantizer: ExpertsQuantizer) -> None:
     if layout.split is GateUpSplit.INTERLEAVED or layout.has_bias:
         raise UnsupportedFormatError(
             f"{quantizer.block.experts_name}: {layout.family} experts (interleaved gate/up with biases) have "
-            "no compressed-tensors form that vLLM loads; export this model with format='modelopt'"
+            "no compressed-tensors form that vLLM loads; export this model with "
+            + (
+                "format='mxfp4' (gpt-oss's native MXFP4 checkpoint, recipe mxfp4-experts)"
+                if layout.native_mxfp4 and quantizer.codec.scheme is LinearScheme.MXFP4
+                else "format='modelopt'"
+            )
         )
 
 
