@@ -15,7 +15,7 @@ import torch
 
 from ..recipes import LinearScheme
 
-__all__ = ["CODECS", "SchemeCodec", "TensorSpec", "codec_for"]
+__all__ = ["CODECS", "DynamicActivations", "SchemeCodec", "TensorSpec", "WeightOnly", "codec_for"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +76,20 @@ class SchemeCodec(Protocol):
     def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
         """Activations as the engine sees them after quantization (identity for weight-only)."""
         ...
+
+
+class DynamicActivations:
+    """Mixin for codecs whose activations have no calibrated scale (dynamic or none)."""
+
+    def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{self.scheme.value} has no static input_scale")  # type: ignore[attr-defined]
+
+
+class WeightOnly(DynamicActivations):
+    """Mixin for weight-only codecs: activations pass through unquantized."""
+
+    def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
+        return x
 
 
 CODECS: dict[LinearScheme, SchemeCodec] = {}

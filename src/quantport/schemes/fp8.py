@@ -8,7 +8,7 @@ import torch
 
 from ..formats import fp8
 from ..recipes import LinearScheme
-from . import TensorSpec, register
+from . import DynamicActivations, TensorSpec, WeightOnly, register
 
 __all__ = ["Fp8BlockCodec", "Fp8DynamicCodec", "Fp8TensorCodec"]
 
@@ -48,7 +48,7 @@ class Fp8TensorCodec:
 
 
 @dataclass(frozen=True)
-class Fp8DynamicCodec:
+class Fp8DynamicCodec(DynamicActivations):
     """FP8 weights with one scale per output channel, dynamic per-token FP8 activations."""
 
     scheme: LinearScheme = LinearScheme.FP8_DYNAMIC
@@ -74,15 +74,13 @@ class Fp8DynamicCodec:
     def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return fp8.dequantize_fp8(tensors["weight"], tensors["weight_scale"], dtype)
 
-    def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("dynamic activations have no input_scale")
 
     def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
         return fp8.fake_quantize_fp8_per_token(x)
 
 
 @dataclass(frozen=True)
-class Fp8BlockCodec:
+class Fp8BlockCodec(WeightOnly):
     """FP8 weights with one scale per 128x128 block, activations unquantized (ModelOpt ``FP8_PB_WO``)."""
 
     scheme: LinearScheme = LinearScheme.FP8_BLOCK
@@ -107,11 +105,6 @@ class Fp8BlockCodec:
     def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return fp8.dequantize_fp8(tensors["weight"], tensors["weight_scale"], dtype)
 
-    def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("weight-only scheme has no input_scale")
-
-    def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
-        return x
 
 
 register(Fp8TensorCodec())

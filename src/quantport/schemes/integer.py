@@ -36,7 +36,7 @@ from ..formats.integer import (
     unpack_int4_ct,
 )
 from ..recipes import LinearScheme
-from . import TensorSpec, register
+from . import DynamicActivations, TensorSpec, WeightOnly, register
 
 __all__ = ["CT_GROUP", "CtInt8Codec", "CtIntGroupCodec", "pack_int_ct", "unpack_int_ct"]
 
@@ -94,7 +94,7 @@ def unpack_int_ct(packed: Tensor, bits: int, length: int, *, dim: int = -1) -> T
 
 
 @dataclass(frozen=True)
-class CtInt8Codec:
+class CtInt8Codec(DynamicActivations):
     """W8A8 INT8 (compressed-tensors ``int-quantized``): per-channel weights, dynamic per-token inputs."""
 
     scheme: LinearScheme = LinearScheme.INT8
@@ -122,15 +122,13 @@ class CtInt8Codec:
         codes = tensors["weight"]
         return dequantize_int_group_ct(codes, tensors["weight_scale"], group=codes.shape[-1], dtype=dtype)
 
-    def input_scale(self, input_amax: Tensor) -> Tensor:
-        raise NotImplementedError("dynamic activations have no input_scale")
 
     def fake_quantize_input(self, x: Tensor, input_scale: Tensor | None) -> Tensor:
         return fake_quantize_int8_per_token(x)
 
 
 @dataclass(frozen=True)
-class CtIntGroupCodec:
+class CtIntGroupCodec(WeightOnly):
     """Weight-only INT4 / INT8 with one scale (and zero point, if asymmetric) per 128 inputs."""
 
     scheme: LinearScheme
@@ -180,11 +178,6 @@ class CtIntGroupCodec:
         zp = None if packed_zp is None else unpack_int_ct(packed_zp, self.bits, out_features, dim=-2)
         return dequantize_int_group_ct(codes, tensors["weight_scale"], zp, group=CT_GROUP, dtype=dtype)
 
-    def input_scale(self, input_amax: Tensor) -> Tensor:
-        raise NotImplementedError("weight-only scheme has no input_scale")
-
-    def fake_quantize_input(self, x: Tensor, input_scale: Tensor | None) -> Tensor:
-        return x
 
 
 register(CtInt8Codec())

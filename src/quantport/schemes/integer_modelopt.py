@@ -19,13 +19,13 @@ import torch
 
 from ..formats import integer
 from ..recipes import LinearScheme
-from . import TensorSpec, register
+from . import TensorSpec, WeightOnly, register
 
 __all__ = ["ModeloptInt4Codec", "ModeloptInt8WeightCodec"]
 
 
 @dataclass(frozen=True)
-class ModeloptInt4Codec:
+class ModeloptInt4Codec(WeightOnly):
     """INT4 group-128 weights, ModelOpt ``W4A16_AWQ`` layout."""
 
     scheme: LinearScheme = LinearScheme.W4A16_MODELOPT
@@ -54,15 +54,10 @@ class ModeloptInt4Codec:
         codes = integer.unpack_int4_modelopt(tensors["weight"])
         return integer.dequantize_int4(codes, tensors["weight_scale"], dtype=dtype)
 
-    def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("weight-only scheme has no input_scale")
-
-    def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
-        return x
 
 
 @dataclass(frozen=True)
-class ModeloptInt8WeightCodec:
+class ModeloptInt8WeightCodec(WeightOnly):
     """INT8 per-channel weights, ModelOpt ``W8A16`` layout."""
 
     scheme: LinearScheme = LinearScheme.W8A16_MODELOPT
@@ -87,11 +82,6 @@ class ModeloptInt8WeightCodec:
     def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return integer.dequantize_int8(tensors["weight"], tensors["weight_scale"], dtype)
 
-    def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("weight-only scheme has no input_scale")
-
-    def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
-        return x
 
 
 register(ModeloptInt4Codec())

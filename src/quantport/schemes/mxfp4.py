@@ -15,13 +15,13 @@ import torch
 
 from ..formats import mx
 from ..recipes import LinearScheme
-from . import TensorSpec, register
+from . import TensorSpec, WeightOnly, register
 
 __all__ = ["Mxfp4Codec"]
 
 
 @dataclass(frozen=True)
-class Mxfp4Codec:
+class Mxfp4Codec(WeightOnly):
     """``weight_packed`` uint8 ``[out, in/2]`` (two E2M1 codes per byte, even column low), ``weight_scale``
     uint8 E8M0 ``[out, in/32]``; activations unquantized."""
 
@@ -47,11 +47,6 @@ class Mxfp4Codec:
     def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return mx.dequantize_mxfp4(tensors["weight_packed"], tensors["weight_scale"], dtype)
 
-    def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("weight-only scheme has no input_scale")
-
-    def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
-        return x
 
 
 register(Mxfp4Codec())

@@ -8,13 +8,13 @@ import torch
 
 from ..formats import mx
 from ..recipes import LinearScheme
-from . import TensorSpec, register
+from . import DynamicActivations, TensorSpec, register
 
 __all__ = ["Mxfp8Codec"]
 
 
 @dataclass(frozen=True)
-class Mxfp8Codec:
+class Mxfp8Codec(DynamicActivations):
     """MXFP8 W8A8 (ModelOpt ``MXFP8``); activations are quantized dynamically per 32-block."""
 
     scheme: LinearScheme = LinearScheme.MXFP8
@@ -39,8 +39,6 @@ class Mxfp8Codec:
     def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return mx.dequantize_mxfp8(tensors["weight"], tensors["weight_scale"], dtype)
 
-    def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("MXFP8 activations are scaled dynamically")
 
     def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
         return mx.fake_quantize_mxfp8(x)
