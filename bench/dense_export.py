@@ -2,13 +2,14 @@
 
 Usage (from the repository root):
 
-    .venv/bin/python bench/dense_export.py               # full run, writes bench/RESULTS.md
-    .venv/bin/python bench/dense_export.py --repeats 2   # each (tool, recipe) twice, min time reported
+    .venv/bin/python bench/dense_export.py               # full run (2 repeats), writes bench/RESULTS.md
+    .venv/bin/python bench/dense_export.py --repeats 3   # each (tool, recipe) 3 times, min time reported
 
 Every (tool, recipe) measurement runs in its own fresh subprocess (``--worker TOOL RECIPE OUT``) so that
-peak RSS (``ru_maxrss``) belongs to that run alone. The worker prints one JSON line; the driver
-collects the lines, compares the two tools' checkpoints tensor by tensor and writes RESULTS.md.
-Nothing in RESULTS.md is typed in by hand.
+peak RSS (VmHWM, = ``ru_maxrss`` since the driver stays small) belongs to that run alone. The worker
+prints one JSON line; the driver collects the lines, runs a paired (interleaved, same-process) export
+timing, compares the two tools' checkpoints tensor by tensor and writes RESULTS.md. Nothing in
+RESULTS.md is typed in by hand. See bench/README.md.
 """
 
 from __future__ import annotations
