@@ -69,3 +69,23 @@ def test_weight_amax_prefers_the_group_value():
     q.shared_weight_amax = own * 2
     q.input_amax = torch.tensor(1.0)
     assert torch.equal(q.quantized_tensors()["weight_scale_2"], (own * 2) / (6 * 448))
+
+
+def test_siblings_share_one_amax_pass_over_the_same_input(monkeypatch):
+    from quantport.modules import observe
+
+    calls = []
+    real = observe.update_amax
+    monkeypatch.setattr(observe, "update_amax", lambda running, x: calls.append(x) or real(running, x))
+    codec = codec_for(LinearScheme.FP8)
+    q, k = (QuantLinear.convert(_linear(seed=s), codec) for s in (1, 2))
+    q.mode = k.mode = QuantMode.CALIBRATE
+    x = torch.randn(4, 64, dtype=torch.bfloat16)
+    q(x)
+    k(x)
+    assert len(calls) == 1 and torch.equal(q.input_amax, k.input_amax)
+    x.mul_(3)  # an in-place change is a new input
+    q(x)
+    assert len(calls) == 2 and q.input_amax == x.abs().amax().float()
+    k(x.clone())  # another tensor with the same values is observed on its own
+    assert len(calls) == 3

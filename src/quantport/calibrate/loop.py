@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationDataError
+from ..modules.observe import forget_last_input
 
 __all__ = ["auto_batch_size", "run_calibration"]
 
@@ -37,7 +38,7 @@ def _model_inputs(batch: Any, device: torch.device) -> dict[str, Any]:
     )
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: its tensors have no version counter, which sibling amax sharing needs
 def run_calibration(model: nn.Module, batches: Iterable[Any], *, progress: bool = True) -> int:
     """Run the model over ``batches``; returns the number of tokens seen.
 
@@ -50,11 +51,14 @@ def run_calibration(model: nn.Module, batches: Iterable[Any], *, progress: bool 
     target = language_model if isinstance(language_model, nn.Module) else model
     total = len(batches) if hasattr(batches, "__len__") else None
     tokens = 0
-    for batch in tqdm(batches, total=total, desc="calibrating", unit="batch", disable=not progress):
-        inputs = _model_inputs(batch, device)
-        target(**inputs, use_cache=False)
-        ids = inputs.get("input_ids")
-        tokens += int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+    try:
+        for batch in tqdm(batches, total=total, desc="calibrating", unit="batch", disable=not progress):
+            inputs = _model_inputs(batch, device)
+            target(**inputs, use_cache=False)
+            ids = inputs.get("input_ids")
+            tokens += int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+    finally:
+        forget_last_input()
     if tokens == 0 and total == 0:
         raise CalibrationDataError("calibration data is empty")
     logger.info("calibrated on %d tokens", tokens)

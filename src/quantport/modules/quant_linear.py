@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..schemes import SchemeCodec
-from .observe import update_amax
+from .observe import update_amax, update_shared_input_amax
 
 __all__ = ["QuantLinear", "QuantMode"]
 
@@ -109,7 +109,7 @@ class QuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode is QuantMode.CALIBRATE:
             if self.codec.static_input_scale:
-                self.input_amax = update_amax(self.input_amax, x)
+                self.input_amax = update_shared_input_amax(self.input_amax, x)
             return F.linear(x, self.weight, self.bias)
         if self.mode is QuantMode.SIMULATE:
             x = self.codec.fake_quantize_input(x, self.input_scale())
