@@ -91,3 +91,16 @@ def test_format_option_picks_the_numerics_of_the_target_format(tmp_path, tiny_mo
     quantport.export(model, tmp_path / "out", format="compressed-tensors", progress=False)
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "compressed-tensors"
+
+
+def test_nan_expert_weights_are_a_clear_error():
+    from moe_models import tiny_moe
+
+    from quantport.modules.quant_experts import experts_quantizer_of
+
+    model = tiny_moe("qwen3_moe")
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj[2, 0, 0] = float("nan")
+    with pytest.raises(InvalidWeightsError, match=r"model\.layers\.1\.mlp\.experts\.down_proj"):
+        quantport.quantize(model, "fp8", [torch.tensor([[1, 2, 3]])], progress=False)
+    assert experts_quantizer_of(model.model.layers[1].mlp.experts) is None

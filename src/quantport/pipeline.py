@@ -19,7 +19,7 @@ from .errors import CalibrationDataError, InvalidWeightsError
 from .memory.mapped_weights import MappedWeights
 from .modules.kv_cache import install_kv_quantizer
 from .modules.observe import update_amax
-from .modules.quant_experts import ExpertsQuantizer, install_experts_quantizer
+from .modules.quant_experts import ExpertsQuantizer, expert_weight_amax, install_experts_quantizer
 from .modules.quant_linear import QuantLinear, QuantMode
 from .recipes import KVCacheFormat, LinearScheme, QuantRecipe, get_recipe
 from .report.coverage import ExpertCoverage, LayerCoverage
@@ -91,8 +91,9 @@ def _plan_experts(
 
 def _weight_amax_checked(
     model: nn.Module, names: list[str], blocks: list[MoEBlock], mapped: MappedWeights
-) -> dict[str, torch.Tensor]:
-    """fp32 amax of every weight to quantize, in one pass that also finds NaN / inf weights."""
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """fp32 amax of every weight to quantize (Linear name -> 0-d; experts name -> projection -> [E]),
+    in one pass that also finds NaN / inf weights (their amax is not finite)."""
     modules = dict(model.named_modules())
     bad = []
     amax = {}
@@ -101,10 +102,12 @@ def _weight_amax_checked(
         if not torch.isfinite(amax[name]):
             bad.append(f"{name}.weight")
         mapped.release_module(modules[name])
+    experts_amax = {}
     for block in blocks:
-        for param in ("gate_up_proj", "down_proj"):
-            if not torch.isfinite(getattr(block.experts, param)).all():
-                bad.append(f"{block.experts_name}.{param}")
+        experts_amax[block.experts_name] = expert_weight_amax(block)
+        for projection, values in experts_amax[block.experts_name].items():
+            if not torch.isfinite(values).all():
+                bad.append(f"{block.experts_name}.{projection}_proj")
         mapped.release_module(block.experts)
     if bad:
         shown = ", ".join(bad[:5]) + (" ..." if len(bad) > 5 else "")
@@ -113,7 +116,7 @@ def _weight_amax_checked(
             "corrupt or was saved after a diverged training step. Fix the weights, or exclude those "
             "layers with --exclude PATTERN."
         )
-    return amax
+    return amax, experts_amax
 
 
 def _calibration_data(model: nn.Module, calib_data: Iterable[Any] | None, options: dict[str, Any]) -> Iterable[Any]:
@@ -184,13 +187,16 @@ def _finish_experts(
 
 
 def _install_experts(
-    blocks: list[MoEBlock], codec: SchemeCodec, options: dict[str, Any]
+    blocks: list[MoEBlock],
+    codec: SchemeCodec,
+    options: dict[str, Any],
+    weight_amax: dict[str, dict[str, torch.Tensor]],
 ) -> list[ExpertsQuantizer]:
     calibration = MoECalibration(options.get("moe_calib", MoECalibration.ROUTED))
     MoEInputScales(options.get("moe_input_scales", MoEInputScales.SHARED))  # validate early
     quantizers = []
     for block in blocks:
-        quantizer = install_experts_quantizer(block, codec)
+        quantizer = install_experts_quantizer(block, codec, weight_amax[block.experts_name])
         if calibration is MoECalibration.ALL_EXPERTS:
             if block.layout.contract is not ForwardContract.TOP_K:
                 raise ValueError(
@@ -243,12 +249,12 @@ def quantize(
     names = _plan_layers(model, recipe, codec, state)
     blocks = _plan_experts(model, recipe, codec, state)
     mapped = MappedWeights() if options.get("release_weights", True) else MappedWeights.disabled()
-    weight_amax = _weight_amax_checked(model, names, blocks, mapped)
+    weight_amax, experts_amax = _weight_amax_checked(model, names, blocks, mapped)
     modules = dict(model.named_modules())
     for name in names:
         QuantLinear.convert(modules[name], codec, weight_amax[name])
     state.quantized = names
-    experts = _install_experts(blocks, codec, options)
+    experts = _install_experts(blocks, codec, options, experts_amax)
     state.experts = [b.experts_name for b in blocks]
     if recipe.kv_cache is KVCacheFormat.FP8:
         for name, attention in find_attention_modules(model):

@@ -26,7 +26,7 @@ from ..arch.experts import ExpertLayout, ExpertNaming, ForwardContract, MoEBlock
 from ..schemes import SchemeCodec
 from .quant_linear import QuantMode
 
-__all__ = ["ExpertsQuantizer", "experts_quantizer_of", "install_experts_quantizer"]
+__all__ = ["ExpertsQuantizer", "expert_weight_amax", "experts_quantizer_of", "install_experts_quantizer"]
 
 _ATTR = "_quantport_experts"
 PROJECTIONS = ("gate_up", "down")
@@ -51,6 +51,23 @@ def _expert_offsets(sorted_ids: torch.Tensor, num_experts: int) -> tuple[torch.T
     return torch.diff(ends, prepend=ends.new_zeros(1)), ends
 
 
+def expert_weight_amax(block: MoEBlock) -> dict[str, torch.Tensor]:
+    """Projection -> fp32 [E] per-expert weight amax, from the weights themselves (valid with or
+    without calibration tokens; NaN or inf when the weights hold them).
+
+    Gate and up share one amax per expert (engines fuse them); layouts exported fused share one
+    amax per projection across all experts, as ModelOpt's single quantizer does.
+    """
+    experts = block.experts
+    amax = {
+        "gate_up": experts.gate_up_proj.detach().abs().amax(dim=(-1, -2)).float(),
+        "down": experts.down_proj.detach().abs().amax(dim=(-1, -2)).float(),
+    }
+    if block.layout.naming is ExpertNaming.FUSED:
+        amax = {p: a.amax().expand_as(a).clone() for p, a in amax.items()}
+    return amax
+
+
 class ExpertsQuantizer:
     """Statistics and simulation state of one experts module.
 
@@ -65,7 +82,13 @@ class ExpertsQuantizer:
         mode: current :class:`QuantMode`.
     """
 
-    def __init__(self, block: MoEBlock, codec: SchemeCodec, original_forward: Callable[..., Any]) -> None:
+    def __init__(
+        self,
+        block: MoEBlock,
+        codec: SchemeCodec,
+        original_forward: Callable[..., Any],
+        weight_amax: dict[str, torch.Tensor] | None = None,
+    ) -> None:
         self.block = block
         self.codec = codec
         self.original_forward = original_forward
@@ -74,7 +97,7 @@ class ExpertsQuantizer:
         self.tokens = torch.zeros(experts, dtype=torch.int64, device=device)
         self.input_amax = {p: torch.zeros(experts, dtype=torch.float32, device=device) for p in PROJECTIONS}
         self.export_input_amax: dict[str, torch.Tensor] | None = None
-        self.weight_amax = self._weight_amax()
+        self.weight_amax = expert_weight_amax(block) if weight_amax is None else weight_amax
         self.mode = QuantMode.OFF
         self.all_experts_statistics = False
         self._simulated: dict[str, torch.Tensor] | None = None
@@ -83,21 +106,6 @@ class ExpertsQuantizer:
     @property
     def layout(self) -> ExpertLayout:
         return self.block.layout
-
-    def _weight_amax(self) -> dict[str, torch.Tensor]:
-        """Per-expert amax from the weights themselves (valid with or without calibration tokens).
-
-        Gate and up share one amax per expert (engines fuse them); layouts exported fused share one
-        amax per projection across all experts, as ModelOpt's single quantizer does.
-        """
-        experts = self.block.experts
-        amax = {
-            "gate_up": experts.gate_up_proj.detach().abs().amax(dim=(-1, -2)).float(),
-            "down": experts.down_proj.detach().abs().amax(dim=(-1, -2)).float(),
-        }
-        if self.layout.naming is ExpertNaming.FUSED:
-            amax = {p: a.amax().expand_as(a).clone() for p, a in amax.items()}
-        return amax
 
     # --- weights -------------------------------------------------------------------------------------------
 
@@ -278,13 +286,18 @@ class ExpertsQuantizer:
         return self.top_k_forward(*args, **kwargs)
 
 
-def install_experts_quantizer(block: MoEBlock, codec: SchemeCodec) -> ExpertsQuantizer:
-    """Attach an :class:`ExpertsQuantizer` to ``block.experts`` and route its forward through it."""
+def install_experts_quantizer(
+    block: MoEBlock, codec: SchemeCodec, weight_amax: dict[str, torch.Tensor] | None = None
+) -> ExpertsQuantizer:
+    """Attach an :class:`ExpertsQuantizer` to ``block.experts`` and route its forward through it.
+
+    ``weight_amax``: :func:`expert_weight_amax` of the block when the caller already computed it.
+    """
     experts = block.experts
     existing = experts.__dict__.get(_ATTR)
     if existing is not None:
         return existing
-    quantizer = ExpertsQuantizer(block, codec, experts.forward)
+    quantizer = ExpertsQuantizer(block, codec, experts.forward, weight_amax)
     experts.__dict__[_ATTR] = quantizer
     experts.forward = quantizer.forward
     return quantizer
