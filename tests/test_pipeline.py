@@ -95,7 +95,6 @@ def test_format_option_picks_the_numerics_of_the_target_format(tmp_path, tiny_mo
 
 def test_nan_expert_weights_are_a_clear_error():
     from moe_models import tiny_moe
-
     from quantport.modules.quant_experts import experts_quantizer_of
 
     model = tiny_moe("qwen3_moe")
