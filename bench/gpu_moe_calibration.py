@@ -487,16 +487,23 @@ def render(kern: dict | None, calib: dict | None) -> str:
             "calibration forward 3 times on the same batches, medians. At 4 x 512 tokens per forward the Qwen3 "
             "shape is launch-bound (about 10 ms a forward), so the ratio moves between runs; the automatic batch "
             "size takes that away. The reference's throughput leaves out its first batch and its one-time CUDA "
-            "extension build (built before any timing). The checkpoints differ only in the experts' "
-            "`down_proj.input_scale` of one layer (one layer-shared value, written per expert): quantport's "
-            "grouped GEMM and the reference's per-expert GEMM round the bf16 down-projection inputs differently "
-            "on the GPU (on the CPU the two statistics are equal bit for bit, "
+            "extension build (built before any timing). Why the checkpoints differ: quantport exported on the "
+            "GPU writes the bytes it writes on the CPU (Triton kernels, scale divisions correctly rounded; "
+            "`tests/export/test_gpu_export.py`), which are the reference's CPU bytes (golden tests). The reference "
+            "exported on the GPU follows CUDA's arithmetic instead: its FP8 quotients `w / scale` round "
+            "differently and PyTorch divides by a Python number as a multiplication by its reciprocal, so "
+            "`weight_scale` / `weight_scale_2` differ in the last bit and some codes by one step. Input scales: "
+            "quantport's grouped GEMM and the reference's per-expert GEMM round the bf16 expert inputs "
+            "differently on the GPU (on the CPU the statistics are equal bit for bit, "
             "`tests/modules/test_quant_experts_stats.py`)."
         )
+        notes = [f"{name}: {res['note']}." for name, res in calib["shapes"].items() if res.get("note")]
+        if notes:
+            out += ["", "Rows measured apart: " + " ".join(notes)]
         out.append("")
         out.append(
             "quantport: `quantport.quantize` (wrap, per-expert weight amax, calibration, policies) then "
-            "`quantport.export` (its pure-torch codecs, one expert at a time, on the GPU). Reference: "
+            "`quantport.export` (one expert at a time on the GPU, weights through the Triton kernels). Reference: "
             "`mtq.quantize` then `export_hf_checkpoint`, both under `torch.no_grad()`. Wall time, synchronised."
         )
     if kern:
@@ -539,11 +546,11 @@ def render(kern: dict | None, calib: dict | None) -> str:
             out += [
                 "",
                 "So on CUDA the pure-torch FP8 per-tensor function differs from the CPU in its bf16 quotient "
-                "`w / scale` (not in the cast), and the INT4 scale `amax.float() / 7` is computed as `amax * "
-                "fp32(1/7)` (PyTorch's CUDA kernels multiply by the reciprocal of a Python-scalar divisor). The "
-                "Triton kernels return the CPU bytes. The reference exported on the GPU writes the same FP8 "
-                "weights as quantport's pure-torch export on the GPU (end-to-end table), so its GPU bytes follow "
-                "the same CUDA arithmetic.",
+                "`w / scale` (not in the cast). PyTorch's CUDA kernels also divide by a Python number as a "
+                "multiplication by its reciprocal (`amax / 7` is `amax * fp32(1/7)`, last diagnostic); "
+                "quantport's scale functions divide by a tensor instead (`quantport.formats.division`), so its "
+                "INT4, FP8 and NVFP4 scales are the CPU's on every device. The Triton kernels return the CPU "
+                "bytes, and the export uses them on CUDA.",
             ]
         both = kern.get("nvfp4_with_amax")
         if both:
@@ -551,7 +558,7 @@ def render(kern: dict | None, calib: dict | None) -> str:
             out.append(
                 f"NVFP4 including the per-expert amax pass it needs first (two reads of the weights): "
                 f"{both['ms']:.2f} ms, {_f(both['GBps_counting_both_reads'])} GB/s counting both reads. "
-                "Tile sweep (GB/s, one median of 7 each; defaults: NVFP4 256 blocks / 4 warps / g per block, "
+                "Tile sweep (GB/s, one median of 7 each; defaults: NVFP4 128 blocks / 2 warps / g per block, "
                 "MXFP4 128 blocks / 4 warps, INT4 32 rows / 4 warps): "
                 + ", ".join(f"{k} {_f(v)}" for k, v in kern.get("tiles", {}).items())
                 + "."

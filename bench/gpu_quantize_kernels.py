@@ -169,7 +169,7 @@ def device_invariance(weights: list[torch.Tensor]) -> dict[str, dict[str, bool]]
 
 
 def tile_sweep(weights: list[torch.Tensor], read: int) -> dict[str, float]:
-    """GB/s of the NVFP4, MXFP4 and INT4 kernels for a few tile sizes and warps (defaults: 256/4, 128/4, 32/4)."""
+    """GB/s of the NVFP4, MXFP4 and INT4 kernels for a few tile sizes and warps (defaults: 128/2, 128/4, 32/4)."""
     g = [per_matrix(w, reference.matrix_amax(w)) / 2688 for w in weights]
     pairs = list(zip(weights, g, strict=True))
     nv = triton_quant.nvfp4_triton
@@ -178,8 +178,8 @@ def tile_sweep(weights: list[torch.Tensor], read: int) -> dict[str, float]:
     variants = {
         **{f"nvfp4 {b} blocks, {n} warps, g per {'tile' if t else 'block'}":
            lambda b=b, n=n, t=t: [nv(w, s, b, n, t) for w, s in pairs]
-           for b, n, t in ((64, 1, True), (128, 2, True), (256, 4, True), (256, 4, False), (128, 4, False),
-                           (512, 8, True), (64, 2, True))},
+           for b, n, t in ((128, 2, False), (128, 2, True), (64, 2, False), (256, 4, False), (128, 4, False),
+                           (256, 8, False), (64, 1, False))},
         **{f"mxfp4 {b} blocks, {n} warps": lambda b=b, n=n: [mx(w, b, n) for w in weights]
            for b, n in ((32, 1), (64, 2), (128, 4), (256, 8), (64, 1))},
         **{f"int4 {b} rows, {n} warps": lambda b=b, n=n: [i4(w, 128, b, n) for w in weights]

@@ -25,6 +25,8 @@ import math
 import torch
 from torch import Tensor
 
+from .division import divide
+
 __all__ = [
     "FP8_E4M3_MAX",
     "FP8_BLOCK",
@@ -72,7 +74,7 @@ def fp8_scale_from_amax(amax: Tensor) -> Tensor:
     info = torch.finfo(amax.dtype)
     amax = torch.where(amax == 0, torch.full_like(amax, FP8_E4M3_MAX), amax)
     amax = torch.nan_to_num(amax, nan=FP8_E4M3_MAX).clamp(min=info.tiny, max=info.max)
-    return amax.to(torch.float32) / FP8_E4M3_MAX
+    return divide(amax.to(torch.float32), FP8_E4M3_MAX)
 
 
 def quantize_fp8_per_tensor(w: Tensor, scale: Tensor, *, in_range: bool = False) -> Tensor:

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import torch
 
+from .division import divide
+
 __all__ = [
     "INT4_GROUP",
     "int8_scale_from_amax",
@@ -110,7 +112,7 @@ def int8_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
 
     Sanitized as in modelopt's export: an amax of 0 or NaN gives scale 1.0.
     """
-    return _sanitize_amax(amax, _INT8_MAXBOUND).float() / _INT8_MAXBOUND
+    return divide(_sanitize_amax(amax, _INT8_MAXBOUND).float(), _INT8_MAXBOUND)
 
 
 def quantize_int8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -171,7 +173,7 @@ def fake_quantize_int8_per_token(x: torch.Tensor, *, narrow_range: bool = False)
 
 def int4_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """INT4 scale ``amax / 7`` (fp32, same shape as ``amax``), sanitized as in modelopt's export."""
-    return _sanitize_amax(amax, _INT4_MAXBOUND).float() / _INT4_MAXBOUND
+    return divide(_sanitize_amax(amax, _INT4_MAXBOUND).float(), _INT4_MAXBOUND)
 
 
 def int4_group_scales(w: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:

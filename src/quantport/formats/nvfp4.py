@@ -30,6 +30,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .division import divide
+
 __all__ = [
     "E2M1_MAX",
     "E2M1_VALUES",
@@ -107,7 +109,7 @@ def nvfp4_global_scale(amax: Tensor | float) -> Tensor:
     info = torch.finfo(amax.dtype)
     amax = torch.where(amax == 0, torch.full_like(amax, E2M1_MAX), amax)
     amax = torch.nan_to_num(amax, nan=E2M1_MAX).clamp(min=info.tiny, max=info.max)
-    return amax.to(torch.float32) / NVFP4_GLOBAL_DIVISOR
+    return divide(amax.to(torch.float32), NVFP4_GLOBAL_DIVISOR)
 
 
 def cast_to_e2m1_codes(x: Tensor) -> Tensor:

@@ -35,10 +35,11 @@ __all__ = [
 ]
 
 
-def quantize_fp8_per_tensor(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def quantize_fp8_per_tensor(w: torch.Tensor, scale: torch.Tensor, *, in_range: bool = False) -> torch.Tensor:
     """FP8 E4M3 codes of ``w`` with a per-tensor (or per-matrix) fp32 ``scale``, as
-    :func:`quantport.formats.fp8.quantize_fp8_per_tensor` computes them."""
-    return select("fp8_per_tensor", w, scale=scale).load("fp8_per_tensor")(w, scale)
+    :func:`quantport.formats.fp8.quantize_fp8_per_tensor` computes them (``in_range``: its promise that
+    ``w`` is finite and within ``448 * scale``, which lets the reference skip sanitising)."""
+    return select("fp8_per_tensor", w, scale=scale).load("fp8_per_tensor")(w, scale, in_range=in_range)
 
 
 def quantize_nvfp4(w: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

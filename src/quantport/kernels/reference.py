@@ -12,16 +12,17 @@ from ..formats import fp8, integer, mx, nvfp4
 __all__ = ["fp8_per_tensor", "int4_modelopt", "matrix_amax", "mxfp4", "nvfp4_quantize"]
 
 
-def fp8_per_tensor(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def fp8_per_tensor(w: torch.Tensor, scale: torch.Tensor, *, in_range: bool = False) -> torch.Tensor:
     """float8_e4m3fn codes of ``w [..., out, in]``: ``scale`` is one element, or one per leading matrix
     (each matrix quantized as :func:`quantport.formats.fp8.quantize_fp8_per_tensor` with its own scale)."""
     scale = torch.as_tensor(scale, device=w.device)
     if scale.numel() == 1:
-        return fp8.quantize_fp8_per_tensor(w, scale)
+        return fp8.quantize_fp8_per_tensor(w, scale, in_range=in_range)
     matrices = w.reshape(-1, *w.shape[-2:])
     if scale.numel() != matrices.shape[0]:
         raise ValueError(f"need one scale or one per matrix ({tuple(w.shape[:-2])}), got {scale.numel()}")
-    codes = [fp8.quantize_fp8_per_tensor(m, s) for m, s in zip(matrices, scale.reshape(-1), strict=True)]
+    scales = scale.reshape(-1)
+    codes = [fp8.quantize_fp8_per_tensor(m, s, in_range=in_range) for m, s in zip(matrices, scales, strict=True)]
     return torch.stack(codes).reshape(w.shape)
 
 

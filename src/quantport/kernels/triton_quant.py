@@ -7,8 +7,9 @@ roundings where the reference rounds (the bf16 quotient of per-tensor FP8), and 
 the bits instead of ``log2`` (MXFP4, exact for bf16/fp16 weights). Element-wise divisions by a per-block
 divisor use its correctly rounded reciprocal and one FMA correction (still the correctly rounded
 quotient), or an exact product by a power of two (MXFP4): a full division per element would make the
-kernels compute-bound. Contiguous weights ``[..., out, in]`` are read as flat blocks (NVFP4, MXFP4) or
-as ``[M, K]`` rows (INT4, FP8); scales that change per matrix (per expert) are indexed by block or row.
+kernels compute-bound. Contiguous weights ``[..., out, in]`` are read as flat blocks of element pairs
+(NVFP4, MXFP4: one integer per two elements, so codes pack without a shuffle) or as ``[M, K]`` rows
+(INT4, FP8); scales that change per matrix (per expert) are indexed by block or row.
 
 Import this module only where Triton is installed (see :mod:`quantport.kernels.backends`).
 """
@@ -27,7 +28,8 @@ __all__ = [
     "nvfp4_triton",
 ]
 
-_ROUND = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 0}
+# The dtype code the kernels branch on (FP8's bf16/fp16 quotient rounding, the pair unpacking).
+_KIND = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 0}
 # finfo(dtype).tiny / .max of the weight dtype: modelopt sanitises the INT4 group amax in that dtype.
 _LIMITS = {
     torch.bfloat16: (torch.finfo(torch.bfloat16).tiny, torch.finfo(torch.bfloat16).max),
@@ -37,7 +39,7 @@ _LIMITS = {
 
 
 @triton.jit
-def _fp8_per_tensor_kernel(x_ptr, scale_ptr, out_ptr, per_matrix, BLOCK: tl.constexpr, ROUND: tl.constexpr):
+def _fp8_per_tensor_kernel(x_ptr, scale_ptr, out_ptr, per_matrix, BLOCK: tl.constexpr, KIND: tl.constexpr):
     matrix = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < per_matrix
@@ -45,9 +47,9 @@ def _fp8_per_tensor_kernel(x_ptr, scale_ptr, out_ptr, per_matrix, BLOCK: tl.cons
     x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + matrix)
     q = tl.math.div_rn(x, tl.full([BLOCK], 1.0, tl.float32) * scale)
-    if ROUND == 1:  # the reference's quotient is a bf16 tensor (0-d fp32 scale does not promote)
+    if KIND == 1:  # the reference's quotient is a bf16 tensor (0-d fp32 scale does not promote)
         q = q.to(tl.bfloat16).to(tl.float32)
-    elif ROUND == 2:
+    elif KIND == 2:
         q = q.to(tl.float16).to(tl.float32)
     q = tl.where(q != q, 0.0, q)
     q = tl.minimum(tl.maximum(q, -448.0), 448.0)
@@ -58,21 +60,22 @@ def _fp8_per_tensor_kernel(x_ptr, scale_ptr, out_ptr, per_matrix, BLOCK: tl.cons
 def _e2m1_index(q, TIES_DOWN: tl.constexpr, NAN_TO_ZERO: tl.constexpr):
     """E2M1 magnitude index 0..7 (int32) of |q|, saturating at 6: ties to even (NVFP4) or toward zero (MXFP4).
 
-    Integer and exact float steps only (no comparisons chain, no float-to-int conversion): the binade of
-    |q| (below 2, below 4, up to 6) picks a power of two whose unit is the grid step; adding and
-    subtracting it rounds to the grid, and the rounded value times steps-per-unit, plus 2**23, carries the
-    index in its low mantissa bits. NaN gives index 0 with ``NAN_TO_ZERO`` (NVFP4's reference; MXFP4's
-    reference leaves NaN unspecified).
+    From 1 up, E2M1 is a float with one mantissa bit: rounding the fp32 bits of |q| to their top mantissa
+    bit (add just under half a unit, plus the kept bit's value for ties to even) and shifting leaves
+    ``2 * exponent + mantissa bit``, the index plus 252. Below 1 the grid is 0, 0.5, 1: the index is
+    ``2|q|`` rounded to an integer (by adding 2**23, ties to even), or two comparisons for ties down.
+    NaN gives index 0 with ``NAN_TO_ZERO`` (NVFP4's reference; MXFP4's reference leaves NaN unspecified).
     """
     mag = tl.abs(q)
     m = tl.minimum(mag, 6.0)
-    regime = tl.minimum(tl.maximum((m.to(tl.int32, bitcast=True) >> 23) - 127, 0), 2)
-    magic = ((regime + 149) << 23).to(tl.float32, bitcast=True)  # 2**22, 2**23, 2**24
-    per_step = ((128 - regime) << 23).to(tl.float32, bitcast=True)  # 2, 1, 0.5 grid steps per unit
-    r = (m + magic) - magic
-    index = ((r * per_step + 8388608.0).to(tl.int32, bitcast=True) & 0xF) + 2 * regime
-    if TIES_DOWN:  # a tie that rounded up goes back one step
-        index -= ((r - m) * per_step == 0.5).to(tl.int32)
+    bits = m.to(tl.int32, bitcast=True)
+    if TIES_DOWN:
+        normal = ((bits + 0x1FFFFF) >> 22) - 252
+        small = (m > 0.25).to(tl.int32) + (m > 0.75).to(tl.int32)
+    else:
+        normal = ((bits + 0x1FFFFF + ((bits >> 22) & 1)) >> 22) - 252
+        small = (m * 2.0 + 8388608.0).to(tl.int32, bitcast=True) & 0xFF
+    index = tl.where(m < 1.0, small, normal)
     if NAN_TO_ZERO:
         index = tl.where(mag != mag, 0, index)
     return index
@@ -88,10 +91,49 @@ def _quotient(x, d, rd):
 
 
 @triton.jit
+def _pairs(v, KIND: tl.constexpr):
+    """fp32 values of the even and odd elements packed in ``v``: two bf16 (KIND 1) or fp16 (KIND 2) in an
+    int32, or two fp32 (KIND 0) in an int64, the even element in the low half (little-endian).
+
+    Loading pairs as one integer keeps each row's codes in registers in input order: the even and odd
+    codes come out as two tensors that pack into bytes with a shift and an or (no reshape, no shuffle).
+    """
+    if KIND == 1:
+        lo = (v << 16).to(tl.float32, bitcast=True)
+        hi = (v & -65536).to(tl.float32, bitcast=True)
+    elif KIND == 2:
+        lo = v.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        lo = v.to(tl.int32).to(tl.float32, bitcast=True)
+        hi = (v >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _nvfp4_code(q):
+    return (_e2m1_index(q, False, True) | ((q < 0).to(tl.int32) << 3)).to(tl.uint8)
+
+
+@triton.jit
+def _nvfp4_bytes(lo, hi, d, rd, FAST: tl.constexpr):
+    """One little-endian int32 per row of the four packed bytes of 4 pairs ``(lo, hi)`` ``[BLOCK_R, 4]``."""
+    if FAST:
+        q_lo, q_hi = _quotient(lo, d, rd), _quotient(hi, d, rd)
+    else:
+        q_lo, q_hi = tl.math.div_rn(lo, d), tl.math.div_rn(hi, d)
+    pairs = (_nvfp4_code(q_lo) | (_nvfp4_code(q_hi) << 4)).to(tl.int32)
+    return tl.sum(pairs << (tl.arange(0, 4)[None, :] * 8), axis=1)
+
+
+@triton.jit
 def _nvfp4_kernel(
-    x_ptr, g_ptr, packed_ptr, scale_ptr, n_blocks, blocks_per_g, BLOCK_R: tl.constexpr, G_PER_TILE: tl.constexpr
-):
-    """One row of the tile per NVFP4 block of 16 consecutive inputs (the flat weight is ``[n_blocks, 16]``).
+    v_ptr, g_ptr, packed_ptr, scale_ptr, n_blocks, blocks_per_g,
+    BLOCK_R: tl.constexpr, KIND: tl.constexpr, G_PER_TILE: tl.constexpr,
+):  # fmt: skip
+    """One row of the tile per NVFP4 block of 16 consecutive inputs, read as two halves of 4 pairs
+    (``_pairs``), so one thread holds a whole block: its amax, scales and reciprocal are computed once, with
+    no shuffle, and its 8 packed bytes leave as one int64 store.
 
     ``G_PER_TILE``: no tile straddles two global scales (``blocks_per_g`` is a multiple of ``BLOCK_R``), so
     the tile loads its one global scale instead of one per block.
@@ -99,37 +141,48 @@ def _nvfp4_kernel(
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = r < n_blocks
     r64 = r.to(tl.int64)
-    x = tl.load(x_ptr + r64[:, None] * 16 + tl.arange(0, 16)[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+    offs = r64[:, None] * 8 + tl.arange(0, 4)[None, :]
+    a_lo, a_hi = _pairs(tl.load(v_ptr + offs, mask=ok[:, None], other=0), KIND)
+    b_lo, b_hi = _pairs(tl.load(v_ptr + offs + 4, mask=ok[:, None], other=0), KIND)
     if G_PER_TILE:
         g = tl.full((BLOCK_R,), 1.0, tl.float32) * tl.load(g_ptr + (tl.program_id(0) * BLOCK_R) // blocks_per_g)
     else:
         g = tl.load(g_ptr + r // blocks_per_g, mask=ok, other=1.0)
-    amax = tl.max(tl.abs(x), axis=1)
+    amax_a = tl.maximum(tl.max(tl.abs(a_lo), axis=1), tl.max(tl.abs(a_hi), axis=1))
+    amax = tl.maximum(amax_a, tl.maximum(tl.max(tl.abs(b_lo), axis=1), tl.max(tl.abs(b_hi), axis=1)))
     block_scale = tl.math.div_rn(amax, 6.0 * g)
     block_scale = tl.where((block_scale == 0.0) | (block_scale != block_scale), 1.0, block_scale)
     block_scale = tl.minimum(tl.maximum(block_scale, 0.001953125), 448.0).to(tl.float8e4nv)
     d = block_scale.to(tl.float32) * g
     rd = tl.math.div_rn(tl.full((BLOCK_R,), 1.0, tl.float32), d)
     safe = (d > 1e-30) & (d < 1e30) & (amax * rd < 1e30)
-    dd = tl.broadcast_to(d[:, None], (BLOCK_R, 16))
+    dd = tl.broadcast_to(d[:, None], (BLOCK_R, 4))
+    rdd = tl.broadcast_to(rd[:, None], (BLOCK_R, 4))
     if tl.min(safe.to(tl.int32), axis=0) == 1:
-        q = _quotient(x, dd, tl.broadcast_to(rd[:, None], (BLOCK_R, 16)))
+        word_a = _nvfp4_bytes(a_lo, a_hi, dd, rdd, True)
+        word_b = _nvfp4_bytes(b_lo, b_hi, dd, rdd, True)
     else:
-        q = tl.math.div_rn(x, dd)
-    codes = (_e2m1_index(q, False, True) | ((q < 0).to(tl.int32) << 3)).to(tl.uint8)
-    low, high = tl.split(tl.reshape(codes, (BLOCK_R, 8, 2)))
-    tl.store(packed_ptr + r64[:, None] * 8 + tl.arange(0, 8)[None, :], low | (high << 4), mask=ok[:, None])
+        word_a = _nvfp4_bytes(a_lo, a_hi, dd, rdd, False)
+        word_b = _nvfp4_bytes(b_lo, b_hi, dd, rdd, False)
+    word = word_a.to(tl.uint32).to(tl.int64) | (word_b.to(tl.uint32).to(tl.int64) << 32)
+    tl.store(packed_ptr + r64, word, mask=ok)
     tl.store(scale_ptr + r64, block_scale, mask=ok)
 
 
 @triton.jit
-def _mxfp4_kernel(x_ptr, packed_ptr, scale_ptr, n_blocks, BLOCK_R: tl.constexpr):
-    """One row of the tile per MX block of 32 consecutive inputs (the flat weight is ``[n_blocks, 32]``)."""
+def _mxfp4_code(q):
+    return (_e2m1_index(q, True, False) | ((q <= 0).to(tl.int32) << 3)).to(tl.uint8)  # +-0: sign bit set
+
+
+@triton.jit
+def _mxfp4_kernel(v_ptr, packed_ptr, scale_ptr, n_blocks, BLOCK_R: tl.constexpr, KIND: tl.constexpr):
+    """One row of the tile per MX block of 32 consecutive inputs, read as 16 pairs (``_pairs``)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok = r < n_blocks
-    r64 = r.to(tl.int64)
-    x = tl.load(x_ptr + r64[:, None] * 32 + tl.arange(0, 32)[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    descale = tl.math.div_rn(tl.max(tl.abs(x), axis=1), tl.full((BLOCK_R,), 6.0, tl.float32))
+    offs = r.to(tl.int64)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    lo, hi = _pairs(tl.load(v_ptr + offs, mask=ok[:, None], other=0), KIND)
+    amax = tl.maximum(tl.max(tl.abs(lo), axis=1), tl.max(tl.abs(hi), axis=1))
+    descale = tl.math.div_rn(amax, tl.full((BLOCK_R,), 6.0, tl.float32))
     # ceil(log2(descale)) from the bits: the exponent, plus one unless the mantissa is zero
     bits = descale.to(tl.int32, bitcast=True)
     biased = (bits >> 23) & 0xFF
@@ -141,12 +194,9 @@ def _mxfp4_kernel(x_ptr, packed_ptr, scale_ptr, n_blocks, BLOCK_R: tl.constexpr)
     scale = tl.minimum(tl.maximum(exponent, -127), 127) + 127  # biased E8M0, 0..254
     # x / 2**e == x * 2**-e exactly (both correctly rounded, same real value); 2**-127 is subnormal
     inverse = tl.where(scale < 254, (254 - scale) << 23, 0x400000).to(tl.float32, bitcast=True)
-    q = x * tl.broadcast_to(inverse[:, None], (BLOCK_R, 32))
-    codes = (_e2m1_index(q, True, False) | ((q <= 0).to(tl.int32) << 3)).to(tl.uint8)  # +-0: sign bit set
-    codes = tl.reshape(codes, (BLOCK_R, 16, 2))
-    low, high = tl.split(codes)
-    tl.store(packed_ptr + r64[:, None] * 16 + tl.arange(0, 16)[None, :], low | (high << 4), mask=ok[:, None])
-    tl.store(scale_ptr + r64, scale.to(tl.uint8), mask=ok)
+    inverse = tl.broadcast_to(inverse[:, None], (BLOCK_R, 16))
+    tl.store(packed_ptr + offs, _mxfp4_code(lo * inverse) | (_mxfp4_code(hi * inverse) << 4), mask=ok[:, None])
+    tl.store(scale_ptr + r.to(tl.int64), scale.to(tl.uint8), mask=ok)
 
 
 @triton.jit
@@ -203,6 +253,14 @@ def _rows(w: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return w, w.numel() // k if k else 0, k
 
 
+def _as_pairs(w: torch.Tensor) -> torch.Tensor:
+    """Contiguous ``w`` (even last dim) seen as one integer per pair of elements (see ``_pairs``)."""
+    pair = torch.int64 if w.element_size() == 4 else torch.int32
+    if w.storage_offset() % 2:
+        w = w.clone()
+    return w.view(pair)
+
+
 def _per_matrix(value: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, int]:
     """fp32 values per leading matrix (one element: one for all) and the number of rows each covers."""
     value = value.detach().to(device=w.device, dtype=torch.float32).reshape(-1).contiguous()
@@ -215,8 +273,9 @@ def _per_matrix(value: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, int
     return value, w.shape[-2]
 
 
-def fp8_per_tensor_triton(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float8_e4m3fn codes of ``w [..., out, in]``; ``scale``: one fp32 element or one per leading matrix."""
+def fp8_per_tensor_triton(w: torch.Tensor, scale: torch.Tensor, in_range: bool = False) -> torch.Tensor:
+    """float8_e4m3fn codes of ``w [..., out, in]``; ``scale``: one fp32 element or one per leading matrix.
+    ``in_range`` is accepted and not needed: the kernel sanitises in the same pass."""
     scale, rows_per = _per_matrix(scale, w)
     w = w.detach().contiguous()
     out = torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=w.device)
@@ -224,12 +283,12 @@ def fp8_per_tensor_triton(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if w.numel():
         block = 4096
         grid = (triton.cdiv(per_matrix, block), scale.numel())
-        _fp8_per_tensor_kernel[grid](w, scale, out, per_matrix, BLOCK=block, ROUND=_ROUND[w.dtype], num_warps=8)
+        _fp8_per_tensor_kernel[grid](w, scale, out, per_matrix, BLOCK=block, KIND=_KIND[w.dtype], num_warps=8)
     return out
 
 
 def nvfp4_triton(
-    w: torch.Tensor, global_scale: torch.Tensor, block_r: int = 256, num_warps: int = 4, g_per_tile: bool = False
+    w: torch.Tensor, global_scale: torch.Tensor, block_r: int = 128, num_warps: int = 2, g_per_tile: bool = False
 ):
     """(packed uint8 ``[..., in/2]``, fp8 block scale ``[..., in/16]``) of ``w [..., in]``."""
     g, rows_per = _per_matrix(global_scale, w)
@@ -241,8 +300,9 @@ def nvfp4_triton(
         grid = (triton.cdiv(n_blocks, block_r),)
         blocks_per_g = rows_per * (k // 16)
         _nvfp4_kernel[grid](
-            w, g, packed, scale, n_blocks, blocks_per_g,
-            BLOCK_R=block_r, G_PER_TILE=g_per_tile and blocks_per_g % block_r == 0, num_warps=num_warps,
+            _as_pairs(w), g, packed.view(torch.int64), scale, n_blocks, blocks_per_g,
+            BLOCK_R=block_r, KIND=_KIND[w.dtype], G_PER_TILE=g_per_tile and blocks_per_g % block_r == 0,
+            num_warps=num_warps,
         )  # fmt: skip
     return packed, scale
 
@@ -255,7 +315,9 @@ def mxfp4_triton(w: torch.Tensor, block_r: int = 128, num_warps: int = 4):
     n_blocks = w.numel() // 32
     if n_blocks:
         grid = (triton.cdiv(n_blocks, block_r),)
-        _mxfp4_kernel[grid](w, packed, scale, n_blocks, BLOCK_R=block_r, num_warps=num_warps)
+        _mxfp4_kernel[grid](
+            _as_pairs(w), packed, scale, n_blocks, BLOCK_R=block_r, KIND=_KIND[w.dtype], num_warps=num_warps
+        )
     return packed, scale
 
 

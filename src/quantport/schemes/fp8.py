@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from ..formats import fp8
 from ..recipes import LinearScheme
 from . import DynamicActivations, TensorSpec, WeightOnly, register
@@ -35,7 +36,7 @@ class Fp8TensorCodec:
     def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
         scale = fp8.fp8_scale_from_amax(weight_amax)
         # weight_amax is the weight's own (or a larger shared) amax of finite weights: in range.
-        return {"weight": fp8.quantize_fp8_per_tensor(weight, scale, in_range=True), "weight_scale": scale}
+        return {"weight": kernels.quantize_fp8_per_tensor(weight, scale, in_range=True), "weight_scale": scale}
 
     def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return fp8.dequantize_fp8(tensors["weight"], tensors["weight_scale"], dtype)
@@ -74,7 +75,6 @@ class Fp8DynamicCodec(DynamicActivations):
     def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return fp8.dequantize_fp8(tensors["weight"], tensors["weight_scale"], dtype)
 
-
     def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
         return fp8.fake_quantize_fp8_per_token(x)
 
@@ -104,7 +104,6 @@ class Fp8BlockCodec(WeightOnly):
 
     def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return fp8.dequantize_fp8(tensors["weight"], tensors["weight_scale"], dtype)
-
 
 
 register(Fp8TensorCodec())

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from ..formats import integer
 from ..recipes import LinearScheme
 from . import TensorSpec, WeightOnly, register
@@ -46,14 +47,12 @@ class ModeloptInt4Codec(WeightOnly):
         }
 
     def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
-        scale = integer.int4_group_scales(weight.detach())
-        codes = integer.quantize_int4(weight.detach(), scale)
-        return {"weight": integer.pack_int4_modelopt(codes), "weight_scale": scale}
+        packed, scale = kernels.quantize_int4_modelopt(weight.detach(), integer.INT4_GROUP)
+        return {"weight": packed, "weight_scale": scale}
 
     def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         codes = integer.unpack_int4_modelopt(tensors["weight"])
         return integer.dequantize_int4(codes, tensors["weight_scale"], dtype=dtype)
-
 
 
 @dataclass(frozen=True)
@@ -81,7 +80,6 @@ class ModeloptInt8WeightCodec(WeightOnly):
 
     def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return integer.dequantize_int8(tensors["weight"], tensors["weight_scale"], dtype)
-
 
 
 register(ModeloptInt4Codec())

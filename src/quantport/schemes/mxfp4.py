@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from ..formats import mx
 from ..recipes import LinearScheme
 from . import TensorSpec, WeightOnly, register
@@ -41,12 +42,11 @@ class Mxfp4Codec(WeightOnly):
         }
 
     def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
-        packed, scale = mx.quantize_mxfp4(weight.detach())
+        packed, scale = kernels.quantize_mxfp4(weight.detach())
         return {"weight_packed": packed, "weight_scale": scale}
 
     def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return mx.dequantize_mxfp4(tensors["weight_packed"], tensors["weight_scale"], dtype)
-
 
 
 register(Mxfp4Codec())

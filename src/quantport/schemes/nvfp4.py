@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import kernels
 from ..formats import nvfp4
 from ..recipes import LinearScheme
 from . import TensorSpec, register
@@ -36,7 +37,7 @@ class Nvfp4Codec:
 
     def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
         global_scale = nvfp4.nvfp4_global_scale(weight_amax)
-        packed, block_scale = nvfp4.quantize_nvfp4(weight, global_scale)
+        packed, block_scale = kernels.quantize_nvfp4(weight, global_scale)
         return {"weight": packed, "weight_scale": block_scale, "weight_scale_2": global_scale}
 
     def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -52,6 +53,4 @@ class Nvfp4Codec:
 
 
 register(Nvfp4Codec())
-register(
-    Nvfp4Codec(scheme=LinearScheme.W4A16_NVFP4, modelopt_algo="W4A16_NVFP4", static_input_scale=False)
-)
+register(Nvfp4Codec(scheme=LinearScheme.W4A16_NVFP4, modelopt_algo="W4A16_NVFP4", static_input_scale=False))

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..formats.division import divide
 from ..formats.nvfp4 import (
     E2M1_MAX,
     NVFP4_BLOCK,
@@ -74,7 +75,7 @@ def quantize_nvfp4_ct(w: Tensor, global_scale: Tensor) -> tuple[Tensor, Tensor]:
     blocks = _blocks(w.detach())
     g = _global(global_scale, w.device)
     block_amax = blocks.abs().amax(dim=-1).float()
-    rounded = torch.clamp(g * (block_amax / E2M1_MAX), -_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn).float()
+    rounded = torch.clamp(g * divide(block_amax, E2M1_MAX), -_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn).float()
     rounded = torch.where(rounded == 0, torch.full_like(rounded, _FP8_SCALE_EPS), rounded)
     scale = rounded.to(torch.float8_e4m3fn)
     step = rounded / g
