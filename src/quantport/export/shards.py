@@ -14,8 +14,9 @@ import logging
 import os
 import shutil
 import struct
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..errors import OutputExistsError
 from ..schemes import TensorSpec
+from .direct_file import DirectFile
 
 __all__ = [
     "OneSlotCache",
@@ -51,6 +53,8 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.uint8: "U8",
     torch.bool: "BOOL",
 }
+
+IN_FLIGHT_BYTES = 256 << 20  # computed tensors waiting for the writer, at most (one larger tensor at a time)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -113,14 +117,14 @@ def _header(entries: list[PlannedTensor]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _tensor_bytes(tensor: torch.Tensor, entry: PlannedTensor) -> memoryview:
+def _tensor_bytes(tensor: torch.Tensor, entry: PlannedTensor) -> torch.Tensor:
+    """The tensor's raw little-endian bytes as a flat uint8 CPU tensor (a view where possible)."""
     if tensor.dtype != entry.spec.dtype or tuple(tensor.shape) != entry.spec.shape:
         raise AssertionError(
             f"{entry.name}: computed {tensor.dtype} {tuple(tensor.shape)}, planned "
             f"{entry.spec.dtype} {entry.spec.shape}"
         )
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
 
 
 def _split(plan: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
@@ -158,20 +162,27 @@ def write_sharded_safetensors(
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
     bar = tqdm(total=sum(e.spec.nbytes for e in plan), unit="B", unit_scale=True, desc="writing", disable=not progress)
-    # One writer thread: the next tensor is quantized while the previous one is written (file writes
-    # release the GIL). At most two tensors are in flight.
+    # One writer thread writes in plan order while the main thread quantizes the next tensors (copies and
+    # file writes release the GIL). Tensors queue for the writer up to IN_FLIGHT_BYTES (beyond the one
+    # being written), so a module's quantization overlaps the writing of the module before it.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantport-writer") as writer:
         for file, entries in zip(files, shards, strict=True):
-            with open(directory / file, "wb") as handle:
-                pending = writer.submit(handle.write, _header(entries))
+            with DirectFile(directory / file) as handle:
+                in_flight: deque[tuple[Future, int]] = deque([(writer.submit(handle.write, _header(entries)), 0)])
+                queued = 0
                 for entry in entries:
                     data = _tensor_bytes(entry.compute(), entry)
-                    pending.result()
+                    while in_flight and (in_flight[0][0].done() or queued + data.numel() > IN_FLIGHT_BYTES):
+                        future, size = in_flight.popleft()
+                        future.result()
+                        queued -= size
                     if after_each is not None:
                         after_each()
-                    pending = writer.submit(handle.write, data)
+                    in_flight.append((writer.submit(handle.write, data), data.numel()))
+                    queued += data.numel()
                     bar.update(entry.spec.nbytes)
-                pending.result()
+                for future, _ in in_flight:
+                    future.result()
     if after_each is not None:
         after_each()
     bar.close()
