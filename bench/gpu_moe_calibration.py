@@ -1,7 +1,8 @@
 """MoE calibration on one GPU, side by side: plain bf16 forward, quantport, nvidia-modelopt (issue 6).
 
-Builds Qwen3-30B-A3B-shaped and GPT-OSS-20B-shaped 4-layer stacks from configs with random bf16
-weights directly on the GPU (nothing is downloaded) and measures, in one process:
+Builds Qwen3-30B-A3B-shaped and GPT-OSS-20B-shaped 4-layer stacks, and a dense Qwen3-8B-shaped one
+(the cost of dense-layer statistics alone), from configs with random bf16 weights directly on the GPU
+(nothing is downloaded) and measures, in one process:
 
 * plain: the unquantized model's forward (transformers' default ``grouped_mm`` experts), batch 4 x 512,
   and at the batch size quantport picks from free GPU memory (``auto_batch_size``);
@@ -16,6 +17,7 @@ Timing: ``torch.cuda.synchronize`` around every timed region, warm-up batches be
 calibration-forward loops. Tokens/s = calibration tokens / seconds of forward.
 
     python bench/gpu_moe_calibration.py --json OUT.json         # on the GPU machine
+    python bench/gpu_moe_calibration.py --only qwen3 dense --json OUT.json
     python bench/gpu_moe_calibration.py --smoke                 # tiny shapes on the CPU (checks the script)
     python bench/gpu_moe_calibration.py --render KERNELS.json CALIB.json > section.md
 """
@@ -72,7 +74,16 @@ SHAPES = {
         ),
         False,
     ),
+    "Qwen3-8B shape (dense)": (
+        "qwen3",
+        dict(
+            hidden_size=4096, intermediate_size=12288, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+            num_hidden_layers=4, vocab_size=151936, max_position_embeddings=4096,
+        ),
+        False,
+    ),
 }  # fmt: skip
+ONLY = {"qwen3": "Qwen3-30B-A3B shape", "gpt-oss": "GPT-OSS-20B shape", "dense": "Qwen3-8B shape (dense)"}
 
 SMOKE = {
     "qwen3 tiny": ("qwen3_moe", dict(hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8,
@@ -571,7 +582,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
-    parser.add_argument("--only", choices=["qwen3", "gpt-oss"], help="one shape")
+    parser.add_argument("--only", nargs="+", choices=sorted(ONLY), help="these shapes only")
     parser.add_argument("--render", nargs=2, type=Path, metavar=("KERNELS_JSON", "CALIB_JSON"))
     args = parser.parse_args()
     if args.render:
@@ -591,7 +602,7 @@ def main() -> None:
         results["versions"]["modelopt_extensions_load_s"] = time.perf_counter() - start
     print(json.dumps(results["versions"]), flush=True)
     for name, (model_type, config, export) in shapes.items():
-        if args.only and not name.lower().startswith(args.only.replace("-", "")[:4]):
+        if args.only and not args.smoke and name not in {ONLY[key] for key in args.only}:
             continue
         results["shapes"][name] = bench_shape(name, model_type, config, export, device, scale)
         if args.json:

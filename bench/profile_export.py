@@ -43,7 +43,7 @@ def main() -> None:  # noqa: C901
     # --- per-tensor instrumentation -------------------------------------------------------------
     events: list[tuple[str, float, float, int]] = []  # name, compute s, to-bytes s, rss after
     last: dict = {}
-    totals = {"after_each_s": 0.0, "after_each_calls": 0}
+    totals = {"release_s": 0.0, "release_calls": 0}
     orig_tensor_bytes = shards._tensor_bytes
     orig_write = shards.write_sharded_safetensors
 
@@ -58,16 +58,16 @@ def main() -> None:  # noqa: C901
                 return t
 
             wrapped.append(shards.PlannedTensor(e.name, e.spec, compute))
-        after = kw.get("after_each")
+        after = kw.get("release")
         if after is not None:
 
             def timed_after():
                 t0 = time.perf_counter()
                 after()
-                totals["after_each_s"] += time.perf_counter() - t0
-                totals["after_each_calls"] += 1
+                totals["release_s"] += time.perf_counter() - t0
+                totals["release_calls"] += 1
 
-            kw["after_each"] = timed_after
+            kw["release"] = timed_after
         return orig_write(wrapped, directory, **kw)
 
     def traced_tensor_bytes(tensor, entry):
@@ -110,8 +110,8 @@ def main() -> None:  # noqa: C901
         by_kind[kind][2] += 1
     print(
         f"\nsum compute {sum(e[1] for e in events):.2f} s, sum to-bytes {sum(e[2] for e in events):.2f} s "
-        f"over {len(events)} tensors; after_each hook {totals['after_each_s']:.2f} s in "
-        f"{totals['after_each_calls']} calls (rest = file writes / planning / python)"
+        f"over {len(events)} tensors; release hook {totals['release_s']:.2f} s in "
+        f"{totals['release_calls']} calls (rest = file writes / planning / python)"
     )
     print("per tensor kind: compute s, to-bytes s, count")
     for k, (c, w, n) in sorted(by_kind.items(), key=lambda kv: -kv[1][0]):

@@ -62,16 +62,16 @@ def test_file_system_without_o_direct_gets_a_buffered_file(tmp_path, monkeypatch
 
 @pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
 def test_o_direct_open_but_writes_refused_falls_back_before_any_byte(tmp_path, monkeypatch):
-    real_write = os.write
+    real_pwrite = os.pwrite
     calls = {"n": 0}
 
-    def refuse_first(fd, data):
+    def refuse_first(fd, data, offset):
         calls["n"] += 1
         if calls["n"] == 1:
             raise OSError(errno.EINVAL, "Invalid argument")
-        return real_write(fd, data)
+        return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(direct_file.os, "write", refuse_first)
+    monkeypatch.setattr(direct_file.os, "pwrite", refuse_first)
     pieces = _pieces()
     handle = DirectFile(tmp_path / "f.bin", chunk=2 * ALIGNMENT)
     if not handle.direct:  # this file system refused O_DIRECT at open already
@@ -85,9 +85,9 @@ def test_o_direct_open_but_writes_refused_falls_back_before_any_byte(tmp_path, m
 
 
 def test_other_write_errors_propagate(tmp_path, monkeypatch):
-    def full(fd, data):
+    def full(fd, data, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(direct_file.os, "write", full)
+    monkeypatch.setattr(direct_file.os, "pwrite", full)
     with pytest.raises(OSError, match="No space"), DirectFile(tmp_path / "f.bin", chunk=ALIGNMENT) as handle:
         handle.write(torch.zeros(3 * ALIGNMENT, dtype=torch.uint8))

@@ -18,6 +18,7 @@ import errno
 import logging
 import mmap
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -28,12 +29,15 @@ logger = logging.getLogger(__name__)
 
 _FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
 ALIGNMENT = 4096  # a multiple of every logical block size in use
-CHUNK = 16 << 20  # bytes per write call
+CHUNK = 8 << 20  # bytes per write call; two such buffers per open file
 
 
 class DirectFile:
-    """``write(bytes or uint8 tensor)`` appends; ``close()`` finishes the file. Not thread-safe: one
-    writer (quantport's writer thread) owns it."""
+    """``write(bytes or uint8 tensor)`` appends; ``close()`` finishes the file.
+
+    Double-buffered: the caller's thread copies into one aligned buffer while an I/O thread writes
+    the other, so copying and the disk overlap. One caller thread only (quantport's writer thread).
+    """
 
     def __init__(self, path: Path, chunk: int = CHUNK) -> None:
         self.path = Path(path)
@@ -47,10 +51,13 @@ class DirectFile:
                 self._direct = False
         if not self._direct:
             self._fd = os.open(self.path, _FLAGS, 0o644)
-        self._map = mmap.mmap(-1, chunk)  # anonymous maps are page aligned
-        self._buffer = torch.frombuffer(self._map, dtype=torch.uint8)
+        self._maps = [mmap.mmap(-1, chunk) for _ in range(2)]  # anonymous maps are page aligned
+        self._buffers = [torch.frombuffer(m, dtype=torch.uint8) for m in self._maps]
+        self._pending: list[Future | None] = [None, None]
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantport-io")
+        self._current = 0
         self._used = 0
-        self._flushed = 0
+        self._offset = 0  # file offset of the current buffer's first byte
 
     @property
     def direct(self) -> bool:
@@ -62,25 +69,35 @@ class DirectFile:
         n, done = source.numel(), 0
         self.size += n
         while done < n:
-            take = min(n - done, self._buffer.numel() - self._used)
-            self._buffer[self._used : self._used + take].copy_(source[done : done + take])
+            buffer = self._buffers[self._current]
+            take = min(n - done, buffer.numel() - self._used)
+            buffer[self._used : self._used + take].copy_(source[done : done + take])
             self._used += take
             done += take
-            if self._used == self._buffer.numel():
-                self._flush(self._used)
+            if self._used == buffer.numel():
+                self._submit(self._used)
 
-    def _flush(self, length: int) -> None:
-        with memoryview(self._map)[:length] as view:
+    def _submit(self, length: int) -> None:
+        """Hand the current buffer to the I/O thread and switch to the other one (once it is written)."""
+        self._pending[self._current] = self._io.submit(self._write_at, self._current, length, self._offset)
+        self._offset += length
+        self._current ^= 1
+        self._used = 0
+        pending = self._pending[self._current]
+        if pending is not None:
+            self._pending[self._current] = None
+            pending.result()
+
+    def _write_at(self, index: int, length: int, offset: int) -> None:
+        with memoryview(self._maps[index])[:length] as view:
             written = 0
             while written < length:
                 try:
-                    written += os.write(self._fd, view[written:])
+                    written += os.pwrite(self._fd, view[written:], offset + written)
                 except OSError as error:
-                    if not (self._direct and error.errno == errno.EINVAL and self._flushed == 0 and written == 0):
+                    if not (self._direct and error.errno == errno.EINVAL and offset == 0 and written == 0):
                         raise
                     self._reopen_buffered()  # opened with O_DIRECT, but the file system refuses its writes
-        self._flushed += length
-        self._used = 0
 
     def _reopen_buffered(self) -> None:
         logger.debug("%s: O_DIRECT writes refused; writing through the page cache", self.path)
@@ -90,26 +107,36 @@ class DirectFile:
 
     def close(self, *, finish: bool = True) -> None:
         """Write what is left (padded to the alignment under ``O_DIRECT``) and set the true length;
-        ``finish=False`` (after an error) only releases the file and the buffer."""
+        ``finish=False`` (after an error) only releases the file and the buffers."""
         if self._fd < 0:
             return
         try:
-            if finish and self._used:
-                tail = self._used
-                padded = -(-tail // ALIGNMENT) * ALIGNMENT if self._direct else tail
-                self._buffer[tail:padded].zero_()
-                self._flush(padded)
-            if finish and self._direct:
-                os.ftruncate(self._fd, self.size)
+            if finish:
+                self._finish()
         finally:
+            self._io.shutdown(wait=True)
             os.close(self._fd)
             self._fd = -1
-            del self._buffer
-            with contextlib.suppress(BufferError):  # a view still held by a traceback: freed with it
-                self._map.close()
+            del self._buffers
+            for m in self._maps:
+                with contextlib.suppress(BufferError):  # a view still held by a traceback: freed with it
+                    m.close()
+
+    def _finish(self) -> None:
+        if self._used:
+            tail = self._used
+            padded = -(-tail // ALIGNMENT) * ALIGNMENT if self._direct else tail
+            self._buffers[self._current][tail:padded].zero_()
+            self._submit(padded)
+        for index, pending in enumerate(self._pending):
+            if pending is not None:
+                self._pending[index] = None
+                pending.result()
+        os.ftruncate(self._fd, self.size)  # drop the padding (also if O_DIRECT was given up meanwhile)
 
     def __enter__(self) -> DirectFile:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         self.close(finish=exc_type is None)
+

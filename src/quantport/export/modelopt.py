@@ -150,7 +150,7 @@ def write_modelopt(
     mapped = MappedWeights()
     write_sharded_safetensors(
         modelopt_tensor_plan(model), staging, max_shard_size=max_shard_size, progress=progress,
-        after_each=mapped.release_all,
+        release=mapped.release_all,
     )
     write_json(staging / "hf_quant_config.json", nested)
     return flat

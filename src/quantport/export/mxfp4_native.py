@@ -108,5 +108,5 @@ def write_native_mxfp4(
     plan.extend(unquantized_plan(model, replaced, names, cache))
     mapped = MappedWeights()
     write_sharded_safetensors(plan, staging, max_shard_size=max_shard_size, progress=progress,
-                              after_each=mapped.release_all)
+                              release=mapped.release_all)
     return {"quant_method": "mxfp4", "modules_to_not_convert": excluded_modules(model)}

@@ -54,7 +54,8 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
     torch.bool: "BOOL",
 }
 
-IN_FLIGHT_BYTES = 256 << 20  # computed tensors waiting for the writer, at most (one larger tensor at a time)
+IN_FLIGHT_BYTES = 64 << 20  # computed tensors waiting for the writer, at most (one larger tensor at a time)
+RELEASE_BYTES = 32 << 20  # written between two releases of memory-mapped weights
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -82,11 +83,16 @@ class OneSlotCache:
 
 @dataclass(frozen=True)
 class PlannedTensor:
-    """A tensor to write: its name, its spec, and how to compute it (called once, when written)."""
+    """A tensor to write: its name, its spec, and how to compute it (called once, when written).
+
+    ``borrowed``: ``compute`` returns a tensor the model already holds (an unquantized parameter), so
+    queueing it for the writer costs no memory unless its bytes had to be copied (e.g. off the GPU).
+    """
 
     name: str
     spec: TensorSpec
     compute: Callable[[], torch.Tensor]
+    borrowed: bool = False
 
 
 def parse_size(size: int | str) -> int:
@@ -127,6 +133,37 @@ def _tensor_bytes(tensor: torch.Tensor, entry: PlannedTensor) -> torch.Tensor:
     return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
 
 
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+def _write_shard(
+    entries: list[PlannedTensor], handle: DirectFile, writer: ThreadPoolExecutor, release: Callable[[], None], bar
+) -> None:
+    """Header, then each tensor in order. The writer thread writes while this thread computes the next
+    tensors (copies and file writes release the GIL); tensors queue for it up to ``IN_FLIGHT_BYTES``
+    (beyond the one being written), so one module's quantization overlaps the writing of the one before."""
+    in_flight: deque[tuple[Future, int]] = deque([(writer.submit(handle.write, _header(entries)), 0)])
+    queued = since_release = 0
+    for entry in entries:
+        tensor = entry.compute()
+        data = _tensor_bytes(tensor, entry)
+        cost = 0 if entry.borrowed and _same_storage(data, tensor) else data.numel()
+        while in_flight and (in_flight[0][0].done() or queued + cost > IN_FLIGHT_BYTES):
+            future, size = in_flight.popleft()
+            future.result()
+            queued -= size
+        in_flight.append((writer.submit(handle.write, data), cost))
+        queued += cost
+        since_release += entry.spec.nbytes
+        if since_release >= RELEASE_BYTES:
+            release()
+            since_release = 0
+        bar.update(entry.spec.nbytes)
+    for future, _ in in_flight:
+        future.result()
+
+
 def _split(plan: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
     shards: list[list[PlannedTensor]] = [[]]
     size = 0
@@ -145,11 +182,12 @@ def write_sharded_safetensors(
     *,
     max_shard_size: int | str = "5GB",
     progress: bool = True,
-    after_each: Callable[[], None] | None = None,
+    release: Callable[[], None] | None = None,
 ) -> list[str]:
     """Write ``plan`` (sorted by name) as HF-style safetensors shards; returns the file names.
 
-    ``after_each`` runs after every tensor is written (quantport drops memory-mapped weights there).
+    ``release`` runs after every ``RELEASE_BYTES`` of computed tensors and at the end (quantport drops
+    the memory-mapped weights already quantized there).
     """
     plan = sorted(plan, key=lambda e: e.name)
     names = [e.name for e in plan]
@@ -162,29 +200,12 @@ def write_sharded_safetensors(
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
     bar = tqdm(total=sum(e.spec.nbytes for e in plan), unit="B", unit_scale=True, desc="writing", disable=not progress)
-    # One writer thread writes in plan order while the main thread quantizes the next tensors (copies and
-    # file writes release the GIL). Tensors queue for the writer up to IN_FLIGHT_BYTES (beyond the one
-    # being written), so a module's quantization overlaps the writing of the module before it.
+    release = release or (lambda: None)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantport-writer") as writer:
         for file, entries in zip(files, shards, strict=True):
             with DirectFile(directory / file) as handle:
-                in_flight: deque[tuple[Future, int]] = deque([(writer.submit(handle.write, _header(entries)), 0)])
-                queued = 0
-                for entry in entries:
-                    data = _tensor_bytes(entry.compute(), entry)
-                    while in_flight and (in_flight[0][0].done() or queued + data.numel() > IN_FLIGHT_BYTES):
-                        future, size = in_flight.popleft()
-                        future.result()
-                        queued -= size
-                    if after_each is not None:
-                        after_each()
-                    in_flight.append((writer.submit(handle.write, data), data.numel()))
-                    queued += data.numel()
-                    bar.update(entry.spec.nbytes)
-                for future, _ in in_flight:
-                    future.result()
-    if after_each is not None:
-        after_each()
+                _write_shard(entries, handle, writer, release, bar)
+    release()
     bar.close()
     if len(shards) > 1:
         index = {

@@ -42,7 +42,8 @@ def passthrough_entries(
     meta = names.split(name, torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"))
     if len(meta) == 1:
         (target,) = meta
-        return [PlannedTensor(target, TensorSpec(tensor.dtype, tuple(tensor.shape)), lambda: tensor.detach())]
+        spec = TensorSpec(tensor.dtype, tuple(tensor.shape))
+        return [PlannedTensor(target, spec, lambda: tensor.detach(), borrowed=True)]
 
     def pieces() -> dict[str, torch.Tensor]:
         return cache.get(name, lambda: names.split(name, tensor.detach()))
