@@ -59,3 +59,16 @@ def test_existing_output_needs_overwrite(tmp_path, capsys):
 def test_bad_device(tmp_path, capsys, device):
     assert main(["quantize", "bundled:tiny-llama", str(tmp_path / "o"), "--recipe", "fp8", "--device", device]) == 2
     assert "unknown device" in capsys.readouterr().err
+
+
+def test_calib_batch_size_takes_auto_or_a_positive_integer(capsys):
+    from quantport.cli import _parser
+
+    parse = _parser().parse_args
+    base = ["quantize", "m", "o", "--recipe", "fp8"]
+    assert parse(base).calib_batch_size == "auto"
+    assert parse([*base, "--calib-batch-size", "16"]).calib_batch_size == 16
+    for bad in ("0", "-3", "many"):
+        with pytest.raises(SystemExit):
+            parse([*base, "--calib-batch-size", bad])
+        assert "positive integer or 'auto'" in capsys.readouterr().err

@@ -23,6 +23,18 @@ from .state import state_of
 __all__ = ["main"]
 
 
+def _batch_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
+    return size
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quantport", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -35,7 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                         "else compressed-tensors)")
     q.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")
     q.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
-    q.add_argument("--calib-batch-size", type=int, default=8, help="sequences per forward (default 8)")
+    q.add_argument("--calib-batch-size", type=_batch_size, default="auto",
+                   help="sequences per forward, or auto (default: from free GPU memory on CUDA, 8 on the CPU)")
     q.add_argument("--calib-text", type=Path, help="UTF-8 text file for calibration (default: bundled English)")
     q.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     q.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
