@@ -59,9 +59,23 @@ def test_sglang_lists_fused_members_by_exact_name():
     assert sglang_decision(QKV_LAYER, QKV, [QKV[0]]).partial
 
 
-def test_compressed_tensors_experts_layer_by_its_own_name():
+def test_compressed_tensors_experts_layer_by_expert_zero_as_vllm_0_32():
     experts = "model.layers.1.mlp.experts"
     shards = tuple(f"{experts}.{e}.{p}" for e in range(2) for p in ("gate_proj", "up_proj", "down_proj"))
-    assert ct_decision(experts, shards, [experts]).excluded
+    assert ct_decision(experts, shards, list(shards)).excluded
     assert ct_decision(experts, shards, [r"re:.*mlp\.experts.*"]).excluded
-    assert not ct_decision(experts, shards, list(shards)).excluded  # every expert by name: not the layer
+    assert ct_decision(experts, shards, [experts, *shards]).excluded  # what quantport writes
+    # the experts module's own name is not consulted: vLLM 0.32 quantizes this layer
+    assert not ct_decision(experts, shards, [experts]).excluded
+    # expert 0's projections decide; other experts are not looked at
+    assert ct_decision(experts, shards, [s for s in shards if ".experts.0." in s]).excluded
+    assert not ct_decision(experts, shards, [s for s in shards if ".experts.1." in s]).excluded
+    # some of expert 0's projections only: vLLM raises
+    assert ct_decision(experts, shards, [f"{experts}.0.gate_proj", f"{experts}.0.up_proj"]).partial
+
+
+def test_compressed_tensors_mixtral_experts_use_their_leaf_names():
+    experts = "model.layers.0.block_sparse_moe.experts"
+    shards = tuple(f"{experts}.{e}.{p}" for e in range(2) for p in ("w1", "w3", "w2"))
+    assert ct_decision(experts, shards, [f"{experts}.0.w1", f"{experts}.0.w3", f"{experts}.0.w2"]).excluded
+    assert not ct_decision(experts, shards, [f"{experts}.0.gate_proj"]).excluded

@@ -96,6 +96,26 @@ def test_unquantized_experts_are_ignored_by_their_per_expert_names(tmp_path):
             assert tensors[f"{name}.weight"].dtype == torch.bfloat16 and f"{name}.weight_scale" not in tensors
 
 
+def test_checker_follows_vllm_on_an_experts_ignore_entry(tmp_path):
+    """An ignore list naming only the experts module (not expert 0's projections) does not ignore the
+    layer in vLLM 0.32: the checker must then report unquantized experts it would try to load quantized."""
+    from quantport.check import check_checkpoint
+
+    model = tiny_moe("mixtral")
+    quantport.quantize(model, recipe_for_format("fp8", CT), _batches(), exclude=["*.experts"], progress=False)
+    out = quantport.export(model, tmp_path / "out", CT, progress=False)
+    assert check_checkpoint(out).ok
+    config = json.loads((out / "config.json").read_text())
+    qcfg = config["quantization_config"]
+    qcfg["ignore"] = [n for n in qcfg["ignore"] if ".experts." not in n]
+    assert "model.layers.0.block_sparse_moe.experts" in qcfg["ignore"]
+    assert not any(".experts.0." in n for n in qcfg["ignore"])
+    (out / "config.json").write_text(json.dumps(config))
+    report = check_checkpoint(out)
+    assert not report.ok
+    assert "exclusion.unlisted" in {f.rule for f in report.findings if "experts" in f.target}
+
+
 def test_gpt_oss_is_refused_before_writing(tmp_path):
     model = tiny_moe("gpt_oss")
     quantport.quantize(model, recipe_for_format("fp8", CT), _batches(), progress=False)

@@ -130,21 +130,32 @@ def ct_matches(name: str, entry: str) -> bool:
 
 
 def ct_decision(layer: str, shards: Sequence[str], patterns: Sequence[str]) -> Decision:
-    """vLLM's compressed-tensors ``should_ignore_layer``: a MoE ``experts`` layer and a plain layer by
-    their own name (exact or ``re:``); a fused layer by its name listed exactly, else per shard, all
-    shards or none (an ignore list naming every expert does not ignore the MoE layer, issue #2060)."""
+    """vLLM's compressed-tensors ``should_ignore_layer`` (exact names or ``re:``; class names never
+    ignore). A plain layer by its own name; a fused layer by its name listed exactly, else per shard,
+    all shards or none. A MoE ``experts`` layer as vLLM 0.32's ``CompressedTensorsMoEMethod`` decides
+    it: by the names of expert 0's projections (``<experts>.0.<gate|up|down leaf>``), which must all
+    be ignored or none (else vLLM raises "All MoE projections need to have same quantization scheme");
+    the experts module's own name is not consulted."""
     names = [p for p in patterns if not is_class_name(p)]
-    fused = len(shards) > 1 or shards[0] != layer
-    if layer.endswith("experts") or not fused:
+    if layer.endswith("experts"):
+        first = [s for s in shards if s.startswith(f"{layer}.0.")]
+        first = first or [f"{layer}.0.{leaf}" for leaf in ("gate_proj", "up_proj", "down_proj")]
+        return _all_or_none([next((p for p in names if ct_matches(s, p)), None) for s in first],
+                            "some but not all of expert 0's projections match the ignore list")
+    if len(shards) == 1 and shards[0] == layer:
         hit = next((p for p in names if ct_matches(layer, p)), None)
         return Decision(hit is not None, reason=f"ignore entry {hit!r}" if hit else "")
     if layer in names:
         return Decision(True, reason=f"ignore entry {layer!r}")
-    hits = [next((p for p in names if ct_matches(s, p)), None) for s in shards]
+    return _all_or_none([next((p for p in names if ct_matches(s, p)), None) for s in shards],
+                        "some but not all shards match the ignore list")
+
+
+def _all_or_none(hits: list[str | None], partial_reason: str) -> Decision:
     if all(h is not None for h in hits):
         return Decision(True, reason=f"ignore entry {hits[0]!r}")
     if any(h is not None for h in hits):
-        return Decision(True, partial=True, reason="some but not all shards match the ignore list")
+        return Decision(True, partial=True, reason=partial_reason)
     return Decision(False)
 
 
