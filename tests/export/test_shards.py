@@ -93,3 +93,44 @@ def test_many_tensors_queued_for_the_writer_keep_their_order(tmp_path, monkeypat
     write_sharded_safetensors(_plan(tensors), tmp_path / "all", progress=False)
     loaded = load_file(tmp_path / "all" / "model.safetensors")
     assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
+
+
+def _many_tensors(n: int = 40, size: int = 300_000) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    return {f"t{i:03d}": torch.randint(0, 256, (size,), generator=gen, dtype=torch.uint8) for i in range(n)}
+
+
+def test_a_failing_computation_mid_write_leaves_no_output(tmp_path):
+    tensors = _many_tensors()
+    plan = _plan(tensors)
+    broken = plan[25]
+
+    def fail():
+        raise RuntimeError("quantization failed")
+
+    plan[25] = PlannedTensor(broken.name, broken.spec, fail)
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="quantization failed"), staging_directory(out, overwrite=False) as staging:
+        write_sharded_safetensors(plan, staging, progress=False)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_file_write_is_raised_and_leaves_no_output(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from quantport.export import direct_file
+
+    real_pwrite, calls = os.pwrite, {"n": 0}
+
+    def disk_full_later(fd, data, offset):
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(direct_file.os, "pwrite", disk_full_later)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space"), staging_directory(out, overwrite=False) as staging:
+        write_sharded_safetensors(_plan(_many_tensors()), staging, progress=False)
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -9,6 +9,7 @@ Hugging Face shard naming and index.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -144,6 +145,30 @@ def _write_shard(
     tensors (copies and file writes release the GIL); tensors queue for it up to ``IN_FLIGHT_BYTES``
     (beyond the one being written), so one module's quantization overlaps the writing of the one before."""
     in_flight: deque[tuple[Future, int]] = deque([(writer.submit(handle.write, _header(entries)), 0)])
+    try:
+        _queue_tensors(entries, handle, writer, release, bar, in_flight)
+    except BaseException:
+        # the file is closed next: no write may still be running into its buffers
+        for future, _ in in_flight:
+            future.cancel()
+        for future, _ in in_flight:
+            if not future.cancelled():
+                with contextlib.suppress(Exception):
+                    future.result()
+        raise
+    for future, _ in in_flight:
+        future.result()
+
+
+def _queue_tensors(
+    entries: list[PlannedTensor],
+    handle: DirectFile,
+    writer: ThreadPoolExecutor,
+    release: Callable[[], None],
+    bar,
+    in_flight: deque[tuple[Future, int]],
+) -> None:
+    """Compute each tensor and queue it for the writer (``in_flight``: futures and their queued bytes)."""
     queued = since_release = 0
     for entry in entries:
         tensor = entry.compute()
@@ -160,8 +185,6 @@ def _write_shard(
             release()
             since_release = 0
         bar.update(entry.spec.nbytes)
-    for future, _ in in_flight:
-        future.result()
 
 
 def _split(plan: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
