@@ -219,3 +219,26 @@ def test_modelopt_format_refuses_experts_engines_cannot_read(tmp_path, family):
     with pytest.raises(UnsupportedFormatError, match="compressed-tensors"):
         quantport.export(model, tmp_path / "out", format="modelopt", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "mixtral"])
+@pytest.mark.parametrize("recipe", ["fp8", "nvfp4"])
+def test_expert_chunks_do_not_change_the_checkpoint(tmp_path, monkeypatch, family, recipe):
+    """Experts quantized in one stack, in stacks of two, or one by one: the same bytes on disk."""
+    from quantport.modules import quant_experts
+
+    model = tiny_moe(family)
+    quantport.quantize(model, recipe, make_calibration_batches(vocab_size=256, n=2), progress=False)
+    block = next(iter(find_moe_blocks(model)))
+    per_expert_fp32 = 4 * (block.experts.gate_up_proj[0].numel() + block.experts.down_proj[0].numel())
+    outputs = {}
+    for label, budget in (("all", 1 << 40), ("two", 2 * per_expert_fp32), ("one", 1)):
+        monkeypatch.setattr(quant_experts, "STACK_BYTES", budget)
+        chunks = experts_quantizer_of(block.experts).expert_chunks()
+        assert len(chunks) == {"all": 1, "two": EXPERTS // 2, "one": EXPERTS}[label]
+        outputs[label] = load_tensors(quantport.export(model, tmp_path / label, progress=False))
+    for label in ("two", "one"):
+        assert outputs[label].keys() == outputs["all"].keys()
+        for name, tensor in outputs["all"].items():
+            same = torch.equal(outputs[label][name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
+            assert same, (label, name)

@@ -18,7 +18,7 @@ from ..modules.quant_experts import ExpertsQuantizer
 from ..recipes import LinearScheme
 from ..schemes import TensorSpec
 from .ct_schemes import CtScheme, ct_shape
-from .experts import replaced_parameters
+from .experts import expert_tensors_lookup, replaced_parameters
 from .names import CheckpointNames
 from .shards import OneSlotCache, PlannedTensor
 from .targets import UnsupportedFormatError
@@ -58,8 +58,7 @@ def ct_expert_plan(
     """(every exported tensor of one quantized experts module, the model parameters it replaces)."""
     _check_layout(quantizer)
 
-    def expert_tensors(expert: int) -> dict[str, dict[str, torch.Tensor]]:
-        return cache.get((quantizer, expert), lambda: quantizer.quantized_expert(expert))
+    expert_tensors = expert_tensors_lookup(quantizer, cache)
 
     specs = {projection: _specs(quantizer, projection) for projection in _PROJECTIONS}
     plan = []

@@ -13,6 +13,8 @@ the weights the simulation uses.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..arch.experts import ExpertNaming
@@ -21,7 +23,7 @@ from ..schemes import TensorSpec
 from .names import CheckpointNames
 from .shards import OneSlotCache, PlannedTensor
 
-__all__ = ["expert_plan", "replaced_parameters"]
+__all__ = ["all_expert_tensors", "expert_plan", "expert_tensors_lookup", "replaced_parameters"]
 
 _PROJECTIONS = ("gate", "up", "down")
 
@@ -41,9 +43,28 @@ def _specs(quantizer: ExpertsQuantizer, projection: str) -> dict[str, TensorSpec
     return specs
 
 
-def _per_expert_plan(quantizer: ExpertsQuantizer, names: CheckpointNames, cache: OneSlotCache) -> list[PlannedTensor]:
+def expert_tensors_lookup(
+    quantizer: ExpertsQuantizer, cache: OneSlotCache
+) -> Callable[[int], dict[str, dict[str, torch.Tensor]]]:
+    """expert -> its exported tensors on the CPU, quantized a chunk of experts at a time
+    (:meth:`ExpertsQuantizer.expert_chunks`) and kept in ``cache`` while the chunk is written."""
+    chunk_of = {expert: chunk for chunk in quantizer.expert_chunks() for expert in chunk}
+
     def expert_tensors(expert: int) -> dict[str, dict[str, torch.Tensor]]:
-        return cache.get((quantizer, expert), lambda: quantizer.quantized_expert(expert))
+        chunk = chunk_of[expert]
+        tensors = cache.get((quantizer, chunk.start), lambda: quantizer.quantized_experts(chunk, device="cpu"))
+        return tensors[expert - chunk.start]
+
+    return expert_tensors
+
+
+def all_expert_tensors(quantizer: ExpertsQuantizer) -> list[dict[str, dict[str, torch.Tensor]]]:
+    """Every expert's exported tensors, in expert order, quantized a chunk at a time."""
+    return [t for chunk in quantizer.expert_chunks() for t in quantizer.quantized_experts(chunk)]
+
+
+def _per_expert_plan(quantizer: ExpertsQuantizer, names: CheckpointNames, cache: OneSlotCache) -> list[PlannedTensor]:
+    expert_tensors = expert_tensors_lookup(quantizer, cache)
 
     plan = []
     for expert in range(quantizer.block.num_experts):
@@ -62,7 +83,7 @@ def _per_expert_plan(quantizer: ExpertsQuantizer, names: CheckpointNames, cache:
 
 def _fused_tensors(quantizer: ExpertsQuantizer) -> dict[str, dict[str, torch.Tensor]]:
     layout = quantizer.layout
-    per_expert = [quantizer.quantized_expert(e) for e in range(quantizer.block.num_experts)]
+    per_expert = all_expert_tensors(quantizer)
     fused: dict[str, dict[str, torch.Tensor]] = {"gate_up_proj": {}, "down_proj": {}}
     for suffix, first in per_expert[0]["gate"].items():
         if first.dim() == 0:  # per-tensor scales: one value shared by all experts

@@ -25,7 +25,7 @@ from ..modules.quant_linear import QuantLinear
 from ..recipes import LinearScheme
 from ..schemes import TensorSpec
 from ..state import QuantizationState
-from .experts import replaced_parameters
+from .experts import all_expert_tensors, replaced_parameters
 from .names import CheckpointNames
 from .shards import OneSlotCache, PlannedTensor, write_sharded_safetensors
 from .targets import UnsupportedFormatError
@@ -60,7 +60,7 @@ def check_native_mxfp4(model: nn.Module, state: QuantizationState) -> list[Exper
 
 def _blocks_and_scales(quantizer: ExpertsQuantizer) -> dict[str, torch.Tensor]:
     layout = quantizer.layout
-    per_expert = [quantizer.quantized_expert(e) for e in range(quantizer.block.num_experts)]
+    per_expert = all_expert_tensors(quantizer)
     out = {}
     for parameter, rows in (
         ("gate_up_proj", lambda key: [layout.fuse_rows(t["gate"][key], t["up"][key]) for t in per_expert]),

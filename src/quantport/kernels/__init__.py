@@ -6,7 +6,7 @@ op's result; the Triton backend computes the same bytes in one pass on CUDA. Cal
 
 Ops (``w`` is ``[..., out, in]``, e.g. ``[E, out, in]`` experts; inputs are never modified):
 
-* :func:`quantize_fp8_per_tensor` ``(w, scale) -> codes float8_e4m3fn``
+* :func:`quantize_fp8_per_tensor` ``(w, scale, *, in_range=False) -> codes float8_e4m3fn``
 * :func:`quantize_nvfp4` ``(w, global_scale) -> (packed uint8 [..., in/2], scale fp8 [..., in/16])``
 * :func:`quantize_mxfp4` ``(w) -> (packed uint8 [..., in/2], scale uint8 E8M0 [..., in/32])``
 * :func:`quantize_int4_modelopt` ``(w, group) -> (packed uint8 [..., out/2, in], scale fp32 [..., out, in/group])``

@@ -23,12 +23,14 @@ import torch
 from torch import nn
 
 from ..arch.experts import ExpertLayout, ExpertNaming, ForwardContract, MoEBlock
-from ..schemes import SchemeCodec
+from ..schemes import SchemeCodec, quantizes_stacks
 from .quant_linear import QuantMode
 
 __all__ = ["ExpertsQuantizer", "expert_weight_amax", "experts_quantizer_of", "install_experts_quantizer"]
 
 _ATTR = "_quantport_experts"
+STACK_BYTES = 64 << 20  # fp32 bytes of expert weights quantized in one call on the CPU
+STACK_BYTES_CUDA = 1 << 30  # and on a GPU
 PROJECTIONS = ("gate_up", "down")
 
 
@@ -109,8 +111,8 @@ class ExpertsQuantizer:
 
     # --- weights -------------------------------------------------------------------------------------------
 
-    def expert_weights(self, expert: int) -> dict[str, torch.Tensor]:
-        """2-D ``[out, in]`` weights of expert ``expert``: gate, up, down.
+    def expert_weights(self, expert: int | slice) -> dict[str, torch.Tensor]:
+        """``[out, in]`` weights of expert ``expert`` (``[n, out, in]`` for a slice): gate, up, down.
 
         Experts exported fused are quantized from fp32 (one rounding of ``w / scale``), as ModelOpt
         quantizes its fused 3-D experts; per-expert exports quantize in the model dtype like a Linear.
@@ -122,17 +124,38 @@ class ExpertsQuantizer:
             gate_up, down = gate_up.float(), down.float()
         return {"gate": layout.gate(gate_up), "up": layout.up(gate_up), "down": layout.down(down)}
 
-    def quantized_expert(self, expert: int) -> dict[str, dict[str, torch.Tensor]]:
-        """Exported tensors (suffix -> tensor) of each projection of one expert."""
-        weights = self.expert_weights(expert)
-        out: dict[str, dict[str, torch.Tensor]] = {}
-        for name, weight in weights.items():
+    def expert_chunks(self) -> list[range]:
+        """Consecutive experts quantized together by :meth:`quantized_experts`: all of a chunk's weights
+        in fp32 fit ``STACK_BYTES`` (more on a GPU); one expert per chunk for codecs without stacks."""
+        n = self.block.num_experts
+        size = 1
+        if quantizes_stacks(self.codec):
+            experts = self.block.experts
+            per_expert = 4 * (experts.gate_up_proj[0].numel() + experts.down_proj[0].numel())
+            budget = STACK_BYTES_CUDA if experts.down_proj.is_cuda else STACK_BYTES
+            size = max(1, min(n, budget // per_expert))
+        return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+    def quantized_experts(
+        self, experts: range, device: torch.device | str | None = None
+    ) -> list[dict[str, dict[str, torch.Tensor]]]:
+        """Exported tensors (projection -> suffix -> tensor) of each expert of ``experts`` (consecutive),
+        optionally moved to ``device``. Codecs that take stacks quantize each projection of the range in
+        one call (one kernel launch and one device-to-host copy per tensor kind, not one per expert)."""
+        if len(experts) > 1 and not quantizes_stacks(self.codec):
+            return [self.quantized_experts(range(e, e + 1), device)[0] for e in experts]
+        index = slice(experts.start, experts.stop) if len(experts) > 1 else experts.start
+        out: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in experts]
+        for name, weight in self.expert_weights(index).items():
             projection = "down" if name == "down" else "gate_up"
-            tensors = self.codec.quantize_weight(weight, self.weight_amax[projection][expert])
+            tensors = self.codec.quantize_weight(weight, self.weight_amax[projection][index])
             scale = self.input_scale(projection)
             if scale is not None:
-                tensors["input_scale"] = scale[expert]
-            out[name] = tensors
+                tensors["input_scale"] = scale[index]
+            if device is not None:
+                tensors = {k: v.to(device) for k, v in tensors.items()}
+            for i in range(len(experts)):
+                out[i][name] = {k: v[i] for k, v in tensors.items()} if len(experts) > 1 else tensors
         return out
 
     def use_stored(self, input_scales: dict[str, torch.Tensor] | None) -> None:
@@ -157,8 +180,7 @@ class ExpertsQuantizer:
             return self._simulated
         dtype = self.block.experts.down_proj.dtype
         gates, ups, downs = [], [], []
-        for expert in range(self.block.num_experts):
-            tensors = self.quantized_expert(expert)
+        for tensors in (t for chunk in self.expert_chunks() for t in self.quantized_experts(chunk)):
             gates.append(self.codec.dequantize_weight(tensors["gate"], dtype))
             ups.append(self.codec.dequantize_weight(tensors["up"], dtype))
             downs.append(self.codec.dequantize_weight(tensors["down"], dtype))

@@ -3,7 +3,9 @@
 A codec turns a Linear's weight and calibration statistics into the tensors an engine reads
 (``weight``, ``weight_scale``, ``weight_scale_2``, ``input_scale``), turns those tensors back into a
 dense weight, and fake-quantizes activations. It only calls the pure functions of
-:mod:`quantport.formats`, so what the simulated model computes is what is exported, bit for bit.
+:mod:`quantport.formats` (weights through :mod:`quantport.kernels`, which runs those functions, or on
+CUDA a kernel proven to return the same bytes), so what the simulated model computes is what is
+exported, bit for bit.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from ..recipes import LinearScheme
 
-__all__ = ["CODECS", "DynamicActivations", "SchemeCodec", "TensorSpec", "WeightOnly", "codec_for"]
+__all__ = ["CODECS", "DynamicActivations", "SchemeCodec", "TensorSpec", "WeightOnly", "codec_for", "quantizes_stacks"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +98,13 @@ CODECS: dict[LinearScheme, SchemeCodec] = {}
 def register(codec: SchemeCodec) -> SchemeCodec:
     CODECS[codec.scheme] = codec
     return codec
+
+
+def quantizes_stacks(codec: SchemeCodec) -> bool:
+    """Whether ``codec.quantize_weight`` also takes a stack ``[E, out, in]`` with one weight amax per
+    matrix ``[E]``, and returns every tensor with a leading ``E`` dim, each slice equal to what the
+    matrix alone gives (codecs say so with a ``stacks = True`` class attribute; tested per codec)."""
+    return bool(getattr(codec, "stacks", False))
 
 
 def codec_for(scheme: LinearScheme) -> SchemeCodec:

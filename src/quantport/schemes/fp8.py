@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -20,6 +21,8 @@ _FP8 = torch.float8_e4m3fn
 @dataclass(frozen=True)
 class Fp8TensorCodec:
     """W8A8 FP8, static per-tensor scales (ModelOpt ``FP8``)."""
+
+    stacks: ClassVar[bool] = True  # quantize_weight takes [E, out, in] stacks (quantizes_stacks)
 
     scheme: LinearScheme = LinearScheme.FP8
     modelopt_algo: str = "FP8"

@@ -14,6 +14,7 @@ arithmetic, from :mod:`quantport.formats.integer`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -28,6 +29,8 @@ __all__ = ["ModeloptInt4Codec", "ModeloptInt8WeightCodec"]
 @dataclass(frozen=True)
 class ModeloptInt4Codec(WeightOnly):
     """INT4 group-128 weights, ModelOpt ``W4A16_AWQ`` layout."""
+
+    stacks: ClassVar[bool] = True  # quantize_weight takes [E, out, in] stacks (quantizes_stacks)
 
     scheme: LinearScheme = LinearScheme.W4A16_MODELOPT
     modelopt_algo: str | None = "W4A16_AWQ"
@@ -58,6 +61,8 @@ class ModeloptInt4Codec(WeightOnly):
 @dataclass(frozen=True)
 class ModeloptInt8WeightCodec(WeightOnly):
     """INT8 per-channel weights, ModelOpt ``W8A16`` layout."""
+
+    stacks: ClassVar[bool] = True  # quantize_weight takes [E, out, in] stacks (quantizes_stacks)
 
     scheme: LinearScheme = LinearScheme.W8A16_MODELOPT
     modelopt_algo: str | None = "W8A16"

@@ -10,6 +10,7 @@ so this scheme exports to compressed-tensors only.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -25,6 +26,8 @@ __all__ = ["Mxfp4Codec"]
 class Mxfp4Codec(WeightOnly):
     """``weight_packed`` uint8 ``[out, in/2]`` (two E2M1 codes per byte, even column low), ``weight_scale``
     uint8 E8M0 ``[out, in/32]``; activations unquantized."""
+
+    stacks: ClassVar[bool] = True  # quantize_weight takes [E, out, in] stacks (quantizes_stacks)
 
     scheme: LinearScheme = LinearScheme.MXFP4
     modelopt_algo: str | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -16,6 +17,8 @@ __all__ = ["Mxfp8Codec"]
 @dataclass(frozen=True)
 class Mxfp8Codec(DynamicActivations):
     """MXFP8 W8A8 (ModelOpt ``MXFP8``); activations are quantized dynamically per 32-block."""
+
+    stacks: ClassVar[bool] = True  # quantize_weight takes [E, out, in] stacks (quantizes_stacks)
 
     scheme: LinearScheme = LinearScheme.MXFP8
     modelopt_algo: str = "MXFP8"

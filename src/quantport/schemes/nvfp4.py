@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -17,6 +18,8 @@ __all__ = ["Nvfp4Codec"]
 @dataclass(frozen=True)
 class Nvfp4Codec:
     """E2M1 weights, FP8 scale per 16 inputs, fp32 ``weight_scale_2``; optional NVFP4 activations."""
+
+    stacks: ClassVar[bool] = True  # quantize_weight takes [E, out, in] stacks (quantizes_stacks)
 
     scheme: LinearScheme = LinearScheme.NVFP4
     modelopt_algo: str = "NVFP4"
