@@ -134,3 +134,12 @@ def test_a_failing_file_write_is_raised_and_leaves_no_output(tmp_path, monkeypat
     with pytest.raises(OSError, match="No space"), staging_directory(out, overwrite=False) as staging:
         write_sharded_safetensors(_plan(_many_tensors()), staging, progress=False)
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_natural_order_reads_numbers():
+    from quantport.export.shards import natural_order
+
+    names = ["m.experts.10.w", "m.experts.2.w", "m.experts.1.w", "m.layers.11.a", "m.layers.9.a", "lm_head.weight"]
+    assert sorted(names, key=natural_order) == [
+        "lm_head.weight", "m.experts.1.w", "m.experts.2.w", "m.experts.10.w", "m.layers.9.a", "m.layers.11.a",
+    ]  # fmt: skip

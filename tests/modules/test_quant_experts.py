@@ -242,3 +242,33 @@ def test_expert_chunks_do_not_change_the_checkpoint(tmp_path, monkeypatch, famil
         for name, tensor in outputs["all"].items():
             same = torch.equal(outputs[label][name].reshape(-1).view(torch.uint8), tensor.reshape(-1).view(torch.uint8))
             assert same, (label, name)
+
+
+def test_each_expert_chunk_is_quantized_once_per_export(tmp_path, monkeypatch):
+    """Twelve experts in chunks of five: the export quantizes three chunks per layer, not one per
+    change of expert in the file's tensor order (``experts.1``, ``experts.10``, ``experts.11``, ...)."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from quantport.modules import quant_experts
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                            head_dim=16, vocab_size=256, moe_intermediate_size=32, intermediate_size=64,
+                            num_experts=12, num_experts_per_tok=2)
+    model = Qwen3MoeForCausalLM(config).to(torch.bfloat16).eval()
+    quantport.quantize(model, "fp8", make_calibration_batches(vocab_size=256, n=1), progress=False)
+    block = next(iter(find_moe_blocks(model)))
+    per_expert_fp32 = 4 * (block.experts.gate_up_proj[0].numel() + block.experts.down_proj[0].numel())
+    monkeypatch.setattr(quant_experts, "STACK_BYTES", 5 * per_expert_fp32)
+    calls = []
+    original = quant_experts.ExpertsQuantizer.quantized_experts
+
+    def counted(self, experts, device=None):
+        calls.append((self.block.experts_name, experts))
+        return original(self, experts, device)
+
+    monkeypatch.setattr(quant_experts.ExpertsQuantizer, "quantized_experts", counted)
+    quantport.export(model, tmp_path / "out", progress=False)
+    chunks = (range(0, 5), range(5, 10), range(10, 12))
+    expected = [(f"model.layers.{layer}.mlp.experts", chunk) for layer in range(2) for chunk in chunks]
+    assert sorted(calls, key=str) == sorted(expected, key=str)

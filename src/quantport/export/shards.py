@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 from collections import deque
@@ -32,6 +33,7 @@ from .direct_file import DirectFile
 __all__ = [
     "OneSlotCache",
     "PlannedTensor",
+    "natural_order",
     "parse_size",
     "staging_directory",
     "write_json",
@@ -134,6 +136,12 @@ def _tensor_bytes(tensor: torch.Tensor, entry: PlannedTensor) -> torch.Tensor:
     return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
 
 
+def natural_order(name: str) -> tuple[str | int, ...]:
+    """Sort key reading digit runs as numbers: ``experts.2`` before ``experts.10``, so experts quantized
+    in consecutive chunks are written chunk by chunk."""
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name)))
+
+
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
@@ -207,12 +215,13 @@ def write_sharded_safetensors(
     progress: bool = True,
     release: Callable[[], None] | None = None,
 ) -> list[str]:
-    """Write ``plan`` (sorted by name) as HF-style safetensors shards; returns the file names.
+    """Write ``plan`` as HF-style safetensors shards, in :func:`natural_order` of the names (the tensors of
+    one module, and consecutive experts, are next to each other); returns the file names.
 
     ``release`` runs after every ``RELEASE_BYTES`` of computed tensors and at the end (quantport drops
     the memory-mapped weights already quantized there).
     """
-    plan = sorted(plan, key=lambda e: e.name)
+    plan = sorted(plan, key=lambda e: natural_order(e.name))
     names = [e.name for e in plan]
     if len(set(names)) != len(names):
         raise AssertionError("duplicate tensor names in export plan")
