@@ -91,3 +91,10 @@ def test_other_write_errors_propagate(tmp_path, monkeypatch):
     monkeypatch.setattr(direct_file.os, "pwrite", full)
     with pytest.raises(OSError, match="No space"), DirectFile(tmp_path / "f.bin", chunk=ALIGNMENT) as handle:
         handle.write(torch.zeros(3 * ALIGNMENT, dtype=torch.uint8))
+
+
+def test_platform_without_pwrite_writes_the_same_bytes(tmp_path, monkeypatch):
+    monkeypatch.delattr(direct_file.os, "pwrite")
+    pieces = _pieces()
+    _write(tmp_path / "f.bin", pieces)
+    assert (tmp_path / "f.bin").read_bytes() == _expected(pieces)

@@ -93,7 +93,7 @@ class DirectFile:
             written = 0
             while written < length:
                 try:
-                    written += os.pwrite(self._fd, view[written:], offset + written)
+                    written += _pwrite(self._fd, view[written:], offset + written)
                 except OSError as error:
                     if not (self._direct and error.errno == errno.EINVAL and offset == 0 and written == 0):
                         raise
@@ -140,3 +140,10 @@ class DirectFile:
     def __exit__(self, exc_type: object, *exc: object) -> None:
         self.close(finish=exc_type is None)
 
+
+def _pwrite(fd: int, data: memoryview, offset: int) -> int:
+    """``os.pwrite``; where it is missing (Windows), a seek and a write (one I/O thread per file)."""
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, data, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.write(fd, data)
