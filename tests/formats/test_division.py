@@ -36,3 +36,15 @@ def test_divide_keeps_dtype_and_shape():
 def test_divide_on_cuda_equals_cpu(divisor):
     x = _amaxes()
     assert torch.equal(divide(x.cuda(), divisor).cpu(), divide(x, divisor))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("element_max", [6.0, 448.0])
+def test_mx_shared_exponent_on_cuda_equals_cpu_at_powers_of_two(element_max):
+    from quantport.formats.mx import mx_shared_exponent
+
+    # amax = element_max * 2**k: the quotient is exactly 2**k, where a reciprocal multiply may land one ulp
+    # above and ceil(log2(.)) one exponent higher
+    amax = torch.cat([element_max * torch.exp2(torch.arange(-40.0, 40.0)), _amaxes()])
+    assert torch.equal(mx_shared_exponent(amax.cuda(), element_max).cpu(), mx_shared_exponent(amax, element_max))

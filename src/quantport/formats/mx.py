@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from .division import divide
 from .nvfp4 import E2M1_MAX, e2m1_codes_to_float, pack_fp4, unpack_fp4
 
 __all__ = [
@@ -87,7 +88,7 @@ def mx_shared_exponent(block_amax: torch.Tensor, element_max: float) -> torch.Te
     ratio is not positive (zero block, NaN). Returns ``e + 127``. ``element_max`` is the largest
     magnitude of the element format: ``E4M3_MAX`` (448) or ``E2M1_MAX`` (6).
     """
-    descale = block_amax.float() / element_max
+    descale = divide(block_amax.float(), element_max)  # the same bits on CUDA (see formats.division)
     floor_exp = torch.tensor(-127.0, device=descale.device)
     log2_descale = torch.where(descale > 0, torch.log2(descale), floor_exp)
     exponent = torch.clamp(torch.ceil(log2_descale), min=-127, max=127)
