@@ -261,6 +261,14 @@ def _as_pairs(w: torch.Tensor) -> torch.Tensor:
     return w.view(pair)
 
 
+def _fp4_outputs(w: torch.Tensor, block: int, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Empty packed codes ``[..., in/2]`` and scales ``[..., in/block]`` for ``w``, and its block count."""
+    k = w.shape[-1]
+    packed = torch.empty((*w.shape[:-1], k // 2), dtype=torch.uint8, device=w.device)
+    scale = torch.empty((*w.shape[:-1], k // block), dtype=scale_dtype, device=w.device)
+    return packed, scale, w.numel() // block
+
+
 def _per_matrix(value: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, int]:
     """fp32 values per leading matrix (one element: one for all) and the number of rows each covers."""
     value = value.detach().to(device=w.device, dtype=torch.float32).reshape(-1).contiguous()
@@ -293,9 +301,7 @@ def nvfp4_triton(
     """(packed uint8 ``[..., in/2]``, fp8 block scale ``[..., in/16]``) of ``w [..., in]``."""
     g, rows_per = _per_matrix(global_scale, w)
     w, _, k = _rows(w)
-    packed = torch.empty((*w.shape[:-1], k // 2), dtype=torch.uint8, device=w.device)
-    scale = torch.empty((*w.shape[:-1], k // 16), dtype=torch.float8_e4m3fn, device=w.device)
-    n_blocks = w.numel() // 16
+    packed, scale, n_blocks = _fp4_outputs(w, 16, torch.float8_e4m3fn)
     if n_blocks:
         grid = (triton.cdiv(n_blocks, block_r),)
         blocks_per_g = rows_per * (k // 16)
@@ -309,10 +315,8 @@ def nvfp4_triton(
 
 def mxfp4_triton(w: torch.Tensor, block_r: int = 128, num_warps: int = 4):
     """(packed uint8 ``[..., in/2]``, E8M0 uint8 scale ``[..., in/32]``) of ``w [..., in]``."""
-    w, _, k = _rows(w)
-    packed = torch.empty((*w.shape[:-1], k // 2), dtype=torch.uint8, device=w.device)
-    scale = torch.empty((*w.shape[:-1], k // 32), dtype=torch.uint8, device=w.device)
-    n_blocks = w.numel() // 32
+    w, _, _ = _rows(w)
+    packed, scale, n_blocks = _fp4_outputs(w, 32, torch.uint8)
     if n_blocks:
         grid = (triton.cdiv(n_blocks, block_r),)
         _mxfp4_kernel[grid](

@@ -146,10 +146,11 @@ class ExpertsQuantizer:
             return [self.quantized_experts(range(e, e + 1), device)[0] for e in experts]
         index = slice(experts.start, experts.stop) if len(experts) > 1 else experts.start
         out: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in experts]
+        input_scales = {projection: self.input_scale(projection) for projection in PROJECTIONS}
         for name, weight in self.expert_weights(index).items():
             projection = "down" if name == "down" else "gate_up"
             tensors = self.codec.quantize_weight(weight, self.weight_amax[projection][index])
-            scale = self.input_scale(projection)
+            scale = input_scales[projection]
             if scale is not None:
                 tensors["input_scale"] = scale[index]
             if device is not None:
