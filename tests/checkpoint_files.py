@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -28,3 +29,17 @@ def assert_same_tensor(name: str, actual: torch.Tensor, expected: torch.Tensor) 
         torch.testing.assert_close(actual, expected, rtol=1e-6, atol=0, msg=name)
     else:
         assert torch.equal(actual.reshape(-1).view(torch.uint8), expected.reshape(-1).view(torch.uint8)), name
+
+
+def assert_matches_reference(ours: Path, reference: Path) -> None:
+    """Same tensor names, each tensor as :func:`assert_same_tensor` says, and the same nested
+    ``hf_quant_config.json`` settings (quant_algo, KV algo, group size, excluded modules)."""
+    mine, ref = load_tensors(ours), load_tensors(reference)
+    assert sorted(mine) == sorted(ref)
+    for name, expected in ref.items():
+        assert_same_tensor(name, mine[name], expected)
+    ref_nested = json.loads((Path(reference) / "hf_quant_config.json").read_text())["quantization"]
+    our_nested = json.loads((Path(ours) / "hf_quant_config.json").read_text())["quantization"]
+    for key in ("quant_algo", "kv_cache_quant_algo", "group_size"):
+        assert our_nested.get(key) == ref_nested.get(key), key
+    assert set(our_nested["exclude_modules"]) == set(ref_nested["exclude_modules"])
