@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 import quantport
 from quantport.check import check_checkpoint
@@ -110,3 +112,22 @@ def test_unknown_format_is_refused(tmp_path, tiny_model, calib_batches):
     model = quantport.quantize(tiny_model("llama"), "fp8-dynamic", progress=False)
     with pytest.raises(ExportError, match="unknown export format 'gguf'"):
         quantport.export(model, tmp_path / "out", format="gguf")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise release is Linux-only")
+@pytest.mark.parametrize("fmt", ["modelopt", "compressed-tensors"])
+def test_export_drops_the_memory_mapped_weights_it_read(tmp_path, tiny_model, calib_batches, fmt):
+    """Every format releases the checkpoint pages export touched (compressed-tensors once kept them all)."""
+    tiny_model("llama", vocab_size=8192, hidden_size=256, intermediate_size=1024).save_pretrained(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype="auto")  # weights memory-mapped
+    quantport.quantize(model, "fp8", calib_batches, progress=False)
+    with torch.no_grad():
+        sum(float(p.float().sum()) for p in model.parameters())  # every weight page resident
+    resident = _rss_file_kb()
+    quantport.export(model, tmp_path / "out", format=fmt, progress=False)
+    assert _rss_file_kb() < resident - 4000  # the ~11 MB of weights left the process
+
+
+def _rss_file_kb() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))

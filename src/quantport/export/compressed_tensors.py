@@ -26,6 +26,7 @@ compressed-tensors is imported only here, when this format is written.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -174,9 +175,17 @@ def ct_tensor_plan(model: nn.Module, state: QuantizationState) -> list[PlannedTe
 
 
 def write_compressed_tensors(
-    model: nn.Module, state: QuantizationState, staging: Path, *, max_shard_size: int | str, progress: bool
+    model: nn.Module,
+    state: QuantizationState,
+    staging: Path,
+    *,
+    max_shard_size: int | str,
+    progress: bool,
+    release: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Write the tensors; return ``config.json``'s ``quantization_config``."""
     config = ct_quantization_config(state, ct_ignore(model))
-    write_sharded_safetensors(ct_tensor_plan(model, state), staging, max_shard_size=max_shard_size, progress=progress)
+    write_sharded_safetensors(
+        ct_tensor_plan(model, state), staging, max_shard_size=max_shard_size, progress=progress, release=release
+    )
     return config

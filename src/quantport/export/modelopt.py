@@ -13,13 +13,13 @@ quantport identifies itself in ``quantport_report.json``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..memory.mapped_weights import MappedWeights
 from ..modules.kv_cache import kv_quantizer_of
 from ..modules.quant_experts import experts_quantizer_of
 from ..modules.quant_linear import QuantLinear
@@ -141,16 +141,20 @@ def check_modelopt_experts(state: QuantizationState) -> None:
 
 
 def write_modelopt(
-    model: nn.Module, state: QuantizationState, staging: Path, *, max_shard_size: int | str, progress: bool
+    model: nn.Module,
+    state: QuantizationState,
+    staging: Path,
+    *,
+    max_shard_size: int | str,
+    progress: bool,
+    release: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Write tensors and ``hf_quant_config.json``; return ``config.json``'s ``quantization_config``."""
     check_modelopt_experts(state)
     exclude = excluded_modules(model)
     flat, nested = modelopt_configs(codec_for(state.recipe.scheme), state, exclude)
-    mapped = MappedWeights()
     write_sharded_safetensors(
-        modelopt_tensor_plan(model), staging, max_shard_size=max_shard_size, progress=progress,
-        release=mapped.release_all,
+        modelopt_tensor_plan(model), staging, max_shard_size=max_shard_size, progress=progress, release=release
     )
     write_json(staging / "hf_quant_config.json", nested)
     return flat

@@ -12,6 +12,7 @@ interleaved for GPT-OSS, already ``[out, in]``):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,6 @@ import torch
 from torch import nn
 
 from ..formats.mx import MX_BLOCK
-from ..memory.mapped_weights import MappedWeights
 from ..modules.quant_experts import ExpertsQuantizer, experts_quantizer_of
 from ..modules.quant_linear import QuantLinear
 from ..recipes import LinearScheme
@@ -95,7 +95,13 @@ def _expert_entries(quantizer: ExpertsQuantizer, names: CheckpointNames, cache: 
 
 
 def write_native_mxfp4(
-    model: nn.Module, state: QuantizationState, staging: Path, *, max_shard_size: int | str, progress: bool
+    model: nn.Module,
+    state: QuantizationState,
+    staging: Path,
+    *,
+    max_shard_size: int | str,
+    progress: bool,
+    release: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Write the checkpoint; return ``config.json``'s ``quantization_config``."""
     quantizers = check_native_mxfp4(model, state)
@@ -106,7 +112,5 @@ def write_native_mxfp4(
         plan.extend(_expert_entries(quantizer, names, cache))
         replaced |= replaced_parameters(quantizer)
     plan.extend(unquantized_plan(model, replaced, names, cache))
-    mapped = MappedWeights()
-    write_sharded_safetensors(plan, staging, max_shard_size=max_shard_size, progress=progress,
-                              release=mapped.release_all)
+    write_sharded_safetensors(plan, staging, max_shard_size=max_shard_size, progress=progress, release=release)
     return {"quant_method": "mxfp4", "modules_to_not_convert": excluded_modules(model)}
