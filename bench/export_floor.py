@@ -6,8 +6,8 @@
 Uses the model and calibration batches dense_export.py caches in bench/_work. In one process, after
 loading and quantizing with quantport (FP8), it times (minimum over the repeats):
 
-* the disk: writing as many bytes as the checkpoint has through quantport's writer (``DirectFile``,
-  ``O_DIRECT``), from one reused buffer, with the CPU idle and with torch busy on all its threads
+* the disk: writing as many bytes as the checkpoint has through quantport's writer held to ``O_DIRECT``
+  (``CheckpointFile``), from one reused buffer, with the CPU idle and with torch busy on all its threads
   (during an export, quantization shares the two cores with the writer); and the same bytes through
   the page cache, as safetensors writes them;
 * the arithmetic: FP8 codes of every quantized weight (``w / scale`` then the fp8 cast, what the
@@ -58,10 +58,10 @@ def _write_buffered(path: Path, total: int) -> None:
 def _write_bytes(path: Path, total: int) -> None:
     import torch
 
-    from quantport.export.direct_file import DirectFile
+    from quantport.export.checkpoint_file import CheckpointFile, WriteRoute
 
     source = torch.full((8 << 20,), 7, dtype=torch.uint8)
-    with DirectFile(path) as handle:
+    with CheckpointFile(path, route=WriteRoute(settled_direct=True)) as handle:
         for start in range(0, total, source.numel()):
             handle.write(source[: min(source.numel(), total - start)])
     path.unlink()

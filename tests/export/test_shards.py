@@ -119,7 +119,7 @@ def test_a_failing_file_write_is_raised_and_leaves_no_output(tmp_path, monkeypat
     import errno
     import os
 
-    from quantport.export import direct_file
+    from quantport.export import checkpoint_file
 
     real_pwrite, calls = os.pwrite, {"n": 0}
 
@@ -129,7 +129,7 @@ def test_a_failing_file_write_is_raised_and_leaves_no_output(tmp_path, monkeypat
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(direct_file.os, "pwrite", disk_full_later)
+    monkeypatch.setattr(checkpoint_file.os, "pwrite", disk_full_later)
     out = tmp_path / "out"
     with pytest.raises(OSError, match="No space"), staging_directory(out, overwrite=False) as staging:
         write_sharded_safetensors(_plan(_many_tensors()), staging, progress=False)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from ..errors import OutputExistsError
 from ..schemes import TensorSpec
-from .direct_file import DirectFile
+from .checkpoint_file import CheckpointFile
 
 __all__ = [
     "OneSlotCache",
@@ -147,7 +147,7 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _write_shard(
-    entries: list[PlannedTensor], handle: DirectFile, writer: ThreadPoolExecutor, release: Callable[[], None], bar
+    entries: list[PlannedTensor], handle: CheckpointFile, writer: ThreadPoolExecutor, release: Callable[[], None], bar
 ) -> None:
     """Header, then each tensor in order. The writer thread writes while this thread computes the next
     tensors (copies and file writes release the GIL); tensors queue for it up to ``IN_FLIGHT_BYTES``
@@ -170,7 +170,7 @@ def _write_shard(
 
 def _queue_tensors(
     entries: list[PlannedTensor],
-    handle: DirectFile,
+    handle: CheckpointFile,
     writer: ThreadPoolExecutor,
     release: Callable[[], None],
     bar,
@@ -235,7 +235,7 @@ def write_sharded_safetensors(
     release = release or (lambda: None)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantport-writer") as writer:
         for file, entries in zip(files, shards, strict=True):
-            with DirectFile(directory / file) as handle:
+            with CheckpointFile(directory / file) as handle:
                 _write_shard(entries, handle, writer, release, bar)
     release()
     bar.close()
