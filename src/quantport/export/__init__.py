@@ -14,10 +14,11 @@ from torch import nn
 from .. import __version__
 from ..memory.mapped_weights import MappedWeights
 from ..state import QuantizationState, state_of
-from .compressed_tensors import write_compressed_tensors
-from .modelopt import write_modelopt
-from .mxfp4_native import write_native_mxfp4
-from .shards import staging_directory, write_json
+from .compressed_tensors import compressed_tensors_content
+from .content import CheckpointContent
+from .modelopt import modelopt_content
+from .mxfp4_native import native_mxfp4_content
+from .shards import staging_directory, write_json, write_sharded_safetensors
 from .targets import ExportFormat, check_exportable, default_format, parse_format, recipe_for_format
 from .unquantized import excluded_modules
 
@@ -39,16 +40,13 @@ TOKENIZER_FILES = (
 REPORT_FILE = "quantport_report.json"
 
 
-CheckpointWriter = Callable[..., dict[str, Any]]
-"""``writer(model, state, staging_dir, *, max_shard_size, progress, release) -> quantization_config``: writes
-the tensors and any format-specific side files, returns the block for ``config.json``. ``release`` drops
-the model's memory-mapped weights read so far (passed on to :func:`write_sharded_safetensors`)."""
-
-WRITERS: dict[ExportFormat, CheckpointWriter] = {
-    ExportFormat.MODELOPT: write_modelopt,
-    ExportFormat.COMPRESSED_TENSORS: write_compressed_tensors,
-    ExportFormat.MXFP4: write_native_mxfp4,
+FORMAT_CONTENT: dict[ExportFormat, Callable[[nn.Module, QuantizationState], CheckpointContent]] = {
+    ExportFormat.MODELOPT: modelopt_content,
+    ExportFormat.COMPRESSED_TENSORS: compressed_tensors_content,
+    ExportFormat.MXFP4: native_mxfp4_content,
 }
+"""Per format: what the checkpoint holds (tensor plan, ``quantization_config``, side files); it may refuse the
+model with a clear error before anything is written."""
 
 
 def _config_dict(model: nn.Module, quantization_config: dict[str, Any]) -> dict[str, Any]:
@@ -108,16 +106,18 @@ def export(
     state = state_of(model)
     fmt = fmt or default_format(state.recipe.scheme)
     check_exportable(state.recipe, fmt)
-    writer = WRITERS[fmt]
     out_dir = Path(out_dir)
     with staging_directory(out_dir, overwrite=overwrite) as staging, ThreadPoolExecutor(1) as scan:
         # finding the memory-mapped weights reads /proc/self/smaps (~15 ms): done beside the first writes
         mapped = scan.submit(MappedWeights)
-        quantization_config = writer(
-            model, state, staging, max_shard_size=max_shard_size, progress=progress,
-            release=lambda: mapped.result().release_all(),
+        content = FORMAT_CONTENT[fmt](model, state)
+        write_sharded_safetensors(
+            content.plan, staging, max_shard_size=max_shard_size, progress=progress,
+            release=lambda: mapped.result().release_all(),  # drops the weights quantized so far
         )
-        write_json(staging / "config.json", _config_dict(model, quantization_config))
+        for name, data in content.side_files.items():
+            write_json(staging / name, data)
+        write_json(staging / "config.json", _config_dict(model, content.quantization_config))
         write_json(staging / REPORT_FILE, _report(state, fmt, excluded_modules(model)))
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:

@@ -26,8 +26,6 @@ compressed-tensors is imported only here, when this format is written.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -41,13 +39,14 @@ from ..modules.quant_linear import QuantLinear
 from ..recipes import KVCacheFormat, LinearScheme
 from ..schemes import TensorSpec
 from ..state import QuantizationState
+from .content import CheckpointContent
 from .ct_experts import ct_expert_plan
 from .ct_schemes import CT_SCHEMES, KV_CACHE_ARGS, CtScheme, ct_shape
 from .names import CheckpointNames
-from .shards import OneSlotCache, PlannedTensor, write_sharded_safetensors
+from .shards import OneSlotCache, PlannedTensor
 from .unquantized import excluded_modules, unquantized_plan
 
-__all__ = ["ct_ignore", "ct_quantization_config", "ct_scheme", "ct_tensor_plan", "write_compressed_tensors"]
+__all__ = ["compressed_tensors_content", "ct_ignore", "ct_quantization_config", "ct_scheme", "ct_tensor_plan"]
 
 TARGETS = ["Linear"]
 """Config-group targets: vLLM matches Linear layers (and MoE experts) by this class name."""
@@ -174,18 +173,6 @@ def ct_tensor_plan(model: nn.Module, state: QuantizationState) -> list[PlannedTe
     return plan + unquantized_plan(model, replaced, names, cache)
 
 
-def write_compressed_tensors(
-    model: nn.Module,
-    state: QuantizationState,
-    staging: Path,
-    *,
-    max_shard_size: int | str,
-    progress: bool,
-    release: Callable[[], None] | None = None,
-) -> dict[str, Any]:
-    """Write the tensors; return ``config.json``'s ``quantization_config``."""
-    config = ct_quantization_config(state, ct_ignore(model))
-    write_sharded_safetensors(
-        ct_tensor_plan(model, state), staging, max_shard_size=max_shard_size, progress=progress, release=release
-    )
-    return config
+def compressed_tensors_content(model: nn.Module, state: QuantizationState) -> CheckpointContent:
+    """The tensors and ``config.json``'s ``quantization_config``."""
+    return CheckpointContent(ct_tensor_plan(model, state), ct_quantization_config(state, ct_ignore(model)))

@@ -13,8 +13,6 @@ quantport identifies itself in ``quantport_report.json``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,9 +24,10 @@ from ..modules.quant_linear import QuantLinear
 from ..recipes import KVCacheFormat, LinearScheme
 from ..schemes import SchemeCodec, TensorSpec, codec_for
 from ..state import QuantizationState
+from .content import CheckpointContent
 from .experts import expert_plan, replaced_parameters
 from .names import CheckpointNames
-from .shards import OneSlotCache, PlannedTensor, write_json, write_sharded_safetensors
+from .shards import OneSlotCache, PlannedTensor
 from .targets import UnsupportedFormatError
 from .unquantized import excluded_modules, unquantized_plan
 
@@ -37,7 +36,7 @@ __all__ = [
     "excluded_modules",
     "modelopt_configs",
     "modelopt_tensor_plan",
-    "write_modelopt",
+    "modelopt_content",
 ]
 
 MODELOPT_FORMAT_VERSION = "0.47.0"
@@ -140,21 +139,9 @@ def check_modelopt_experts(state: QuantizationState) -> None:
         )
 
 
-def write_modelopt(
-    model: nn.Module,
-    state: QuantizationState,
-    staging: Path,
-    *,
-    max_shard_size: int | str,
-    progress: bool,
-    release: Callable[[], None] | None = None,
-) -> dict[str, Any]:
-    """Write tensors and ``hf_quant_config.json``; return ``config.json``'s ``quantization_config``."""
+def modelopt_content(model: nn.Module, state: QuantizationState) -> CheckpointContent:
+    """The tensors, ``config.json``'s ``quantization_config`` and ``hf_quant_config.json``."""
     check_modelopt_experts(state)
     exclude = excluded_modules(model)
     flat, nested = modelopt_configs(codec_for(state.recipe.scheme), state, exclude)
-    write_sharded_safetensors(
-        modelopt_tensor_plan(model), staging, max_shard_size=max_shard_size, progress=progress, release=release
-    )
-    write_json(staging / "hf_quant_config.json", nested)
-    return flat
+    return CheckpointContent(modelopt_tensor_plan(model), flat, {"hf_quant_config.json": nested})

@@ -12,10 +12,6 @@ interleaved for GPT-OSS, already ``[out, in]``):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
-
 import torch
 from torch import nn
 
@@ -25,13 +21,14 @@ from ..modules.quant_linear import QuantLinear
 from ..recipes import LinearScheme
 from ..schemes import TensorSpec
 from ..state import QuantizationState
+from .content import CheckpointContent
 from .experts import all_expert_tensors, replaced_parameters
 from .names import CheckpointNames
-from .shards import OneSlotCache, PlannedTensor, write_sharded_safetensors
+from .shards import OneSlotCache, PlannedTensor
 from .targets import UnsupportedFormatError
 from .unquantized import excluded_modules, unquantized_plan
 
-__all__ = ["check_native_mxfp4", "write_native_mxfp4"]
+__all__ = ["check_native_mxfp4", "native_mxfp4_content"]
 
 
 def check_native_mxfp4(model: nn.Module, state: QuantizationState) -> list[ExpertsQuantizer]:
@@ -94,16 +91,8 @@ def _expert_entries(quantizer: ExpertsQuantizer, names: CheckpointNames, cache: 
     return entries
 
 
-def write_native_mxfp4(
-    model: nn.Module,
-    state: QuantizationState,
-    staging: Path,
-    *,
-    max_shard_size: int | str,
-    progress: bool,
-    release: Callable[[], None] | None = None,
-) -> dict[str, Any]:
-    """Write the checkpoint; return ``config.json``'s ``quantization_config``."""
+def native_mxfp4_content(model: nn.Module, state: QuantizationState) -> CheckpointContent:
+    """The tensors and ``config.json``'s ``quantization_config``."""
     quantizers = check_native_mxfp4(model, state)
     names, cache = CheckpointNames(model), OneSlotCache()
     plan: list[PlannedTensor] = []
@@ -112,5 +101,4 @@ def write_native_mxfp4(
         plan.extend(_expert_entries(quantizer, names, cache))
         replaced |= replaced_parameters(quantizer)
     plan.extend(unquantized_plan(model, replaced, names, cache))
-    write_sharded_safetensors(plan, staging, max_shard_size=max_shard_size, progress=progress, release=release)
-    return {"quant_method": "mxfp4", "modules_to_not_convert": excluded_modules(model)}
+    return CheckpointContent(plan, {"quant_method": "mxfp4", "modules_to_not_convert": excluded_modules(model)})
