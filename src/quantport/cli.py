@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .calibrate.moe_policy import MoECalibration, MoEInputScales
 from .check.commands import add_commands as add_check_commands
-from .errors import QuantportError
+from .errors import InterruptedBySignal, QuantportError
 from .eval_commands import add_commands as add_eval_commands
-from .export import ExportFormat, export
+from .export import ExportFormat, OutputTarget, claim_output, export
 from .export.targets import default_format, recipe_for_format
-from .loading import load_model
+from .loading import load_model, resolve_model_dir
 from .pipeline import quantize
 from .recipes import PRESETS, KVCacheFormat
 from .state import state_of
@@ -72,13 +75,12 @@ def _directory_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def _quantize_command(args: argparse.Namespace) -> None:
+def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> None:
     start = time.perf_counter()
     recipe = recipe_for_format(args.recipe, args.format)  # fail on a bad (recipe, format) before loading
     fmt = ExportFormat(args.format) if args.format else default_format(recipe.scheme)
-    from .export.shards import check_output_directory
-
-    check_output_directory(args.out, args.overwrite)
+    # OUT is decided and proven writable once, before loading; main() removes its staging directory on failure
+    outputs.append(claim_output(args.out, overwrite=args.overwrite, source=_local_model(args.model)))
     model, directory = load_model(args.model, device=args.device)
     quantize(
         model,
@@ -93,8 +95,7 @@ def _quantize_command(args: argparse.Namespace) -> None:
         moe_calib=args.moe_calib,
         progress=not args.quiet,
     )
-    export(model, args.out, fmt, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
-           progress=not args.quiet)
+    export(model, outputs[-1], fmt, max_shard_size=args.max_shard_size, progress=not args.quiet)
     state = state_of(model)
     elapsed = time.perf_counter() - start
     print(f"quantport: {args.recipe} ({fmt.value}) of {directory} -> {args.out}")
@@ -119,21 +120,77 @@ def _quantize_command(args: argparse.Namespace) -> None:
     print(f"  time             : {elapsed:.1f} s")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
+def _local_model(model: str) -> Path | None:
+    """MODEL's directory when it is on this machine already (a path or a bundled model), else None (a hub
+    model: OUT is checked against its download directory by export())."""
+    with contextlib.suppress(QuantportError, OSError):
+        if Path(model).expanduser().is_dir() or model.startswith("bundled:"):
+            return resolve_model_dir(model)
+    return None
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    raise InterruptedBySignal(signum)
+
+
+@contextlib.contextmanager
+def _signals_stop_the_run() -> Iterator[None]:
+    """SIGTERM raises :class:`InterruptedBySignal` (a ``KeyboardInterrupt``, as SIGINT raises), so the clean-up
+    that a Ctrl-C runs also runs for ``kill``."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
-        if args.command == "quantize":
-            _quantize_command(args)
-        elif hasattr(args, "func"):
-            return args.func(args)
-    except QuantportError as exc:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _abort(outputs: list[OutputTarget]) -> list[Path]:
+    """Remove the staging directories of unfinished outputs, deaf to further signals; returns those removed."""
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    try:
+        return [removed for target in outputs if (removed := target.abort()) is not None]
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _left_behind(outputs: list[OutputTarget], removed: list[Path]) -> str:
+    written = [target.path for target in outputs if target.committed]
+    if removed:
+        return f"removed the partial output {removed[0]}"
+    return f"{written[0]} was complete before it" if written else "nothing was left behind"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a command; 0 on success, 2 (one ``error:`` line on stderr) on bad input, an OS error or a signal."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    outputs: list[OutputTarget] = []
+    try:
+        with _signals_stop_the_run():
+            if args.command == "quantize":
+                _quantize_command(args, outputs)
+            elif hasattr(args, "func"):
+                return args.func(args)
+    except KeyboardInterrupt as exc:
+        removed = _abort(outputs)
+        name = signal.Signals(exc.signum).name if isinstance(exc, InterruptedBySignal) else "SIGINT"
+        print(f"error: interrupted by {name}; {_left_behind(outputs, removed)}", file=sys.stderr)
+        return 2
+    except (QuantportError, ValueError) as exc:
+        _abort(outputs)
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except BaseException:
+        _abort(outputs)
+        raise
     return 0
 
 

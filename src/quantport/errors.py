@@ -5,9 +5,13 @@ from __future__ import annotations
 __all__ = [
     "CalibrationDataError",
     "ExportError",
+    "InterruptedBySignal",
     "InvalidWeightsError",
     "ModelLoadError",
+    "OutputChangedError",
     "OutputExistsError",
+    "OutputPathError",
+    "OutputWriteError",
     "QuantportError",
 ]
 
@@ -34,3 +38,25 @@ class ExportError(QuantportError):
 
 class OutputExistsError(ExportError):
     """The output directory exists and is not empty."""
+
+
+class OutputPathError(ExportError):
+    """The output directory may not be used: it is (or contains) the model or the current directory, or a mount
+    point."""
+
+
+class OutputWriteError(ExportError):
+    """The operating system refused to create or write the output (disk full, read-only, permission, name too
+    long)."""
+
+
+class OutputChangedError(ExportError):
+    """The output directory changed while quantport was writing (created, replaced or filled by someone else)."""
+
+
+class InterruptedBySignal(KeyboardInterrupt):
+    """SIGTERM (or another signal) stopped the run; handled like Ctrl-C, which raises ``KeyboardInterrupt``."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

@@ -7,8 +7,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from quantport.errors import OutputExistsError
-from quantport.export.shards import PlannedTensor, parse_size, staging_directory, write_sharded_safetensors
+from quantport.errors import OutputWriteError
+from quantport.export.output_dir import claim_output
+from quantport.export.shards import PlannedTensor, parse_size, write_sharded_safetensors
 from quantport.schemes import TensorSpec
 
 
@@ -57,27 +58,6 @@ def test_parse_size():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size(7) == 7
 
 
-def test_staging_is_removed_on_failure_and_output_untouched(tmp_path):
-    out = tmp_path / "ckpt"
-    with pytest.raises(RuntimeError), staging_directory(out, overwrite=False) as staging:
-        (staging / "model.safetensors").write_bytes(b"partial")
-        raise RuntimeError("interrupted")
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_existing_output_refused_unless_overwrite(tmp_path):
-    out = tmp_path / "ckpt"
-    out.mkdir()
-    (out / "old.txt").write_text("keep")
-    with pytest.raises(OutputExistsError, match="--overwrite"), staging_directory(out, overwrite=False):
-        pass
-    assert (out / "old.txt").read_text() == "keep"
-    with staging_directory(out, overwrite=True) as staging:
-        (staging / "new.txt").write_text("new")
-    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
-
-
 def test_many_tensors_queued_for_the_writer_keep_their_order(tmp_path, monkeypatch):
     from quantport.export import shards
 
@@ -110,7 +90,7 @@ def test_a_failing_computation_mid_write_leaves_no_output(tmp_path):
 
     plan[25] = PlannedTensor(broken.name, broken.spec, fail)
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError, match="quantization failed"), staging_directory(out, overwrite=False) as staging:
+    with pytest.raises(RuntimeError, match="quantization failed"), claim_output(out).writing() as staging:
         write_sharded_safetensors(plan, staging, progress=False)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
@@ -131,8 +111,8 @@ def test_a_failing_file_write_is_raised_and_leaves_no_output(tmp_path, monkeypat
 
     monkeypatch.setattr(checkpoint_file.os, "pwrite", disk_full_later)
     out = tmp_path / "out"
-    with pytest.raises(OSError, match="No space"), staging_directory(out, overwrite=False) as staging:
-        write_sharded_safetensors(_plan(_many_tensors()), staging, progress=False)
+    with pytest.raises(OutputWriteError, match="No space left on device.*free"), claim_output(out).writing() as st:
+        write_sharded_safetensors(_plan(_many_tensors()), st, progress=False)
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 

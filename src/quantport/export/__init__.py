@@ -18,11 +18,12 @@ from .compressed_tensors import compressed_tensors_content
 from .content import CheckpointContent
 from .modelopt import modelopt_content
 from .mxfp4_native import native_mxfp4_content
-from .shards import staging_directory, write_json, write_sharded_safetensors
+from .output_dir import OutputTarget, claim_output
+from .shards import write_json, write_sharded_safetensors
 from .targets import ExportFormat, check_exportable, default_format, parse_format, recipe_for_format
 from .unquantized import excluded_modules
 
-__all__ = ["ExportFormat", "export", "recipe_for_format"]
+__all__ = ["ExportFormat", "OutputTarget", "claim_output", "export", "recipe_for_format"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +56,18 @@ def _config_dict(model: nn.Module, quantization_config: dict[str, Any]) -> dict[
     return config
 
 
+def _source_directory(model: nn.Module) -> Path | None:
+    """The local directory the model was loaded from, if it was."""
+    source = Path(getattr(model, "name_or_path", "") or "")
+    return source if str(source) not in ("", ".") and source.is_dir() else None
+
+
 def _copy_tokenizer(model: nn.Module, staging: Path, tokenizer: Any) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
         return
-    source = Path(getattr(model, "name_or_path", "") or "")
-    if not source.is_dir():
+    source = _source_directory(model)
+    if source is None:
         logger.warning("tokenizer not copied: the model was not loaded from a local directory; pass tokenizer=")
         return
     for name in TOKENIZER_FILES:
@@ -87,7 +94,7 @@ def _report(state: QuantizationState, fmt: ExportFormat, exclude: list[str]) -> 
 
 def export(
     model: nn.Module,
-    out_dir: str | Path,
+    out_dir: str | Path | OutputTarget,
     format: ExportFormat | str | None = None,  # noqa: A002  (public API name)
     *,
     overwrite: bool = False,
@@ -101,13 +108,21 @@ def export(
     at the end, so an interrupted export leaves nothing that looks like a checkpoint. The same model
     and recipe give the same bytes. ``format`` None is the first format that stores the recipe's
     scheme exactly (ModelOpt when it can); a format that cannot is refused before anything is written.
+
+    ``out_dir`` is a path, or OUT already claimed with :func:`claim_output` (what the CLI does before it
+    loads the model; ``overwrite`` is then the claim's). OUT is never the model's directory or one of its
+    parents, and it is replaced only if it is still the directory found at the claim
+    (:mod:`quantport.export.output_dir`). Files are fsynced before the rename; an ``OSError`` is raised as
+    :class:`~quantport.errors.OutputWriteError`.
     """
     fmt = None if format is None else parse_format(format)
     state = state_of(model)
     fmt = fmt or default_format(state.recipe.scheme)
     check_exportable(state.recipe, fmt)
-    out_dir = Path(out_dir)
-    with staging_directory(out_dir, overwrite=overwrite) as staging, ThreadPoolExecutor(1) as scan:
+    source = _source_directory(model)
+    target = out_dir if isinstance(out_dir, OutputTarget) else claim_output(out_dir, overwrite=overwrite, source=source)
+    with target.writing() as staging, ThreadPoolExecutor(1) as scan:
+        target.check_source(source)  # OUT is never the model directory or one of its parents
         # finding the memory-mapped weights reads /proc/self/smaps (~15 ms): done beside the first writes
         mapped = scan.submit(MappedWeights)
         content = FORMAT_CONTENT[fmt](model, state)
@@ -123,4 +138,4 @@ def export(
         if generation_config is not None:
             generation_config.save_pretrained(staging)
         _copy_tokenizer(model, staging, tokenizer)
-    return out_dir
+    return target.commit()  # fsync, then rename to out_dir as claimed

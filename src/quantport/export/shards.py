@@ -1,4 +1,4 @@
-"""Sharded safetensors written one tensor at a time, into a staging directory renamed at the end.
+"""Sharded safetensors written one tensor at a time (into the staging directory of :mod:`.output_dir`).
 
 The writer takes a *plan*: every tensor's name, dtype and shape, known before any tensor is
 computed, and a function that computes it. Shard headers are written first, then each tensor is
@@ -12,21 +12,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
-import shutil
 import struct
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import OutputExistsError
 from ..schemes import TensorSpec
 from .checkpoint_file import CheckpointFile
 
@@ -35,7 +31,6 @@ __all__ = [
     "PlannedTensor",
     "natural_order",
     "parse_size",
-    "staging_directory",
     "write_json",
     "write_sharded_safetensors",
 ]
@@ -251,40 +246,3 @@ def write_sharded_safetensors(
 def write_json(path: Path, data: dict) -> None:
     """Deterministic JSON: sorted keys, two-space indent, trailing newline."""
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def check_output_directory(out_dir: Path, overwrite: bool) -> None:
-    """Refuse an existing non-empty output directory unless ``overwrite``."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise OutputExistsError(f"output path {out_dir} exists and is a file; choose another path")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise OutputExistsError(
-            f"output directory {out_dir} exists and is not empty; choose another path or pass --overwrite"
-        )
-
-
-@contextmanager
-def staging_directory(out_dir: Path, *, overwrite: bool) -> Iterator[Path]:
-    """Yield a fresh staging directory beside ``out_dir``; rename it to ``out_dir`` on success.
-
-    On any error the staging directory is removed and ``out_dir`` is left as it was.
-    """
-    out_dir = Path(out_dir)
-    check_output_directory(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.quantport-staging-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        trash = out_dir.parent / f".{out_dir.name}.quantport-old-{os.getpid()}"
-        out_dir.rename(trash)
-        staging.rename(out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        staging.rename(out_dir)
-    logger.info("wrote %s", out_dir)
