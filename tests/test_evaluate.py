@@ -100,15 +100,40 @@ def _cli(*argv: str) -> int:
 
 def test_eval_command(tmp_path, capsys):
     _, _, _, out = _quantized_tiny_llama(tmp_path, "nvfp4")
-    code = _cli("eval", "bundled:tiny-llama", str(out), "--samples", "2", "--seq-len", "64", "--device", "cpu",
-                "--json", "--quiet")
+    code = _cli(
+        "eval",
+        "bundled:tiny-llama",
+        str(out),
+        "--samples",
+        "2",
+        "--seq-len",
+        "64",
+        "--device",
+        "cpu",
+        "--json",
+        "--quiet",
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["tokens"] == 2 * 63 and summary["simulate_activations"] is True
     assert summary["kl_mean"] > 0 and summary["ppl_quant"] > 1
 
-    assert _cli("eval", "bundled:tiny-llama", str(out), "--samples", "2", "--seq-len", "64", "--device", "cpu",
-                "--weights-only", "--quiet") == 0
+    assert (
+        _cli(
+            "eval",
+            "bundled:tiny-llama",
+            str(out),
+            "--samples",
+            "2",
+            "--seq-len",
+            "64",
+            "--device",
+            "cpu",
+            "--weights-only",
+            "--quiet",
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "weights only" in text and "KL(base||q)" in text
 
@@ -140,3 +165,24 @@ def test_trained_moe_model_weight_only_fp8(tmp_path):
     assert 50 < result.ppl_base < 200
     assert result.ppl_quant == pytest.approx(result.ppl_base, rel=0.02)
     assert 0 < result.kl_mean < 0.01
+
+
+@pytest.mark.parametrize(
+    ("weights", "match"),
+    [
+        (b"\x10\0\0\0", "fewer than the 8-byte header length"),
+        ((3_000_000_000).to_bytes(8, "little") + b"{", "exceeds the 100000000-byte limit"),
+        (b"\x0c\0\0\0\0\0\0\0{not json!!}", "header is not valid JSON"),
+    ],
+)
+def test_eval_corrupt_checkpoint_is_one_error_line(tmp_path, capsys, weights, match):
+    """A corrupt QUANT fails with one line naming the file, before the base model is loaded."""
+    quant = tmp_path / "quant"
+    quant.mkdir()
+    config = json.loads((resolve_model_dir("bundled:tiny-llama") / "config.json").read_text())
+    (quant / "config.json").write_text(json.dumps(config))
+    (quant / "model.safetensors").write_bytes(weights)
+    assert _cli("eval", "bundled:tiny-llama", str(quant), "--device", "cpu", "--quiet") == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {quant / 'model.safetensors'}: ") and match in err and "Traceback" not in err
+    assert err.count("\n") == 1

@@ -21,8 +21,14 @@ from quantport.modules.quant_linear import QuantLinear
 from tiny_models import make_calibration_batches
 
 CASES = [
-    ("fp8", None), ("fp8", "fp8"), ("fp8-dynamic", None), ("fp8-block", None),
-    ("nvfp4", None), ("nvfp4", "fp8"), ("w4a16-nvfp4", None), ("mxfp8", "fp8"),
+    ("fp8", None),
+    ("fp8", "fp8"),
+    ("fp8-dynamic", None),
+    ("fp8-block", None),
+    ("nvfp4", None),
+    ("nvfp4", "fp8"),
+    ("w4a16-nvfp4", None),
+    ("mxfp8", "fp8"),
 ]
 BLOCK_DIMS = dict(hidden_size=256, intermediate_size=384, head_dim=64)  # several 128x128 blocks per weight
 
@@ -101,10 +107,16 @@ def test_mixed_precision_checkpoint(tmp_path, tiny_model, calib_batches):
     mixed.mkdir()
     save_file(tensors, mixed / "model.safetensors")
     config = json.loads((fp8_dir / "config.json").read_text())
-    layers = {k.rsplit(".", 1)[0]: {"quant_algo": "NVFP4" if ".mlp." in k else "FP8"}
-              for k in tensors if k.endswith(".weight_scale")}
-    config["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "MIXED_PRECISION",
-                                     "quantized_layers": layers}
+    layers = {
+        k.rsplit(".", 1)[0]: {"quant_algo": "NVFP4" if ".mlp." in k else "FP8"}
+        for k in tensors
+        if k.endswith(".weight_scale")
+    }
+    config["quantization_config"] = {
+        "quant_method": "modelopt",
+        "quant_algo": "MIXED_PRECISION",
+        "quantized_layers": layers,
+    }
     (mixed / "config.json").write_text(json.dumps(config))
     loaded = dict(load(mixed).named_modules())
     for source in (fp8_model, nvfp4_model):
@@ -235,8 +247,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.reference
-@pytest.mark.parametrize("config_name", ["FP8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG", "MXFP8_DEFAULT_CFG",
-                                         "FP8_PER_CHANNEL_PER_TOKEN_CFG"])
+@pytest.mark.parametrize(
+    "config_name", ["FP8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG", "MXFP8_DEFAULT_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG"]
+)
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3", "llama4_text", "gpt_oss"])
 def test_modelopt_moe_checkpoint_loads(tmp_path, family, config_name):
     base = tiny_moe(family)
@@ -261,16 +274,20 @@ def test_modelopt_moe_checkpoint_loads(tmp_path, family, config_name):
 def test_modelopt_per_expert_tensors_are_refused_in_place(tmp_path):
     """Each stored Mixtral expert (w1/w3/w2 under block_sparse_moe) lands in its slice of the fused params."""
     base = tiny_moe("mixtral")
-    out = _modelopt_export(copy.deepcopy(base), "FP8_DEFAULT_CFG", make_calibration_batches(vocab_size=256),
-                           tmp_path / "ref")
+    out = _modelopt_export(
+        copy.deepcopy(base), "FP8_DEFAULT_CFG", make_calibration_batches(vocab_size=256), tmp_path / "ref"
+    )
     stored = load_tensors(out)
     loaded = load(out)
     (block, *_) = find_moe_blocks(loaded)
     experts, layout = block.experts, block.layout
     for e in range(block.num_experts):
         prefix = f"model.layers.0.block_sparse_moe.experts.{e}"
-        for leaf, view in (("w1", layout.gate(experts.gate_up_proj)), ("w3", layout.up(experts.gate_up_proj)),
-                           ("w2", layout.down(experts.down_proj))):
+        for leaf, view in (
+            ("w1", layout.gate(experts.gate_up_proj)),
+            ("w3", layout.up(experts.gate_up_proj)),
+            ("w2", layout.down(experts.down_proj)),
+        ):
             decoded = fp8.dequantize_fp8(stored[f"{prefix}.{leaf}.weight"], stored[f"{prefix}.{leaf}.weight_scale"])
             assert torch.equal(view[e], decoded), (e, leaf)
 
@@ -280,8 +297,9 @@ def test_modelopt_per_expert_tensors_are_refused_in_place(tmp_path):
 def test_modelopt_fused_nvfp4_is_read_transposed(tmp_path, family):
     """Fused NVFP4 experts are stored [E, in/2, out] with block scales [E, in/16, out]."""
     base = tiny_moe(family)
-    out = _modelopt_export(copy.deepcopy(base), "NVFP4_DEFAULT_CFG", make_calibration_batches(vocab_size=256),
-                           tmp_path / "ref")
+    out = _modelopt_export(
+        copy.deepcopy(base), "NVFP4_DEFAULT_CFG", make_calibration_batches(vocab_size=256), tmp_path / "ref"
+    )
     stored = load_tensors(out)
     loaded = load(out)
     for record in load_report(loaded).experts:
@@ -289,8 +307,9 @@ def test_modelopt_fused_nvfp4_is_read_transposed(tmp_path, family):
         for param in ("gate_up_proj", "down_proj"):
             packed, scale = stored[f"{prefix}.{param}"], stored[f"{prefix}.{param}_weight_scale"]
             assert packed.shape[1] * 2 == getattr(experts, param).shape[1]  # packed along dim 1 (input)
-            decoded = nvfp4.dequantize_nvfp4(packed.transpose(1, 2), scale.transpose(1, 2),
-                                             stored[f"{prefix}.{param}_weight_scale_2"])
+            decoded = nvfp4.dequantize_nvfp4(
+                packed.transpose(1, 2), scale.transpose(1, 2), stored[f"{prefix}.{param}_weight_scale_2"]
+            )
             assert torch.equal(getattr(experts, param), decoded.transpose(1, 2)), (prefix, param)
 
 
@@ -349,3 +368,107 @@ def test_missing_input_scale_fails_only_when_simulating(tmp_path, tiny_model, ca
     load(out)
     with pytest.raises(CheckpointError, match=r"o_proj.*input_scale.*simulate_activations=False"):
         load(out, simulate_activations=True)
+
+
+# --- hostile checkpoints: a QuantportError naming the file, never a raw library error ----------------------
+
+
+@pytest.fixture
+def fp8_export(tmp_path, tiny_model, calib_batches):
+    return _quantized_export(tmp_path, tiny_model, calib_batches, "llama", "fp8")[1]
+
+
+def _header_bytes(path, text: bytes) -> None:
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+
+
+def test_corrupt_header_is_a_checkpoint_error_naming_the_file(fp8_export):
+    _header_bytes(fp8_export / "model.safetensors", b"{not json")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: header is not valid JSON") as info:
+        load(fp8_export)
+    assert isinstance(info.value, quantport.QuantportError)
+
+
+def test_overlapping_offsets_are_refused_before_safetensors_reads(fp8_export):
+    path = fp8_export / "model.safetensors"
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+    header[names[3]]["data_offsets"] = [o - 1 for o in header[names[3]]["data_offsets"]]
+    _header_bytes(path, json.dumps(header).encode())
+    with pytest.raises(CheckpointError, match="overlaps"):
+        load(fp8_export)
+
+
+def test_fifo_named_model_safetensors_does_not_block(fp8_export):
+    import os
+    import threading
+
+    (fp8_export / "model.safetensors").unlink()
+    os.mkfifo(fp8_export / "model.safetensors")
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            load(fp8_export)
+        except BaseException as exc:  # noqa: BLE001
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert raised, "quantport.load blocked on a FIFO"
+    assert isinstance(raised[0], CheckpointError) and "FIFO" in str(raised[0]), raised[0]
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("[1, 2]", r"config\.json: a JSON array, not an object"),
+        ('{"hidden_size": ', r"config\.json: not valid JSON"),
+    ],
+)
+def test_unreadable_config_is_named(fp8_export, content, match):
+    (fp8_export / "config.json").write_text(content)
+    with pytest.raises(CheckpointError, match=match):
+        load(fp8_export)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("quantization_config", "fp8", r"config\.json: quantization_config is 'fp8', not a JSON object"),
+        ("quantization_config", ["fp8"], "not a JSON object"),
+        ("num_hidden_layers", "abc", r"config\.json: num_hidden_layers is 'abc', not a positive integer"),
+        ("hidden_size", -1, "hidden_size is -1"),
+        ("vocab_size", 10**8, "describes a model of .* GB"),
+    ],
+)
+def test_bad_config_values_are_named(fp8_export, key, value, match):
+    config = json.loads((fp8_export / "config.json").read_text())
+    config[key] = value
+    (fp8_export / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=match):
+        load(fp8_export)
+
+
+def test_nan_in_an_unquantized_weight_is_refused(fp8_export):
+    path = fp8_export / "model.safetensors"
+    tensors = load_file(path)
+    tensors["lm_head.weight"][3, 5] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"lm_head\.weight holds 1 NaN"):
+        load(fp8_export)
+
+
+def test_index_pointing_outside_the_directory(tmp_path, tiny_model, calib_batches):
+    _, out = _quantized_export(tmp_path, tiny_model, calib_batches, "llama", "fp8", max_shard_size="150KB")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = "../elsewhere.safetensors"
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=r"'\.\./elsewhere\.safetensors', outside the checkpoint directory"):
+        load(out)

@@ -39,8 +39,11 @@ def add_commands(subparsers: Any) -> None:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence (default 512)")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward (default 4)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    parser.add_argument("--weights-only", action="store_true",
-                        help="dequantized weights only: do not simulate activation or KV-cache quantization")
+    parser.add_argument(
+        "--weights-only",
+        action="store_true",
+        help="dequantized weights only: do not simulate activation or KV-cache quantization",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
     parser.set_defaults(func=run_eval)
@@ -82,42 +85,55 @@ def _summary(args: argparse.Namespace, result: EvalResult, sequences: int, secon
 def _format(summary: dict[str, Any]) -> str:
     change = 100.0 * (summary["ppl_ratio"] - 1.0)
     mode = "simulated activations" if summary["simulate_activations"] else "weights only"
-    return "\n".join([
-        f"quantport eval: {summary['quant']} against {summary['base']} ({mode})",
-        f"  text         : {summary['text']}, {summary['sequences']} x {summary['seq_len']} tokens"
-        f" ({summary['tokens']} scored)",
-        f"  ppl base     : {summary['ppl_base']:.4f}",
-        f"  ppl quant    : {summary['ppl_quant']:.4f} ({change:+.2f}%)",
-        f"  KL(base||q)  : {summary['kl_mean']:.6f} nats/token",
-        f"  time         : {summary['seconds']:.1f} s",
-    ])
+    return "\n".join(
+        [
+            f"quantport eval: {summary['quant']} against {summary['base']} ({mode})",
+            f"  text         : {summary['text']}, {summary['sequences']} x {summary['seq_len']} tokens"
+            f" ({summary['tokens']} scored)",
+            f"  ppl base     : {summary['ppl_base']:.4f}",
+            f"  ppl quant    : {summary['ppl_quant']:.4f} ({change:+.2f}%)",
+            f"  KL(base||q)  : {summary['kl_mean']:.6f} nats/token",
+            f"  time         : {summary['seconds']:.1f} s",
+        ]
+    )
 
 
 def _run(args: argparse.Namespace) -> dict[str, Any]:
-    from .loader import load
+    from .loader import load, validate_files
     from .loading import load_model, resolve_device, resolve_model_dir
 
     start = time.perf_counter()
     device = resolve_device(args.device)
     quant_dir = resolve_model_dir(args.quant)
+    validate_files(quant_dir)  # a corrupt checkpoint fails before the base model is loaded
     base_model, base_dir = load_model(args.base, device=str(device))
     _check_length(base_model, args.seq_len)
-    batches = eval_batches(_tokenizer(base_dir, quant_dir), text_path=args.text, samples=args.samples,
-                           seq_len=args.seq_len, batch_size=args.batch_size)
+    batches = eval_batches(
+        _tokenizer(base_dir, quant_dir),
+        text_path=args.text,
+        samples=args.samples,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+    )
     quant_model = load(quant_dir, simulate_activations=not args.weights_only, device=device)
     result = evaluate(base_model, quant_model, batches, progress=not args.quiet)
     return _summary(args, result, sum(b.shape[0] for b in batches), time.perf_counter() - start)
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """Run ``quantport eval``; returns the process exit code (0, or 2 on a user-facing error)."""
+    """Run ``quantport eval``; returns the process exit code (0, or 2 on a user-facing error: a missing
+    or corrupt checkpoint, a bad config, unreadable files; one ``error:`` line on stderr)."""
     try:
         summary = _run(args)
     except NotImplementedError as exc:
         print(f"error: {exc} (with quantport eval: --weights-only)", file=sys.stderr)  # noqa: T201
         return 2
     except (QuantportError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)  # noqa: T201
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)  # noqa: T201
+        return 2
+    except OSError as exc:  # a file vanished or could not be read: name it, no traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)  # noqa: T201
         return 2
     print(json.dumps(summary, indent=2) if args.json else _format(summary))  # noqa: T201
     return 0

@@ -13,11 +13,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .check.checkpoint import Checkpoint, TensorInfo
+from .check.checkpoint import CONFIG_FILE, INDEX_FILE, Checkpoint, TensorInfo
 from .check.findings import Engine
 from .check.qconfig import Format, QuantConfig, model_facts, parse_quant_config
 from .check.rules.tensors import ct_group_for
 from .check.structure import Context, fused_expert_param, is_quantized
+from .read import model_field_problems
 
 __all__ = ["CheckpointSummary", "FormatGroup", "format_summary", "inspect_checkpoint"]
 
@@ -169,9 +170,16 @@ def _coverage(report: dict[str, Any] | None) -> dict[str, Any] | None:
     if isinstance(layers, dict):
         counts = [n for tokens in layers.values() if isinstance(tokens, list) for n in tokens if isinstance(n, int)]
         if counts:
-            out.setdefault("summary", {"experts": len(counts), "experts_without_tokens": counts.count(0),
-                                       "min_tokens": min(counts), "median_tokens": statistics.median(counts),
-                                       "max_tokens": max(counts)})
+            out.setdefault(
+                "summary",
+                {
+                    "experts": len(counts),
+                    "experts_without_tokens": counts.count(0),
+                    "min_tokens": min(counts),
+                    "median_tokens": statistics.median(counts),
+                    "max_tokens": max(counts),
+                },
+            )
         out["layers"] = len(layers)
     dead = coverage.get("experts_without_tokens")
     if isinstance(dead, dict):
@@ -192,8 +200,16 @@ def _producer(ckpt: Checkpoint, q: QuantConfig) -> dict[str, Any] | None:
 def _recipe(report: dict[str, Any] | None) -> dict[str, Any] | None:
     if not isinstance(report, dict):
         return None
-    keys = ("recipe", "scheme", "kv_cache", "format", "quantport_version", "calibration_tokens",
-            "quantized_layers", "excluded_layers")
+    keys = (
+        "recipe",
+        "scheme",
+        "kv_cache",
+        "format",
+        "quantport_version",
+        "calibration_tokens",
+        "quantized_layers",
+        "excluded_layers",
+    )
     return {k: report[k] for k in keys if k in report}
 
 
@@ -209,19 +225,45 @@ def inspect_checkpoint(path: str | Path) -> CheckpointSummary:
     formats = _formats(ctx)
     kv_scales = sum(1 for n in ckpt.tensors if n.rsplit(".", 1)[-1] in ("k_scale", "v_scale"))
     summary = CheckpointSummary(
-        path=str(path), format=q.format.value, quant_method=q.quant_method, quant_algo=q.quant_algo,
-        group_size=q.group_size, producer=_producer(ckpt, q), recipe=_recipe(ckpt.report),
-        architecture=facts.architectures[0] if facts.architectures else None, model_type=facts.model_type or None,
-        files=len(ckpt.files), tensors=len(ckpt.tensors), bytes=sum(i.nbytes for i in ckpt.tensors.values()),
-        formats=formats, excluded=list(q.ignore), kv_cache=q.kv_cache, kv_scales=kv_scales, moe=_moe(ctx),
+        path=str(path),
+        format=q.format.value,
+        quant_method=q.quant_method,
+        quant_algo=q.quant_algo,
+        group_size=q.group_size,
+        producer=_producer(ckpt, q),
+        recipe=_recipe(ckpt.report),
+        architecture=facts.architectures[0] if facts.architectures else None,
+        model_type=facts.model_type or None,
+        files=len(ckpt.files),
+        tensors=len(ckpt.tensors),
+        bytes=sum(i.nbytes for i in ckpt.tensors.values()),
+        formats=formats,
+        excluded=list(q.ignore),
+        kv_cache=q.kv_cache,
+        kv_scales=kv_scales,
+        moe=_moe(ctx),
         coverage=_coverage(ckpt.report),
     )
     in_layers = {n for m in ctx.weight_modules for n in (f"{m}.{p}" for p in ctx.weight_modules[m])}
     summary.parameters = sum(g.parameters for g in formats) + sum(
-        i.numel for n, i in ckpt.tensors.items() if n not in in_layers)
-    summary.problems = [f"{name}: {error}" for name, error in {**ckpt.json_errors, **ckpt.file_errors}.items()]
+        i.numel for n, i in ckpt.tensors.items() if n not in in_layers
+    )
+    summary.problems = _problems(ckpt)
     ckpt.close()
     return summary
+
+
+def _problems(ckpt: Checkpoint) -> list[str]:
+    """What makes the summary incomplete or the checkpoint unloadable (``quantport check`` says more)."""
+    problems = list(ckpt.json_errors.values())
+    problems += [f"{name}: {error}" for name, error in ckpt.file_errors.items()]
+    missing = sorted(set((ckpt.index or {}).values()) - set(ckpt.files))
+    problems += [f"{INDEX_FILE}: names shard {file!r}, which is not a file of the directory" for file in missing]
+    problems += [f"{CONFIG_FILE}: {p.describe()}" for p in model_field_problems(ckpt.config)]
+    config = ckpt.config or {}
+    if config.get("quantization_config") is not None and not isinstance(config.get("quantization_config"), dict):
+        problems.append(f"{CONFIG_FILE}: quantization_config is not a JSON object")
+    return problems
 
 
 def _size(n: float) -> str:
@@ -250,13 +292,14 @@ def format_summary(s: CheckpointSummary) -> str:
     producer = ""
     if s.producer:
         producer = f" (producer {s.producer.get('name')} {s.producer.get('version') or ''}".rstrip() + ")"
-    lines = [f"quantport inspect: {s.path}",
-             f"  format       : {s.format}{producer}"]
+    lines = [f"quantport inspect: {s.path}", f"  format       : {s.format}{producer}"]
     if s.quant_algo:
         lines.append(f"  quant_algo   : {s.quant_algo}" + (f" (group_size {s.group_size})" if s.group_size else ""))
     if s.recipe:
-        lines.append("  recipe       : " + ", ".join(f"{k} {v}" for k, v in s.recipe.items()
-                                                      if k in ("recipe", "scheme", "quantport_version")))
+        lines.append(
+            "  recipe       : "
+            + ", ".join(f"{k} {v}" for k, v in s.recipe.items() if k in ("recipe", "scheme", "quantport_version"))
+        )
     lines.append(f"  model        : {s.architecture or '?'} ({s.model_type or '?'})")
     lines.append(f"  files        : {s.files} safetensors, {s.tensors} tensors, {_size(s.bytes)}")
     lines.append(f"  parameters   : {_count(s.parameters)}, {s.bits_per_parameter:.2f} bits per parameter overall")
@@ -265,13 +308,17 @@ def format_summary(s: CheckpointSummary) -> str:
     lines.append("  layer formats:")
     width = max((len(g.format) for g in s.formats), default=10)
     for g in s.formats:
-        lines.append(f"    {g.format:<{width}} {g.layers:>5} layers {_count(g.parameters):>8} params "
-                     f"{g.bits_per_parameter:6.2f} bits/param  [{_leaves(g)}]")
+        lines.append(
+            f"    {g.format:<{width}} {g.layers:>5} layers {_count(g.parameters):>8} params "
+            f"{g.bits_per_parameter:6.2f} bits/param  [{_leaves(g)}]"
+        )
     shown = ", ".join(s.excluded[:8]) + (f", ... ({len(s.excluded) - 8} more)" if len(s.excluded) > 8 else "")
     lines.append(f"  excluded     : {len(s.excluded)}" + (f" ({shown})" if s.excluded else ""))
     if s.moe:
-        lines.append(f"  experts      : {s.moe['layers']} MoE layers x {s.moe['experts_per_layer']} experts, "
-                     f"{s.moe['naming']}" + (f", family {s.moe['family']}" if s.moe.get("family") else ""))
+        lines.append(
+            f"  experts      : {s.moe['layers']} MoE layers x {s.moe['experts_per_layer']} experts, "
+            f"{s.moe['naming']}" + (f", family {s.moe['family']}" if s.moe.get("family") else "")
+        )
     if s.coverage:
         summary = s.coverage.get("summary") or {}
         line = "  coverage     : " + ", ".join(f"{k} {v}" for k, v in summary.items())

@@ -33,8 +33,9 @@ def test_check_errors_exit_1_with_table_and_fix(quantport_ckpt, edit, capsys):
 
 def test_check_json(quantport_ckpt, edit, capsys):
     copy = edit(quantport_ckpt("llama", "fp8"))
-    copy.set("model.layers.0.self_attn.q_proj.input_quantizer._amax", copy.get("model.layers.0.self_attn.q_proj"
-                                                                            ".input_scale"))
+    copy.set(
+        "model.layers.0.self_attn.q_proj.input_quantizer._amax", copy.get("model.layers.0.self_attn.q_proj.input_scale")
+    )
     assert run(["check", str(copy.path), "--json", "--engine", "sglang"]) == 1
     data = json.loads(capsys.readouterr().out)
     assert data["engine"] == "sglang" and data["format"] == "modelopt"
@@ -60,3 +61,41 @@ def test_missing_directory_exits_2(tmp_path, capsys, command):
 def test_unknown_engine_is_an_argparse_error(tmp_path):
     with pytest.raises(SystemExit):
         run(["check", str(tmp_path), "--engine", "trtllm"])
+
+
+def test_unreadable_shard_check_finding_and_inspect_exit_1(quantport_ckpt, edit, capsys):
+    import os
+
+    copy = edit(quantport_ckpt("llama", "fp8"))
+    (copy.path / "model.safetensors").unlink()
+    os.mkfifo(copy.path / "model.safetensors")
+    assert run(["check", str(copy.path)]) == 1
+    assert "shards.unreadable" in capsys.readouterr().out
+    assert run(["inspect", str(copy.path)]) == 1
+    captured = capsys.readouterr()
+    assert "model.safetensors: a FIFO (named pipe), not a regular file" in captured.out
+    assert captured.err.startswith("error: 1 problem(s): model.safetensors")
+
+
+@pytest.mark.parametrize("command", ["check", "inspect"])
+def test_library_errors_are_one_error_line_exit_2(quantport_ckpt, edit, capsys, monkeypatch, command):
+    """A QuantportError or OSError escaping the library is one ``error:`` line, never a traceback."""
+    from quantport.check import commands, runner
+    from quantport.read import HeaderError
+
+    copy = edit(quantport_ckpt("llama", "fp8"))
+    target = copy.path / "model.safetensors"
+
+    def broken(*args, **kwargs):
+        raise HeaderError("cannot be read: Input/output error", path=target)
+
+    def io_error(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(target))
+
+    monkeypatch.setattr(runner.Checkpoint, "open", broken)
+    assert run([command, str(copy.path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {target}: cannot be read: Input/output error\n"
+    monkeypatch.setattr(runner.Checkpoint, "open", io_error)
+    assert run([command, str(copy.path)]) == commands.EXIT_USAGE
+    assert capsys.readouterr().err == f"error: {target}: Permission denied\n"

@@ -1,4 +1,4 @@
-"""The checker shares no code with the exporter: only quantport.formats and quantport.arch.experts."""
+"""The checker shares no code with the exporter: only the numeric formats, the family descriptors and the reader."""
 
 from __future__ import annotations
 
@@ -7,15 +7,24 @@ from pathlib import Path
 
 import quantport.check
 
-ALLOWED_OUTSIDE = ("quantport.formats", "quantport.arch.experts", "quantport.check")
+ALLOWED_OUTSIDE = (
+    "quantport.formats",
+    "quantport.arch.experts",
+    "quantport.arch.engines",
+    "quantport.check",
+    "quantport.read",
+    "quantport.errors",
+)
+"""Pure numerics, model-family and engine descriptors (data), the shared file reader and the error classes."""
 SOURCES = sorted(Path(quantport.check.__file__).parent.rglob("*.py")) + [
-    Path(quantport.check.__file__).parents[1] / "inspect_checkpoint.py"]
+    Path(quantport.check.__file__).parents[1] / "inspect_checkpoint.py"
+]
 
 
 def _absolute(module: str, node: ast.ImportFrom, file: Path) -> str:
     if not node.level:
         return node.module or ""
-    package = file.relative_to(Path(quantport.check.__file__).parents[2]).with_suffix("").parts[:-node.level]
+    package = file.relative_to(Path(quantport.check.__file__).parents[2]).with_suffix("").parts[: -node.level]
     return ".".join(package + ((node.module,) if node.module else ()))
 
 
@@ -29,8 +38,9 @@ def test_only_allowed_quantport_imports():
                 names = [_absolute(node.module or "", node, file)]
             for name in names:
                 if name.startswith("quantport"):
-                    assert name.startswith(ALLOWED_OUTSIDE) or name == "quantport.inspect_checkpoint", \
+                    assert name.startswith(ALLOWED_OUTSIDE) or name == "quantport.inspect_checkpoint", (
                         f"{file.name} imports {name}"
+                    )
 
 
 def test_rule_files_stay_small():

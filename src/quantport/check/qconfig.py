@@ -87,6 +87,10 @@ class QuantConfig:
         return str(algo).upper() if algo else None
 
 
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
 def _string_list(value: Any) -> list[str]:
     return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
@@ -102,11 +106,16 @@ def _from_nested(block: dict[str, Any], source: str) -> QuantConfig:
     algo = quant.get("quant_algo")
     kv = quant.get("kv_cache_quant_algo")
     return QuantConfig(
-        format=Format.MODELOPT, source=source, raw=block, nested=True, quant_method="modelopt",
+        format=Format.MODELOPT,
+        source=source,
+        raw=block,
+        nested=True,
+        quant_method="modelopt",
         quant_algo=str(algo).upper() if isinstance(algo, str) else None,
-        ignore=_string_list(quant.get("exclude_modules")), group_size=quant.get("group_size"),
+        ignore=_string_list(quant.get("exclude_modules")),
+        group_size=quant.get("group_size"),
         kv_cache=str(kv).upper() if isinstance(kv, str) else None,
-        quantized_layers=quant.get("quantized_layers") or {},
+        quantized_layers=_dict(quant.get("quantized_layers")),
     )
 
 
@@ -117,11 +126,12 @@ def _ct_groups(block: dict[str, Any]) -> list[CTGroup]:
     out = []
     for name, group in groups.items():
         if isinstance(group, dict):
-            targets = tuple(t for t in group.get("targets") or () if isinstance(t, str))
+            targets = tuple(_string_list(group.get("targets")))
             weights = group.get("weights") if isinstance(group.get("weights"), dict) else None
             acts = group.get("input_activations") if isinstance(group.get("input_activations"), dict) else None
             fmt = group.get("format") if isinstance(group.get("format"), str) else None
-            out.append(CTGroup(str(name), targets, weights, acts, fmt or block.get("format")))
+            top = block.get("format") if isinstance(block.get("format"), str) else None
+            out.append(CTGroup(str(name), targets, weights, acts, fmt or top))
     return out
 
 
@@ -132,21 +142,35 @@ def _from_flat(block: dict[str, Any], source: str) -> QuantConfig:
         algo = block.get("quant_algo")
         ignore = block.get("ignore") if "ignore" in block else block.get("exclude_modules")
         return QuantConfig(
-            format=Format.MODELOPT, source=source, raw=block, quant_method=method,
-            quant_algo=str(algo).upper() if isinstance(algo, str) else None, ignore=_string_list(ignore),
-            group_size=block.get("group_size"), kv_cache=_kv_from_scheme(block.get("kv_cache_scheme")),
-            quantized_layers=block.get("quantized_layers") or {},
+            format=Format.MODELOPT,
+            source=source,
+            raw=block,
+            quant_method=method,
+            quant_algo=str(algo).upper() if isinstance(algo, str) else None,
+            ignore=_string_list(ignore),
+            group_size=block.get("group_size"),
+            kv_cache=_kv_from_scheme(block.get("kv_cache_scheme")),
+            quantized_layers=_dict(block.get("quantized_layers")),
         )
     if method == "compressed-tensors":
         return QuantConfig(
-            format=Format.COMPRESSED_TENSORS, source=source, raw=block, quant_method=method,
-            ignore=_string_list(block.get("ignore")), kv_cache=_kv_from_scheme(block.get("kv_cache_scheme")),
+            format=Format.COMPRESSED_TENSORS,
+            source=source,
+            raw=block,
+            quant_method=method,
+            ignore=_string_list(block.get("ignore")),
+            kv_cache=_kv_from_scheme(block.get("kv_cache_scheme")),
             ct_format=block.get("format") if isinstance(block.get("format"), str) else None,
             ct_groups=_ct_groups(block),
         )
     if method == "mxfp4":
-        return QuantConfig(format=Format.MXFP4, source=source, raw=block, quant_method=method,
-                           ignore=_string_list(block.get("modules_to_not_convert")))
+        return QuantConfig(
+            format=Format.MXFP4,
+            source=source,
+            raw=block,
+            quant_method=method,
+            ignore=_string_list(block.get("modules_to_not_convert")),
+        )
     return QuantConfig(format=Format.UNKNOWN, source=source, raw=block, quant_method=method)
 
 
@@ -196,13 +220,13 @@ def model_facts(config: dict[str, Any] | None) -> ModelFacts:
     experts = None
     for holder in (text, config):
         for key in _EXPERT_COUNT_KEYS:
-            if isinstance(holder.get(key), int) and holder[key] > 0:
+            if type(holder.get(key)) is int and holder[key] > 0:
                 experts = holder[key]
                 break
         if experts is not None:
             break
     hidden = text.get("hidden_size", config.get("hidden_size"))
-    archs = config.get("architectures") or ()
+    archs = config.get("architectures") if isinstance(config.get("architectures"), list) else ()
     return ModelFacts(
         model_type=str(config.get("model_type") or ""),
         text_model_type=str(text.get("model_type") or config.get("model_type") or ""),

@@ -5,18 +5,23 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from quantport.read import UnreadableFileError
+
 from .checkpoint import Checkpoint
 from .findings import CheckReport, Engine, Rule
 from .qconfig import model_facts, parse_quant_config
-from .rules import CONTENT_RULES, FILE_RULES
+from .rules import CONTENT_RULES, FILE_RULES, shards
 from .structure import Context
 
 __all__ = ["check_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
-INTERNAL = Rule("check.internal-error", "a rule crashed on this checkpoint",
-                "report this as a quantport bug, with the checkpoint's file listing (quantport inspect)")
+INTERNAL = Rule(
+    "check.internal-error",
+    "a rule crashed on this checkpoint",
+    "report this as a quantport bug, with the checkpoint's file listing (quantport inspect)",
+)
 
 
 def check_checkpoint(path: str | Path, engine: Engine | str = Engine.VLLM) -> CheckReport:
@@ -52,6 +57,8 @@ def check_checkpoint(path: str | Path, engine: Engine | str = Engine.VLLM) -> Ch
             name = module.__name__.rsplit(".", 1)[-1]
             try:
                 report.findings.extend(module.check(ctx))
+            except UnreadableFileError as exc:  # a tensor the header promised cannot be read
+                report.findings.append(shards.UNREADABLE.finding(str(exc.path or path), exc.located()))
             except Exception as exc:  # a crash must not hide the other rules' findings
                 logger.exception("rule module %s crashed on %s", name, path)
                 report.findings.append(INTERNAL.finding(name, f"rules '{name}' crashed: {exc!r}"))

@@ -18,7 +18,6 @@ are in the :class:`LoadReport`.
 
 from __future__ import annotations
 
-import json
 import logging
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -30,22 +29,23 @@ from torch import nn
 
 from ..arch.experts import MoEBlock, find_moe_blocks
 from ..arch.fused_groups import find_attention_modules
-from ..errors import ModelLoadError
 from ..export.names import CheckpointNames
 from ..loading import resolve_device
 from ..modules.quant_experts import install_experts_quantizer
 from ..modules.quant_linear import QuantMode
 from ..schemes import SchemeCodec
-from .checkpoint import CheckpointError, QuantSettings, TensorStore, read_quant_settings
+from .checkpoint import CheckpointError, QuantSettings, TensorStore, read_config, read_quant_settings
 from .experts import ExpertsRecord, load_experts
 from .modelopt import codec_for_algo, dequantize_linear, quantizes_activations
 from .simulate import install_input_fake_quant, install_kv_scales
 
-__all__ = ["CheckpointError", "ExpertsRecord", "LoadReport", "QuantSettings", "load", "load_report"]
+__all__ = ["CheckpointError", "ExpertsRecord", "LoadReport", "QuantSettings", "load", "load_report", "validate_files"]
 
 logger = logging.getLogger(__name__)
 
 _REPORT_ATTR = "quantport_load_report"
+MAX_EXPANSION = 8
+"""How much larger than its stored bytes a dequantized model may be (4-bit weights in fp32: 8x)."""
 _PACKED_DTYPES = (torch.uint8, torch.int8, torch.float8_e4m3fn, torch.float8_e5m2)
 
 
@@ -124,15 +124,6 @@ class _Reader:
         return stored, None
 
 
-def _read_config(directory: Path) -> dict[str, Any]:
-    if not directory.is_dir():
-        raise ModelLoadError(f"checkpoint directory {directory} does not exist or is not a directory")
-    path = directory / "config.json"
-    if not path.is_file():
-        raise ModelLoadError(f"{directory} has no config.json; it is not a Hugging Face checkpoint")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def _no_init() -> Any:
     try:  # parameters are all overwritten: skip the random initialisation
         from transformers.initialization import no_init_weights
@@ -141,24 +132,59 @@ def _no_init() -> Any:
     return no_init_weights()
 
 
-def _build_model(directory: Path, dtype: torch.dtype, device: torch.device) -> nn.Module:
+def _construct(config: Any, dtype: torch.dtype, device: torch.device) -> nn.Module:
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(directory)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the weights are dequantized: transformers must not quantize
     architecture = (getattr(config, "architectures", None) or [None])[0]
-    model_class = getattr(transformers, architecture, None) if architecture else None
+    model_class = getattr(transformers, architecture, None) if isinstance(architecture, str) else None
     with torch.device(device), _no_init():
         if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
-            model = model_class._from_config(config, dtype=dtype)
-        else:
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            return model_class._from_config(config, dtype=dtype)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def _model_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _build_model(directory: Path, dtype: torch.dtype, device: torch.device, stored_bytes: int) -> nn.Module:
+    """The model ``config.json`` describes, first on the meta device to bound its size by the checkpoint's."""
+    from transformers import AutoConfig, GenerationConfig
+
+    config_file = directory / "config.json"
+    try:
+        config = AutoConfig.from_pretrained(directory)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the weights are dequantized: transformers must not quantize
+        needed = _model_bytes(_construct(config, dtype, torch.device("meta")))
+    except Exception as exc:  # transformers raises ValueError, KeyError, TypeError ... on a bad config
+        raise CheckpointError(f"{config_file}: transformers cannot build a model from it: {exc!r:.300}") from None
+    if needed > MAX_EXPANSION * stored_bytes + (64 << 20):
+        raise CheckpointError(
+            f"{config_file} describes a model of {needed / 1e9:.3g} GB in {dtype}, but the safetensors files hold "
+            f"only {stored_bytes / 1e9:.3g} GB; the config does not belong to these weights"
+        )
+    try:
+        model = _construct(config, dtype, device)
+    except Exception as exc:
+        raise CheckpointError(f"{config_file}: transformers cannot build the model: {exc!r:.300}") from None
     model.tie_weights()  # skipped with the initialisation
     if (directory / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(directory)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(directory)
+        except Exception as exc:  # a broken generation config does not affect the weights
+            logger.warning("%s/generation_config.json is ignored: %s", directory, exc)
     return model.eval()
+
+
+def _require_finite(name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise CheckpointError(
+            f"{name} holds {bad} NaN or infinite values after decoding; the checkpoint is corrupt "
+            "(quantport check names the tensor and the rule)"
+        )
 
 
 def _fill_tensors(reader: _Reader, skip: set[str]) -> dict[str, _StoredLinear]:
@@ -180,6 +206,8 @@ def _fill_tensors(reader: _Reader, skip: set[str]) -> dict[str, _StoredLinear]:
                 logger.warning("buffer %s is not in the checkpoint; keeping its built value", members[0][0])
             continue
         key, tensor, (value, stored) = found
+        if any(k in parameters for k, _ in members):
+            _require_finite(key, value)
         with torch.no_grad():
             tensor.copy_(value)
         if stored is not None:
@@ -241,9 +269,7 @@ def _simulate_linear_inputs(model: nn.Module, quantized: dict[str, _StoredLinear
         report.activations_simulated.append(name)
 
 
-def load(
-    directory: str | Path, simulate_activations: bool = False, device: str | torch.device = "cpu"
-) -> nn.Module:
+def load(directory: str | Path, simulate_activations: bool = False, device: str | torch.device = "cpu") -> nn.Module:
     """Load the checkpoint in ``directory`` as a dense transformers model, weights dequantized.
 
     Args:
@@ -258,22 +284,34 @@ def load(
 
     Raises:
         ModelLoadError: missing directory or config.
-        CheckpointError: unknown quantization method or algorithm, missing or malformed tensors.
+        CheckpointError: (a :class:`~quantport.errors.QuantportError`) unknown quantization method or
+            algorithm; missing, malformed or non-finite tensors; a corrupt, truncated or non-regular
+            file, a broken index or config (each named in the message).
         NotImplementedError: ``simulate_activations`` for MoE experts with quantized activations or a
             non-FP8 KV cache.
     """
     directory = Path(directory)
-    config = _read_config(directory)
+    try:
+        return _load(directory, simulate_activations, device)
+    except OSError as exc:  # a file vanished or an I/O error while reading
+        where = exc.filename or directory
+        raise CheckpointError(f"{where}: cannot be read: {exc.strerror or exc}") from None
+
+
+def _load(directory: Path, simulate_activations: bool, device: str | torch.device) -> nn.Module:
+    config = read_config(directory)
     settings = read_quant_settings(directory, config)
     target = device if isinstance(device, torch.device) else resolve_device(device)
     store = TensorStore(directory, target)
     dtype = store.most_common_dtype() or torch.float32
-    model = _build_model(directory, dtype, target)
+    model = _build_model(directory, dtype, target, store.stored_bytes())
     report = LoadReport(directory, settings, dtype)
     reader = _Reader(model, CheckpointNames(model), store, report)
     skip: set[str] = set()
     for block in find_moe_blocks(model):
         record = load_experts(block, reader.names, store, settings, dtype)
+        for param in ("gate_up_proj", "down_proj"):
+            _require_finite(f"{block.experts_name}.{param}", getattr(block.experts, param))
         if simulate_activations:
             _simulate_experts(block, record)
         report.experts.append(record)
@@ -284,12 +322,30 @@ def load(
         _simulate_linear_inputs(model, quantized, report)
     report.unused_tensors = store.unused()
     if report.unused_tensors:
-        logger.warning("%d checkpoint tensor(s) were not used: %s", len(report.unused_tensors),
-                       ", ".join(report.unused_tensors[:8]))
+        logger.warning(
+            "%d checkpoint tensor(s) were not used: %s",
+            len(report.unused_tensors),
+            ", ".join(report.unused_tensors[:8]),
+        )
     model.__dict__[_REPORT_ATTR] = report
-    logger.info("loaded %s: %d dequantized Linear layers, %d experts modules", directory,
-                len(report.dequantized), len(report.experts))
+    logger.info(
+        "loaded %s: %d dequantized Linear layers, %d experts modules",
+        directory,
+        len(report.dequantized),
+        len(report.experts),
+    )
     return model
+
+
+def validate_files(directory: str | Path) -> None:
+    """Read what :func:`load` reads first (config, quantization settings, index, every safetensors header)
+    and raise its :class:`CheckpointError` now, before anything expensive is loaded (``quantport eval``)."""
+    directory = Path(directory)
+    try:
+        read_quant_settings(directory, read_config(directory))
+        TensorStore(directory, torch.device("cpu"))
+    except OSError as exc:
+        raise CheckpointError(f"{exc.filename or directory}: cannot be read: {exc.strerror or exc}") from None
 
 
 def load_report(model: nn.Module) -> LoadReport:

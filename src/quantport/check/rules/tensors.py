@@ -15,16 +15,31 @@ from .exclusions import engine_excludes
 
 __all__ = ["check", "ct_group_for", "spec_for"]
 
-MISSING = Rule("tensor.missing", "a quantized Linear lacks a tensor its format requires",
-               "re-export the layer with all its tensors (scales included)")
-DTYPE = Rule("tensor.dtype", "a tensor has the wrong dtype for its format",
-             "write the tensor in the dtype the format defines (see engine-contract.md §2 / §4)")
-SHAPE = Rule("tensor.shape", "a tensor has the wrong shape for its format",
-             "write the tensor in the shape the format defines (see engine-contract.md §2 / §4)")
-UNEXPECTED = Rule("tensor.unexpected", "a quantized Linear has a tensor its format does not define",
-                  "delete the tensor; the engine registers no parameter for it and fails to load")
-DIVISIBILITY = Rule("tensor.divisibility", "in_features is not a multiple of the format's block",
-                    "leave the layer unquantized (and exclude it), or pad it to a multiple of the block")
+MISSING = Rule(
+    "tensor.missing",
+    "a quantized Linear lacks a tensor its format requires",
+    "re-export the layer with all its tensors (scales included)",
+)
+DTYPE = Rule(
+    "tensor.dtype",
+    "a tensor has the wrong dtype for its format",
+    "write the tensor in the dtype the format defines (see engine-contract.md §2 / §4)",
+)
+SHAPE = Rule(
+    "tensor.shape",
+    "a tensor has the wrong shape for its format",
+    "write the tensor in the shape the format defines (see engine-contract.md §2 / §4)",
+)
+UNEXPECTED = Rule(
+    "tensor.unexpected",
+    "a quantized Linear has a tensor its format does not define",
+    "delete the tensor; the engine registers no parameter for it and fails to load",
+)
+DIVISIBILITY = Rule(
+    "tensor.divisibility",
+    "in_features is not a multiple of the format's block",
+    "leave the layer unquantized (and exclude it), or pad it to a multiple of the block",
+)
 OWNED_ELSEWHERE = frozenset({"weight_shape", "pre_quant_scale"})
 """Under ModelOpt these are reported by the stray-tensor rules."""
 
@@ -32,18 +47,32 @@ OWNED_ELSEWHERE = frozenset({"weight_shape", "pre_quant_scale"})
 def ct_group_for(ctx: Context, module: str) -> CTGroup | None:
     """The config group compressed-tensors applies to ``module``: exact name, then regex, then class."""
     groups = ctx.qcfg.ct_groups
-    for predicate in (lambda t: not t.startswith("re:") and not is_class_name(t) and t == module,
-                      lambda t: t.startswith("re:") and ct_matches(module, t),
-                      lambda t: t == "Linear"):
+    for predicate in (
+        lambda t: not t.startswith("re:") and not is_class_name(t) and t == module,
+        lambda t: t.startswith("re:") and ct_matches(module, t),
+        lambda t: t == "Linear",
+    ):
         for group in groups:
             if any(predicate(t) for t in group.targets):
                 return group
     return None
 
 
+def _positive_int(value: object) -> bool:
+    return type(value) is int and value > 0
+
+
+def _usable_weight_args(w: dict) -> bool:
+    """Whether the sizes in a group's weight arguments can be computed with (the config rules report the rest)."""
+    if any(key in w and w[key] is not None and not _positive_int(w[key]) for key in ("num_bits", "group_size")):
+        return False
+    block = w.get("block_structure")
+    return block is None or (isinstance(block, list) and len(block) == 2 and all(map(_positive_int, block)))
+
+
 def _ct_spec(ctx: Context, module: str, params: dict[str, TensorInfo]) -> LayerSpec | None:
     group = ct_group_for(ctx, module)
-    if group is None or group.weights is None:
+    if group is None or group.weights is None or not _usable_weight_args(group.weights):
         return None
     fmt = group.format or ctx.qcfg.ct_format or ""
     in_features = None
@@ -63,8 +92,9 @@ def spec_for(ctx: Context, module: str, params: dict[str, TensorInfo]) -> LayerS
     return _ct_spec(ctx, module, params)
 
 
-def _module_findings(ctx: Context, module: str, params: dict[str, TensorInfo], spec: LayerSpec,
-                     expert: bool) -> Iterator[Finding]:
+def _module_findings(
+    ctx: Context, module: str, params: dict[str, TensorInfo], spec: LayerSpec, expert: bool
+) -> Iterator[Finding]:
     for param, want in spec.params.items():
         info = params.get(param)
         name = f"{module}.{param}"
@@ -78,13 +108,15 @@ def _module_findings(ctx: Context, module: str, params: dict[str, TensorInfo], s
             yield SHAPE.finding(name, f"{param} has shape {list(info.shape)}; {spec.label} needs {want.describe()}")
     owned = OWNED_ELSEWHERE if ctx.qcfg.format is Format.MODELOPT else frozenset()
     for param in sorted((QPARAMS & params.keys()) - spec.params.keys() - spec.tolerated - owned):
-        yield UNEXPECTED.finding(f"{module}.{param}", f"{spec.label} layer {module} has {param}, which the "
-                                 "engine does not load")
+        yield UNEXPECTED.finding(
+            f"{module}.{param}", f"{spec.label} layer {module} has {param}, which the engine does not load"
+        )
     if spec.divisibility is not None:
         features, multiple = spec.divisibility
         if features % multiple:
-            yield DIVISIBILITY.finding(module, f"{module}: in_features {features} is not a multiple of "
-                                       f"{multiple} ({spec.label})")
+            yield DIVISIBILITY.finding(
+                module, f"{module}: in_features {features} is not a multiple of {multiple} ({spec.label})"
+            )
 
 
 def check(ctx: Context) -> Iterator[Finding]:
