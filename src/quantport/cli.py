@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     q.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+    q.add_argument("--allow-check-errors", action="store_true",
+                   help="write the checkpoint even when it is a form known not to load in its engine or quantport "
+                        "check finds errors in it (they are logged as warnings)")
     add_check_commands(commands)
     add_eval_commands(commands)
     return parser
@@ -94,8 +97,11 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
         moe_input_scales=args.moe_input_scales,
         moe_calib=args.moe_calib,
         progress=not args.quiet,
+        format=fmt.value,  # a form known not to load is refused before calibration
+        allow_check_errors=args.allow_check_errors,
     )
-    export(model, outputs[-1], fmt, max_shard_size=args.max_shard_size, progress=not args.quiet)
+    export(model, outputs[-1], fmt, max_shard_size=args.max_shard_size, progress=not args.quiet,
+           allow_check_errors=args.allow_check_errors)
     state = state_of(model)
     elapsed = time.perf_counter() - start
     print(f"quantport: {args.recipe} ({fmt.value}) of {directory} -> {args.out}")

@@ -229,11 +229,13 @@ def quantize(
             ``release_weights`` (True: drop memory-mapped weights from memory once a layer is done with
             them, see :mod:`quantport.memory.mapped_weights`), ``format`` (the checkpoint format the
             model will be exported to, when the recipe's numerics differ per format, e.g.
-            ``"compressed-tensors"`` for ``nvfp4``), ``progress`` (True).
+            ``"compressed-tensors"`` for ``nvfp4``; a form known not to load in that format's engine is then
+            refused here, before calibration), ``allow_check_errors`` (False: True lets such a form through
+            with a warning, as ``export(..., allow_check_errors=True)``), ``progress`` (True).
     """
     unknown = set(options) - {
         "exclude", "kv_cache", "tokenizer", "calib_text", "calib_samples", "calib_seq_len", "batch_size",
-        "moe_input_scales", "moe_calib", "release_weights", "format", "progress",
+        "moe_input_scales", "moe_calib", "release_weights", "format", "progress", "allow_check_errors",
     }
     if unknown:
         raise TypeError(f"unknown quantize option(s): {', '.join(sorted(unknown))}")
@@ -248,6 +250,11 @@ def quantize(
     state = QuantizationState(recipe=recipe)
     names = _plan_layers(model, recipe, codec, state)
     blocks = _plan_experts(model, recipe, codec, state)
+    if options.get("format") is not None:  # a form known not to load is refused before calibration
+        from .export.self_check import refuse_known_failure
+
+        refuse_known_failure(model, recipe, options["format"], experts_quantized=bool(blocks),
+                             allow_check_errors=options.get("allow_check_errors", False))
     mapped = MappedWeights() if options.get("release_weights", True) else MappedWeights.disabled()
     weight_amax, experts_amax = _weight_amax_checked(model, names, blocks, mapped)
     modules = dict(model.named_modules())

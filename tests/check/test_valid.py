@@ -92,16 +92,14 @@ def test_llama4_text_with_modelopt_fused_names_is_flagged_for_vllm(modelopt_ckpt
 
 
 @pytest.mark.reference
-def test_gpt_oss_modelopt_fp8_is_only_a_warning(modelopt_ckpt):
-    report = check_checkpoint(modelopt_ckpt("gpt_oss", "fp8"), "vllm")
-    assert report.ok and report.rules() == {"gptoss.modelopt-unverified"}, render_report(report)
-
-
-@pytest.mark.reference
-def test_gpt_oss_modelopt_nvfp4_is_flagged(modelopt_ckpt):
-    report = check_checkpoint(modelopt_ckpt("gpt_oss", "nvfp4"), "vllm")
-    assert report.rules() == {"gptoss.modelopt-nvfp4"} and not report.ok
-    assert all("not loadable in vLLM <= 0.33" in f.message for f in report.errors)
+@pytest.mark.parametrize("recipe", ["fp8", "nvfp4"])
+def test_gpt_oss_modelopt_is_a_known_failure(modelopt_ckpt, recipe):
+    """nvidia-modelopt's own GPT-OSS export does not load in vLLM (expert biases): the known-failure table says
+    so, with the form that works; SGLang gets a warning (the facts are vLLM's)."""
+    report = check_checkpoint(modelopt_ckpt("gpt_oss", recipe), "vllm")
+    assert report.rules() == {"engine.known-failure"} and not report.ok, render_report(report)
+    assert all("--recipe mxfp4-experts --format mxfp4" in f.message for f in report.errors)
+    assert check_checkpoint(modelopt_ckpt("gpt_oss", recipe), "sglang").ok
 
 
 def _as_mixed_precision(e) -> None:

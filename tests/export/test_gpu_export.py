@@ -27,8 +27,9 @@ pytestmark = [
 def _export_on(model, device: str, recipe: str, out, fmt: str, vocab: int) -> dict[str, torch.Tensor]:
     model = copy.deepcopy(model).to(device)
     batches = [b.to(device) for b in make_calibration_batches(vocab_size=vocab, n=2)]
-    quantport.quantize(model, recipe, calib_data=batches, format=fmt, progress=False)
-    quantport.export(model, out, format=fmt, progress=False)
+    # byte comparison only: GPT-OSS in the ModelOpt format is a known failure in vLLM, written anyway
+    quantport.quantize(model, recipe, calib_data=batches, format=fmt, progress=False, allow_check_errors=True)
+    quantport.export(model, out, format=fmt, progress=False, allow_check_errors=True)
     return load_tensors(out)
 
 

@@ -35,7 +35,9 @@ def _export_both(tmp_path, family, recipe):
         mtq.quantize(reference, getattr(mtq, CONFIGS[recipe]), lambda m: [m(b) for b in batches])
         export_hf_checkpoint(reference, export_dir=tmp_path / "ref")
     quantport.quantize(model, recipe, batches, progress=False)
-    quantport.export(model, tmp_path / "ours", progress=False)
+    # GPT-OSS in the ModelOpt format does not load in vLLM (known failure, like the reference's own export):
+    # written here only to compare the bytes
+    quantport.export(model, tmp_path / "ours", progress=False, allow_check_errors=family == "gpt_oss")
     return load_tensors(tmp_path / "ours"), load_tensors(tmp_path / "ref")
 
 

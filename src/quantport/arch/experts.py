@@ -22,6 +22,7 @@ from torch import nn
 __all__ = [
     "LAYOUTS",
     "ExpertLayout",
+    "ExpertIgnore",
     "ExpertNaming",
     "ForwardContract",
     "GateUpSplit",
@@ -62,6 +63,19 @@ class ExpertNaming(str, Enum):
     in the model's own orientation, one scale per projection shared by all experts."""
 
 
+class ExpertIgnore(str, Enum):
+    """How a compressed-tensors ``ignore`` list names an experts module left in bf16, so that vLLM sees it."""
+
+    PER_EXPERT = "per_expert"
+    """The module's name and every expert's projections (``<experts>.{e}.<gate|up|down leaf>``): vLLM 0.32's
+    ``CompressedTensorsMoEMethod`` looks up ``<experts>.0.<leaf>`` for each leaf in the ignore list."""
+    PATTERN = "pattern"
+    """The module's name and one ``re:<experts>\\..*`` entry, no per-expert names: the model's
+    ``hf_to_vllm_mapper`` rewrites names ending in ``.down_proj`` to its fused ``.w2_weight`` (GPT-OSS,
+    ``vllm/model_executor/models/gpt_oss.py``), so per-expert entries would ignore gate and up but not down,
+    and vLLM refuses the layer ("All MoE projections need to have same quantization scheme")."""
+
+
 @dataclass(frozen=True, slots=True)
 class ExpertLayout:
     """Facts about one expert family.
@@ -80,6 +94,7 @@ class ExpertLayout:
             (vLLM permutes Llama 4's q/k weights and scales for rotary, which block scales break).
         native_mxfp4: the family has a native MXFP4 checkpoint format (``quant_method: mxfp4``,
             ``*_blocks`` / ``*_scales``) that vLLM and SGLang load (GPT-OSS).
+        ct_ignore: how a compressed-tensors ``ignore`` list names unquantized experts of this family.
     """
 
     family: str
@@ -93,6 +108,7 @@ class ExpertLayout:
     naming: ExpertNaming = ExpertNaming.PER_EXPERT
     no_block_scales: tuple[str, ...] = ()
     native_mxfp4: bool = False
+    ct_ignore: ExpertIgnore = ExpertIgnore.PER_EXPERT
 
     def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.transpose(-1, -2) if self.transposed else weight
@@ -165,6 +181,7 @@ LAYOUTS: tuple[ExpertLayout, ...] = (
         router="router",
         naming=ExpertNaming.FUSED,
         native_mxfp4=True,
+        ct_ignore=ExpertIgnore.PATTERN,
     ),
 )
 """The known expert families."""

@@ -19,6 +19,7 @@ from .content import CheckpointContent
 from .modelopt import modelopt_content
 from .mxfp4_native import native_mxfp4_content
 from .output_dir import OutputTarget, claim_output
+from .self_check import check_written, refuse_known_failure
 from .shards import write_json, write_sharded_safetensors
 from .targets import ExportFormat, check_exportable, default_format, parse_format, recipe_for_format
 from .unquantized import excluded_modules
@@ -101,6 +102,7 @@ def export(
     max_shard_size: int | str = "5GB",
     tokenizer: Any = None,
     progress: bool = True,
+    allow_check_errors: bool = False,
 ) -> Path:
     """Write the quantized ``model`` to ``out_dir`` and return the directory.
 
@@ -108,6 +110,9 @@ def export(
     at the end, so an interrupted export leaves nothing that looks like a checkpoint. The same model
     and recipe give the same bytes. ``format`` None is the first format that stores the recipe's
     scheme exactly (ModelOpt when it can); a format that cannot is refused before anything is written.
+    A form known not to load in its engine is refused too, and what was written is checked by quantport's
+    own checker before it becomes ``out_dir`` (:mod:`quantport.export.self_check`); ``allow_check_errors``
+    writes it anyway, logging the problems as warnings.
 
     ``out_dir`` is a path, or OUT already claimed with :func:`claim_output` (what the CLI does before it
     loads the model; ``overwrite`` is then the claim's). OUT is never the model's directory or one of its
@@ -119,6 +124,10 @@ def export(
     state = state_of(model)
     fmt = fmt or default_format(state.recipe.scheme)
     check_exportable(state.recipe, fmt)
+    # self-check (1/2): a form known not to load is refused before anything is written
+    refuse_known_failure(
+        model, state.recipe, fmt, experts_quantized=bool(state.experts), allow_check_errors=allow_check_errors
+    )
     source = _source_directory(model)
     target = out_dir if isinstance(out_dir, OutputTarget) else claim_output(out_dir, overwrite=overwrite, source=source)
     with target.writing() as staging, ThreadPoolExecutor(1) as scan:
@@ -138,4 +147,6 @@ def export(
         if generation_config is not None:
             generation_config.save_pretrained(staging)
         _copy_tokenizer(model, staging, tokenizer)
+        # self-check (2/2): quantport's checker on the staged files; an error leaves nothing at out_dir
+        check_written(staging, state.recipe.scheme, allow_check_errors=allow_check_errors)
     return target.commit()  # fsync, then rename to out_dir as claimed

@@ -26,12 +26,13 @@ compressed-tensors is imported only here, when this format is written.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..arch.experts import find_moe_blocks
+from ..arch.experts import ExpertIgnore, MoEBlock, find_moe_blocks
 from ..errors import ExportError
 from ..modules.kv_cache import kv_quantizer_of
 from ..modules.quant_experts import experts_quantizer_of
@@ -57,8 +58,7 @@ def _compressed_tensors() -> Any:
         import compressed_tensors
     except ImportError as exc:  # pragma: no cover  (the dev environment has it)
         raise ExportError(
-            "writing the compressed-tensors format needs the compressed-tensors package: "
-            "pip install compressed-tensors"
+            "writing the compressed-tensors format needs the compressed-tensors package: pip install compressed-tensors"
         ) from exc
     return compressed_tensors
 
@@ -80,22 +80,32 @@ def ct_scheme(scheme: LinearScheme) -> Any:
     return result
 
 
+def _unquantized_experts_entries(names: CheckpointNames, block: MoEBlock) -> list[str]:
+    """Ignore entries, beside the module's own name, for an experts module left unquantized."""
+    experts = names.module(block.experts_name)
+    if block.layout.ct_ignore is ExpertIgnore.PATTERN:
+        return [f"re:{re.escape(experts)}\\..*"]
+    return [
+        names.module(f"{block.experts_name}.{e}.{leaf}")
+        for e in range(block.num_experts)
+        for leaf in block.layout.leaf_names
+    ]
+
+
 def ct_ignore(model: nn.Module) -> list[str]:
     """The ``ignore`` list: every module with a weight matrix and no scales, by checkpoint name.
 
-    An unquantized experts module is listed by its own name and by its per-expert projections
-    (``<experts>.{e}.<gate|up|down leaf>``): vLLM 0.32's ``CompressedTensorsMoEMethod`` decides by
-    looking up ``<experts>.0.<gate leaf>`` etc. in the ignore list, not the experts module's name.
+    An unquantized experts module is listed by its own name and as its family's layout says vLLM looks it up
+    (:class:`~quantport.arch.experts.ExpertIgnore`): by its per-expert projections
+    (``<experts>.{e}.<gate|up|down leaf>``; vLLM 0.32's ``CompressedTensorsMoEMethod`` looks up
+    ``<experts>.0.<gate leaf>`` etc., not the experts module's name), or, for families whose vLLM name mapper
+    rewrites those names (GPT-OSS), by one ``re:`` pattern over the module.
     """
     names = CheckpointNames(model)
     ignore = set(excluded_modules(model))
     for block in find_moe_blocks(model):
         if experts_quantizer_of(block.experts) is None:
-            ignore.update(
-                names.module(f"{block.experts_name}.{e}.{leaf}")
-                for e in range(block.num_experts)
-                for leaf in block.layout.leaf_names
-            )
+            ignore.update(_unquantized_experts_entries(names, block))
     return sorted(ignore)
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from ..arch.engines import GPT_OSS_WORKING_FORM
 from ..arch.experts import GateUpSplit
 from ..modules.quant_experts import ExpertsQuantizer
-from ..recipes import LinearScheme
 from ..schemes import TensorSpec
 from .ct_schemes import CtScheme, ct_shape
 from .experts import expert_tensors_lookup, replaced_parameters
@@ -31,14 +31,10 @@ _PROJECTIONS = ("gate", "up", "down")
 def _check_layout(quantizer: ExpertsQuantizer) -> None:
     layout = quantizer.layout
     if layout.split is GateUpSplit.INTERLEAVED or layout.has_bias:
+        working = GPT_OSS_WORKING_FORM if layout.native_mxfp4 else "--exclude '*.mlp.experts' (experts in bf16)"
         raise UnsupportedFormatError(
             f"{quantizer.block.experts_name}: {layout.family} experts (interleaved gate/up with biases) have "
-            "no compressed-tensors form that vLLM loads; export this model with "
-            + (
-                "format='mxfp4' (gpt-oss's native MXFP4 checkpoint, recipe mxfp4-experts)"
-                if layout.native_mxfp4 and quantizer.codec.scheme is LinearScheme.MXFP4
-                else "format='modelopt'"
-            )
+            f"no compressed-tensors form that vLLM loads; use {working}"
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..arch.engines import engine_ties_embeddings
 from ..modules.quant_experts import experts_quantizer_of
 from ..modules.quant_linear import QuantLinear
 from ..schemes import TensorSpec
@@ -18,11 +19,24 @@ from .shards import OneSlotCache, PlannedTensor
 __all__ = ["excluded_modules", "passthrough_entries", "tied_aliases", "unquantized_plan"]
 
 
+def _engine_ties(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = {getattr(c, "model_type", "") for c in (config, text) if c is not None}
+    return all(engine_ties_embeddings(t) for t in types if t)
+
+
 def tied_aliases(model: nn.Module) -> set[str]:
     """State-dict keys that share storage with another key (tied weights). Each storage is saved
-    once, under the input-embedding name rather than the output head's, as ``save_pretrained`` does."""
+    once, under the input-embedding name rather than the output head's, as ``save_pretrained`` does.
+
+    Except the output head of a family whose engine class ignores ``tie_word_embeddings``
+    (:data:`quantport.arch.engines.ENGINE_DOES_NOT_TIE`, e.g. vLLM's GPT-OSS): its weight is written too,
+    or the engine would compute with an uninitialised ``lm_head``.
+    """
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     output_weight = getattr(output, "weight", None)
+    untied = output_weight if output_weight is not None and not _engine_ties(model) else None
     by_storage: dict[tuple[int, tuple[int, ...]], list[tuple[str, torch.Tensor]]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
         if tensor.numel():
@@ -31,7 +45,7 @@ def tied_aliases(model: nn.Module) -> set[str]:
     for members in by_storage.values():
         if len(members) > 1:
             keep = next((n for n, t in members if t is not output_weight), members[0][0])
-            aliases.update(n for n, _ in members if n != keep)
+            aliases.update(n for n, t in members if n != keep and (untied is None or t is not untied))
     return aliases
 
 

