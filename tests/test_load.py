@@ -154,7 +154,8 @@ def _quantized_moe(tmp_path, family, recipe):
     model = tiny_moe(family)
     model = type(model).from_pretrained(_save(model, tmp_path / "base"), dtype="auto").eval()
     quantport.quantize(model, recipe, make_calibration_batches(vocab_size=256), progress=False)
-    quantport.export(model, tmp_path / "out", progress=False)
+    # GPT-OSS in ModelOpt is a known failure in vLLM (arch/engines.py): written anyway to test the loader
+    quantport.export(model, tmp_path / "out", progress=False, allow_check_errors=family == "gpt_oss")
     return model, tmp_path / "out"
 
 

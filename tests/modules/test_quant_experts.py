@@ -61,13 +61,12 @@ def test_dead_expert_and_one_token_calibration(tmp_path, family, recipe):
     state = state_of(model)
     for layer in state.coverage.layers:
         assert DEAD in layer.dead_experts and layer.tokens[DEAD] == 0
-    quantport.export(model, tmp_path / "out", progress=False)
+    # GPT-OSS in ModelOpt: a known failure in vLLM (arch/engines.py), written for the numerics
+    quantport.export(model, tmp_path / "out", progress=False, allow_check_errors=family == "gpt_oss")
     report = json.loads((tmp_path / "out" / "quantport_report.json").read_text())
     assert all(DEAD in dead for dead in report["coverage"]["experts_without_tokens"].values())
     check = check_checkpoint(tmp_path / "out")
-    allowed = set()
-    if family == "gpt_oss" and recipe == "nvfp4":
-        allowed.add("gptoss.modelopt-nvfp4")  # vLLM <= 0.33 cannot load it: the checker says so
+    allowed = {"engine.known-failure"} if family == "gpt_oss" else set()  # vLLM cannot load it: the checker says so
     assert {f.rule for f in check.errors} <= allowed, [str(f) for f in check.errors]
 
     tensors = load_tensors(tmp_path / "out")
@@ -91,7 +90,8 @@ def test_dead_expert_and_one_token_calibration(tmp_path, family, recipe):
 def test_round_trip_exported_experts_decode_to_the_simulated_weights(tmp_path, family):
     model = tiny_moe(family)
     quantport.quantize(model, "nvfp4", BATCHES, progress=False)
-    quantport.export(model, tmp_path / "out", progress=False)
+    # GPT-OSS in ModelOpt: a known failure in vLLM (arch/engines.py), written for the numerics
+    quantport.export(model, tmp_path / "out", progress=False, allow_check_errors=family == "gpt_oss")
     tensors = load_tensors(tmp_path / "out")
     for block in find_moe_blocks(model):
         quantizer = experts_quantizer_of(block.experts)
@@ -236,7 +236,8 @@ def test_expert_chunks_do_not_change_the_checkpoint(tmp_path, monkeypatch, famil
         monkeypatch.setattr(quant_experts, "STACK_BYTES", budget)
         chunks = experts_quantizer_of(block.experts).expert_chunks()
         assert len(chunks) == {"all": 1, "two": EXPERTS // 2, "one": EXPERTS}[label]
-        outputs[label] = load_tensors(quantport.export(model, tmp_path / label, progress=False))
+        written = quantport.export(model, tmp_path / label, progress=False, allow_check_errors=family == "gpt_oss")
+        outputs[label] = load_tensors(written)
     for label in ("two", "one"):
         assert outputs[label].keys() == outputs["all"].keys()
         for name, tensor in outputs["all"].items():
