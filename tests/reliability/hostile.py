@@ -40,12 +40,12 @@ def join(file: Path, header: dict[str, Any] | str | bytes, data: bytes) -> None:
 
 
 def edit_header(fn: Callable[[dict[str, Any]], Any], file: str = SINGLE) -> Callable[[Path], None]:
-    """A mutation that edits the parsed header of ``file`` (``fn`` may return a replacement)."""
+    """A mutation that edits the parsed header of ``file`` in place (or returns replacement text)."""
 
     def apply(d: Path) -> None:
         header, data = split(d / file)
         out = fn(header)
-        join(d / file, header if out is None else out, data)
+        join(d / file, out if isinstance(out, str | bytes) else header, data)
 
     return apply
 
@@ -127,10 +127,12 @@ def _set_tensor(name: str, value: float) -> Callable[[Path], None]:
 
 
 def _json(file: str, fn: Callable[[Any], Any]) -> Callable[[Path], None]:
+    """A mutation that edits JSON file ``file`` in place (``fn``'s return value is ignored)."""
+
     def apply(d: Path) -> None:
         data = json.loads((d / file).read_text())
-        out = fn(data)
-        (d / file).write_text(json.dumps(data if out is None else out))
+        fn(data)
+        (d / file).write_text(json.dumps(data))
 
     return apply
 
