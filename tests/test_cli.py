@@ -13,13 +13,35 @@ from quantport.loading import resolve_model_dir
 
 def test_quantize_bundled_model(tmp_path, capsys):
     out = tmp_path / "tiny-nvfp4"
-    code = main(["quantize", "bundled:tiny-llama", str(out), "--recipe", "nvfp4", "--kv-cache", "fp8",
-                 "--calib-samples", "4", "--calib-seq-len", "64", "--device", "cpu", "--quiet"])
+    code = main(
+        [
+            "quantize",
+            "bundled:tiny-llama",
+            str(out),
+            "--recipe",
+            "nvfp4",
+            "--kv-cache",
+            "fp8",
+            "--calib-samples",
+            "4",
+            "--calib-seq-len",
+            "64",
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
     assert code == 0
     summary = capsys.readouterr().out
     assert "quantized layers : 14" in summary and "excluded layers  : 1" in summary and "output size" in summary
-    assert {"config.json", "hf_quant_config.json", "model.safetensors", "tokenizer.json",
-            "generation_config.json", "quantport_report.json"} <= {p.name for p in out.iterdir()}
+    assert {
+        "config.json",
+        "hf_quant_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "generation_config.json",
+        "quantport_report.json",
+    } <= {p.name for p in out.iterdir()}
     report = json.loads((out / "quantport_report.json").read_text())
     assert report["calibration_tokens"] == 256
 
@@ -72,3 +94,37 @@ def test_calib_batch_size_takes_auto_or_a_positive_integer(capsys):
         with pytest.raises(SystemExit):
             parse([*base, "--calib-batch-size", bad])
         assert "positive integer or 'auto'" in capsys.readouterr().err
+
+
+def test_torch_free_vocabularies_match_the_library():
+    from quantport.calibrate import moe_policy
+    from quantport.export import ExportFormat
+    from quantport.quantize_args import EXPORT_FORMATS
+
+    assert tuple(f.value for f in ExportFormat) == EXPORT_FORMATS
+    assert moe_policy.MoEInputScales.PER_EXPERT.value == "per-expert"
+
+
+@pytest.mark.parametrize("size", ["5GB", "500MB", "2GiB", "1.5GB", "123", "64kib"])
+def test_shard_size_parses_as_export_does(size):
+    from quantport.export.shards import parse_size as export_parse_size
+    from quantport.quantize_args import parse_size
+
+    assert parse_size(size) == export_parse_size(size)
+
+
+def test_every_moe_family_config_is_moe_and_dense_ones_are_not():
+    from moe_models import FAMILIES, tiny_moe
+    from quantport.quantize_args import is_moe_config
+
+    for family in FAMILIES:
+        assert is_moe_config(tiny_moe(family).config.to_dict()), family
+    config = json.loads((resolve_model_dir("bundled:tiny-llama") / "config.json").read_text())
+    assert not is_moe_config(config)
+
+
+def test_full_parser_still_has_every_command():
+    from quantport.cli import _parser
+
+    for command in (["check", "d"], ["inspect", "d"], ["eval", "a", "b"]):
+        assert _parser().parse_args(command).command == command[0]

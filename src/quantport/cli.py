@@ -11,19 +11,26 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
-from .calibrate.moe_policy import MoECalibration, MoEInputScales
-from .check.commands import add_commands as add_check_commands
-from .errors import InterruptedBySignal, QuantportError
-from .eval_commands import add_commands as add_eval_commands
-from .export import ExportFormat, OutputTarget, claim_output, export
-from .export.targets import default_format, recipe_for_format
-from .loading import load_model, resolve_model_dir
-from .pipeline import quantize
-from .recipes import PRESETS, KVCacheFormat
-from .state import state_of
+# Light imports only: the arguments are checked before torch and transformers are imported (seconds).
+from .errors import InterruptedBySignal, InvalidArgumentError, QuantportError
+from .loading import resolve_model_dir
+from .moe_options import MoECalibration, MoEInputScales
+from .quantize_args import EXPORT_FORMATS, check_quantize_args, device_name, positive_int, shard_size
+from .recipes import PRESETS, KVCacheFormat, QuantRecipe
+
+if TYPE_CHECKING:
+    from .export import OutputTarget
 
 __all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one ``error:`` line (exit code 2), like every other quantport error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _batch_size(value: str) -> int | str:
@@ -38,39 +45,72 @@ def _batch_size(value: str) -> int | str:
     return size
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quantport", description=__doc__)
+def _parser(*, quantize_only: bool = False) -> argparse.ArgumentParser:
+    """The command line; ``quantize_only`` leaves out the commands whose modules import torch."""
+    parser = _Parser(prog="quantport", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     q = commands.add_parser("quantize", help="calibrate, quantize and export a model")
     q.add_argument("model", help="local model directory, hub id (org/name) or bundled:tiny-llama")
     q.add_argument("out", type=Path, help="output directory (must not exist or be empty, unless --overwrite)")
     q.add_argument("--recipe", required=True, help=f"one of: {', '.join(PRESETS)}")
-    q.add_argument("--format", choices=[f.value for f in ExportFormat],
-                   help="checkpoint format (default: modelopt when the recipe has a ModelOpt form, "
-                        "else compressed-tensors)")
-    q.add_argument("--calib-samples", type=int, default=64, help="calibration sequences (default 64)")
-    q.add_argument("--calib-seq-len", type=int, default=512, help="tokens per calibration sequence (default 512)")
-    q.add_argument("--calib-batch-size", type=_batch_size, default="auto",
-                   help="sequences per forward, or auto (default: from free GPU memory on CUDA, 8 on the CPU)")
+    q.add_argument(
+        "--format",
+        choices=EXPORT_FORMATS,
+        help="checkpoint format (default: modelopt when the recipe has a ModelOpt form, else compressed-tensors)",
+    )
+    q.add_argument("--calib-samples", type=positive_int, default=64, help="calibration sequences (default 64)")
+    q.add_argument(
+        "--calib-seq-len", type=positive_int, default=512, help="tokens per calibration sequence (default 512)"
+    )
+    q.add_argument(
+        "--calib-batch-size",
+        type=_batch_size,
+        default="auto",
+        help="sequences per forward, or auto (default: from free GPU memory on CUDA, 8 on the CPU)",
+    )
     q.add_argument("--calib-text", type=Path, help="UTF-8 text file for calibration (default: bundled English)")
-    q.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    q.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
-                   help="leave modules matching this shell pattern unquantized (repeatable)")
+    q.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    q.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave modules matching this shell pattern unquantized (repeatable)",
+    )
     q.add_argument("--kv-cache", choices=[k.value for k in KVCacheFormat], default=KVCacheFormat.NONE.value)
-    q.add_argument("--moe-input-scales", choices=[p.value for p in MoEInputScales], default="shared",
-                   help="experts' input scales: one per projection per layer (shared, default) or per expert")
-    q.add_argument("--moe-calib", choices=[c.value for c in MoECalibration], default="routed",
-                   help="expert statistics from routed tokens (default) or from every token through every expert")
-    q.add_argument("--coverage-png", type=Path, metavar="PATH",
-                   help="also write a heat map of calibration tokens per expert (MoE models)")
-    q.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
+    q.add_argument(
+        "--moe-input-scales",
+        choices=[p.value for p in MoEInputScales],
+        default="shared",
+        help="experts' input scales: one per projection per layer (shared, default) or per expert",
+    )
+    q.add_argument(
+        "--moe-calib",
+        choices=[c.value for c in MoECalibration],
+        default="routed",
+        help="expert statistics from routed tokens (default) or from every token through every expert",
+    )
+    q.add_argument(
+        "--coverage-png",
+        type=Path,
+        metavar="PATH",
+        help="also write a heat map of calibration tokens per expert (MoE models)",
+    )
+    q.add_argument("--max-shard-size", type=shard_size, default="5GB", help="largest safetensors shard (default 5GB)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     q.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
-    q.add_argument("--allow-check-errors", action="store_true",
-                   help="write the checkpoint even when it is a form known not to load in its engine or quantport "
-                        "check finds errors in it (they are logged as warnings)")
-    add_check_commands(commands)
-    add_eval_commands(commands)
+    q.add_argument(
+        "--allow-check-errors",
+        action="store_true",
+        help="write the checkpoint even when it is a form known not to load in its engine or quantport "
+        "check finds errors in it (they are logged as warnings)",
+    )
+    if not quantize_only:
+        from .check.commands import add_commands as add_check_commands
+        from .eval_commands import add_commands as add_eval_commands
+
+        add_check_commands(commands)
+        add_eval_commands(commands)
     return parser
 
 
@@ -80,11 +120,20 @@ def _directory_size(path: Path) -> int:
 
 def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> None:
     start = time.perf_counter()
+    check_quantize_args(args)  # every argument, before torch is imported and before OUT is claimed
+    from .export import ExportFormat, claim_output, export
+    from .export.targets import default_format, recipe_for_format
+    from .loading import load_model, resolve_device
+    from .pipeline import quantize
+    from .state import state_of
+
     recipe = recipe_for_format(args.recipe, args.format)  # fail on a bad (recipe, format) before loading
     fmt = ExportFormat(args.format) if args.format else default_format(recipe.scheme)
+    resolve_device(args.device)  # --device cuda without a GPU
+    _check_coverage_recipe(args, recipe)
     # OUT is decided and proven writable once, before loading; main() removes its staging directory on failure
     outputs.append(claim_output(args.out, overwrite=args.overwrite, source=_local_model(args.model)))
-    model, directory = load_model(args.model, device=args.device)
+    model, directory = load_model(args.model, device=args.device, progress=not args.quiet)
     quantize(
         model,
         recipe,
@@ -100,8 +149,14 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
         format=fmt.value,  # a form known not to load is refused before calibration
         allow_check_errors=args.allow_check_errors,
     )
-    export(model, outputs[-1], fmt, max_shard_size=args.max_shard_size, progress=not args.quiet,
-           allow_check_errors=args.allow_check_errors)
+    export(
+        model,
+        outputs[-1],
+        fmt,
+        max_shard_size=args.max_shard_size,
+        progress=not args.quiet,
+        allow_check_errors=args.allow_check_errors,
+    )
     state = state_of(model)
     elapsed = time.perf_counter() - start
     print(f"quantport: {args.recipe} ({fmt.value}) of {directory} -> {args.out}")
@@ -124,6 +179,18 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
     print(f"  calibration      : {state.calibration_tokens} tokens")
     print(f"  output size      : {_directory_size(args.out) / 1e6:.1f} MB")
     print(f"  time             : {elapsed:.1f} s")
+
+
+def _check_coverage_recipe(args: argparse.Namespace, recipe: QuantRecipe) -> None:
+    """The heat map needs calibration, which weight-only recipes without a KV-cache format skip."""
+    from .schemes import codec_for
+
+    if args.coverage_png is not None and not codec_for(recipe.scheme).static_input_scale and args.kv_cache == "none":
+        raise InvalidArgumentError(
+            f"--coverage-png {args.coverage_png}: recipe {args.recipe} is weight-only, so nothing is calibrated "
+            "and there is no expert coverage to draw; add --kv-cache fp8, use a recipe with activation scales "
+            "(fp8, nvfp4), or drop --coverage-png"
+        )
 
 
 def _local_model(model: str) -> Path | None:
@@ -173,7 +240,11 @@ def _left_behind(outputs: list[OutputTarget], removed: list[Path]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run a command; 0 on success, 2 (one ``error:`` line on stderr) on bad input, an OS error or a signal."""
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = _parser(quantize_only=argv[:1] == ["quantize"]).parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error already printed as one line
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(
         level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

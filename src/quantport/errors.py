@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 __all__ = [
+    "AlreadyQuantizedError",
     "CalibrationDataError",
     "ExportError",
     "InterruptedBySignal",
+    "InvalidActivationsError",
+    "InvalidArgumentError",
     "InvalidWeightsError",
+    "MissingWeightsError",
     "ModelLoadError",
     "OutputChangedError",
     "OutputExistsError",
@@ -60,3 +64,19 @@ class InterruptedBySignal(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
+
+
+class InvalidArgumentError(QuantportError):
+    """A command-line argument or API option has a value quantport cannot use (the message names it)."""
+
+
+class MissingWeightsError(ModelLoadError):
+    """The checkpoint does not hold every parameter of the model (transformers would fill them randomly)."""
+
+
+class AlreadyQuantizedError(QuantportError):
+    """The model (object or checkpoint) is already quantized; quantport quantizes full-precision models only."""
+
+
+class InvalidActivationsError(QuantportError):
+    """Calibration produced NaN or infinite activation statistics."""

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Collection
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from .errors import MissingWeightsError, ModelLoadError
 
-from .errors import ModelLoadError
+if TYPE_CHECKING:  # torch and transformers are imported when a model is loaded, not when a path is checked
+    from collections.abc import Iterator
 
-__all__ = ["BUNDLED_MODELS", "load_model", "resolve_device", "resolve_model_dir"]
+    import torch
+    from torch import nn
+
+__all__ = [
+    "BUNDLED_MODELS",
+    "check_loading_info",
+    "load_model",
+    "read_model_config",
+    "resolve_device",
+    "resolve_model_dir",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +81,22 @@ def _download(repo_id: str) -> Path:
         raise ModelLoadError(f"could not fetch {repo_id!r} from the Hugging Face hub: {exc}") from exc
 
 
+def read_model_config(directory: Path) -> dict[str, Any]:
+    """The model's ``config.json`` as a dict (cheap: no weights, no torch)."""
+    path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path} cannot be read as JSON ({exc}); restore the model's config.json") from exc
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path} is not a JSON object; restore the model's config.json")
+    return config
+
+
 def resolve_device(device: str) -> torch.device:
     """``cpu``, ``cuda`` (``cuda:N``) or ``auto`` (CUDA when available) as a torch device."""
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -78,16 +106,78 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_model(model: str | Path, *, device: str = "auto") -> tuple[nn.Module, Path]:
-    """Load the causal LM in its stored dtype on ``device``; returns (model, its directory)."""
+def _shown(keys: Collection[str], limit: int = 5) -> str:
+    names = sorted(keys)
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_loading_info(directory: Path, info: dict[str, Any]) -> None:
+    """Refuse a model whose parameters did not all come from the checkpoint files.
+
+    ``info`` is transformers' ``output_loading_info`` dict. Tied weights are not missing (transformers takes
+    them out), and keys the model declares ignorable (``_keys_to_ignore_on_load_*``, e.g. DeepSeek-V3's MTP
+    layers) are filtered by transformers already. Missing or mismatched keys would be filled with random
+    values: an error, listing the unexpected keys too (with missing keys they mean a key prefix that does
+    not match). Unexpected keys alone are dropped by transformers: a warning.
+    """
+    missing = set(info.get("missing_keys") or ())
+    unexpected = set(info.get("unexpected_keys") or ())
+    mismatched = {key[0] if isinstance(key, tuple) else key for key in info.get("mismatched_keys") or ()}
+    if missing or mismatched:
+        parts = [f"{len(missing)} missing ({_shown(missing)})"] if missing else []
+        parts += [f"{len(mismatched)} with a different shape ({_shown(mismatched)})"] if mismatched else []
+        parts += [f"{len(unexpected)} unexpected ({_shown(unexpected)})"] if unexpected else []
+        raise MissingWeightsError(
+            f"the weights in {directory} do not match its config.json: {'; '.join(parts)} parameter(s); "
+            "transformers would fill them with random values. Fix the checkpoint (a key prefix that does not "
+            "match, or a config with more layers than the weights) or point MODEL at the matching config"
+        )
+    if unexpected:
+        logger.warning(
+            "%s: %d checkpoint tensor(s) the model does not use are ignored: %s",
+            directory,
+            len(unexpected),
+            _shown(unexpected),
+        )
+
+
+@contextmanager
+def _quiet_transformers_loading(progress: bool) -> Iterator[None]:
+    """transformers logs its load report as a multi-line warning (:func:`check_loading_info` reports what
+    matters, as one error); its progress bar follows ``progress``."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_model(model: str | Path, *, device: str = "auto", progress: bool = True) -> tuple[nn.Module, Path]:
+    """Load the causal LM in its stored dtype on ``device``; returns (model, its directory).
+
+    Raises :class:`MissingWeightsError` when a parameter of the model is not in the checkpoint files.
+    """
     from transformers import AutoModelForCausalLM
 
     directory = resolve_model_dir(model)
     target = resolve_device(device)
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(directory, dtype="auto", device_map=str(target))
+        with _quiet_transformers_loading(progress):
+            loaded, info = AutoModelForCausalLM.from_pretrained(
+                directory, dtype="auto", device_map=str(target), output_loading_info=True
+            )
     except Exception as exc:  # noqa: BLE001
-        raise ModelLoadError(f"transformers could not load {directory}: {exc}") from exc
+        reason = " ".join(str(exc).split())  # one line: transformers' messages span several
+        raise ModelLoadError(f"transformers could not load {directory}: {reason[:500]}") from exc
+    check_loading_info(directory, info)
     loaded.eval()
     logger.info("loaded %s (%s) on %s", directory, type(loaded).__name__, target)
     return loaded, directory

@@ -15,7 +15,8 @@ from .arch.fused_groups import find_attention_modules, find_shared_input_groups
 from .calibrate import calibration_batches, run_calibration
 from .calibrate.loop import auto_batch_size
 from .calibrate.moe_policy import MoECalibration, MoEInputScales, apply_input_policy
-from .errors import CalibrationDataError, InvalidWeightsError
+from .errors import CalibrationDataError, InvalidArgumentError, InvalidWeightsError
+from .input_checks import check_exclude_patterns, check_finite_statistics, refuse_quantized
 from .memory.mapped_weights import MappedWeights
 from .modules.kv_cache import install_kv_quantizer
 from .modules.observe import update_amax
@@ -119,6 +120,27 @@ def _weight_amax_checked(
     return amax, experts_amax
 
 
+def _check_plan(
+    model: nn.Module, names: list[str], blocks: list[MoEBlock], state: QuantizationState, patterns: tuple[str, ...]
+) -> None:
+    """The user's exclusion patterns each match a layer, and leave something to quantize."""
+    candidates = [*names, *(b.experts_name for b in blocks), *state.excluded]
+    check_exclude_patterns(model, patterns, candidates)
+    if names or blocks or state.recipe.kv_cache is KVCacheFormat.FP8:
+        return
+    by_user = [n for n in state.excluded if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    if by_user:
+        raise InvalidArgumentError(
+            f"--exclude {' '.join(patterns)} leaves nothing to quantize ({len(by_user)} layer(s) excluded by it, "
+            "the rest by the recipe's defaults); exclude fewer layers"
+        )
+    reasons = sorted({reason for reason in state.excluded.values()})
+    raise InvalidArgumentError(
+        f"recipe {state.recipe.name} has nothing to quantize in this model ({'; '.join(reasons[:3]) or 'no layer'}); "
+        "choose another recipe"
+    )
+
+
 def _calibration_data(model: nn.Module, calib_data: Iterable[Any] | None, options: dict[str, Any]) -> Iterable[Any]:
     if calib_data is not None:
         return calib_data
@@ -173,9 +195,7 @@ def _drop_uncalibrated(model: nn.Module, state: QuantizationState) -> None:
             logger.warning("leaving %s unquantized: it never ran during calibration", name)
 
 
-def _finish_experts(
-    quantizers: list[ExpertsQuantizer], state: QuantizationState, options: dict[str, Any]
-) -> None:
+def _finish_experts(quantizers: list[ExpertsQuantizer], state: QuantizationState, options: dict[str, Any]) -> None:
     policy = MoEInputScales(options.get("moe_input_scales", MoEInputScales.SHARED))
     calibration = MoECalibration(options.get("moe_calib", MoECalibration.ROUTED))
     coverage = ExpertCoverage(policy.value, calibration.value)
@@ -234,27 +254,45 @@ def quantize(
             with a warning, as ``export(..., allow_check_errors=True)``), ``progress`` (True).
     """
     unknown = set(options) - {
-        "exclude", "kv_cache", "tokenizer", "calib_text", "calib_samples", "calib_seq_len", "batch_size",
-        "moe_input_scales", "moe_calib", "release_weights", "format", "progress", "allow_check_errors",
+        "exclude",
+        "kv_cache",
+        "tokenizer",
+        "calib_text",
+        "calib_samples",
+        "calib_seq_len",
+        "batch_size",
+        "moe_input_scales",
+        "moe_calib",
+        "release_weights",
+        "format",
+        "progress",
+        "allow_check_errors",
     }
     if unknown:
         raise TypeError(f"unknown quantize option(s): {', '.join(sorted(unknown))}")
+    refuse_quantized(model)
+    patterns = options.get("exclude") or ()
+    patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
     if options.get("format") is not None:
         from .export.targets import recipe_for_format
 
         recipe = recipe_for_format(recipe, options["format"])
-    recipe = get_recipe(recipe).with_options(
-        kv_cache=options.get("kv_cache"), extra_exclude=tuple(options.get("exclude") or ())
-    )
+    recipe = get_recipe(recipe).with_options(kv_cache=options.get("kv_cache"), extra_exclude=patterns)
     codec = codec_for(recipe.scheme)
     state = QuantizationState(recipe=recipe)
     names = _plan_layers(model, recipe, codec, state)
     blocks = _plan_experts(model, recipe, codec, state)
+    _check_plan(model, names, blocks, state, patterns)
     if options.get("format") is not None:  # a form known not to load is refused before calibration
         from .export.self_check import refuse_known_failure
 
-        refuse_known_failure(model, recipe, options["format"], experts_quantized=bool(blocks),
-                             allow_check_errors=options.get("allow_check_errors", False))
+        refuse_known_failure(
+            model,
+            recipe,
+            options["format"],
+            experts_quantized=bool(blocks),
+            allow_check_errors=options.get("allow_check_errors", False),
+        )
     mapped = MappedWeights() if options.get("release_weights", True) else MappedWeights.disabled()
     weight_amax, experts_amax = _weight_amax_checked(model, names, blocks, mapped)
     modules = dict(model.named_modules())
@@ -280,6 +318,7 @@ def quantize(
             set_mode(model, QuantMode.OFF)
             for hook in hooks:
                 hook.remove()
+        check_finite_statistics(model)  # once, after the loop: no host synchronisation per batch
         _drop_uncalibrated(model, state)
     _finish_experts(experts, state, options)
     _unify_groups(model, state, codec)

@@ -20,37 +20,17 @@ output keeps the real routing (one extra dense pass over all experts per MoE lay
 from __future__ import annotations
 
 import logging
-from enum import Enum
 
 import torch
 
 from ..arch.experts import ExpertNaming
 from ..errors import CalibrationDataError
 from ..modules.quant_experts import PROJECTIONS, ExpertsQuantizer
+from ..moe_options import MoECalibration, MoEInputScales
 
 __all__ = ["MoECalibration", "MoEInputScales", "apply_input_policy"]
 
 logger = logging.getLogger(__name__)
-
-
-class MoEInputScales(str, Enum):
-    """Input-scale policy for experts (see module docstring)."""
-
-    SHARED = "shared"
-    PER_EXPERT = "per-expert"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class MoECalibration(str, Enum):
-    """Which tokens feed each expert's statistics (see module docstring)."""
-
-    ROUTED = "routed"
-    ALL_EXPERTS = "all-experts"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 def apply_input_policy(quantizer: ExpertsQuantizer, policy: MoEInputScales) -> MoEInputScales:

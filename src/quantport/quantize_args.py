@@ -1,0 +1,214 @@
+"""The arguments of ``quantport quantize``, checked before torch or transformers is imported.
+
+The checks read the command line, the file system and the model's ``config.json`` only, so a wrong
+argument is one ``error:`` line in well under a second, before any weight is loaded or anything is written.
+Argument types (:func:`positive_int`, :func:`shard_size`, :func:`device_name`) run inside ``argparse``;
+:func:`check_quantize_args` runs the checks that need several arguments or the model's config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import AlreadyQuantizedError, CalibrationDataError, InvalidArgumentError
+from .loading import read_model_config, resolve_model_dir
+from .recipes import QuantRecipe, get_recipe
+
+__all__ = [
+    "EXPORT_FORMATS",
+    "MOE_CONFIG_KEYS",
+    "QuantizeInputs",
+    "check_calib_text",
+    "check_quantize_args",
+    "device_name",
+    "is_moe_config",
+    "parse_size",
+    "positive_int",
+    "shard_size",
+]
+
+EXPORT_FORMATS = ("modelopt", "compressed-tensors", "mxfp4")
+"""The values of :class:`quantport.export.ExportFormat` (that module imports torch; a test keeps them equal)."""
+
+MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+"""``config.json`` keys that give the number of routed experts in the MoE families quantport reads
+(Qwen2/3-MoE and OLMoE, Mixtral / Llama 4 / GPT-OSS, DeepSeek-V3, and others)."""
+
+_DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?)")
+_SIZE_UNITS = {
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "B": 1,
+}
+_SNIFF_BYTES = 64 << 10
+
+
+def positive_int(value: str) -> int:
+    """``argparse`` type: an integer >= 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def parse_size(size: int | str) -> int:
+    """``"5GB"``, ``"500MB"``, ``"2GiB"``, ``"1.5GB"`` or a number of bytes -> bytes (> 0).
+
+    The units of :func:`quantport.export.shards.parse_size`; raises ``ValueError`` for anything else.
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        number = size
+    else:
+        text = str(size).strip().upper()
+        factor = next((f for unit, f in _SIZE_UNITS.items() if text.endswith(unit)), 1)
+        digits = next((text[: -len(unit)] for unit in _SIZE_UNITS if text.endswith(unit)), text).strip()
+        try:
+            number = int(float(digits) * factor)
+        except (ValueError, OverflowError):
+            raise ValueError(f"{size!r} is not a size; use e.g. 5GB, 500MB, 2GiB or a number of bytes") from None
+    if number < 1:
+        raise ValueError(f"{size!r} is not a positive size; use e.g. 5GB, 500MB, 2GiB or a number of bytes")
+    return number
+
+
+def shard_size(value: str) -> int:
+    """``argparse`` type for ``--max-shard-size``: :func:`parse_size`."""
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def device_name(value: str) -> str:
+    """``argparse`` type for ``--device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (availability is checked
+    when torch is imported)."""
+    if _DEVICE.fullmatch(value) is None:
+        raise argparse.ArgumentTypeError(f"unknown device {value!r}; use cpu, cuda, cuda:N or auto")
+    return value
+
+
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    nested = config.get("text_config")
+    return nested if isinstance(nested, dict) else {}
+
+
+def is_moe_config(config: dict[str, Any]) -> bool:
+    """Whether ``config.json`` (or its ``text_config``) describes routed experts."""
+    return any(
+        isinstance(part.get(key), int) and not isinstance(part.get(key), bool) and part[key] > 1
+        for part in (config, _text_config(config))
+        for key in MOE_CONFIG_KEYS
+    )
+
+
+def _max_positions(config: dict[str, Any]) -> int | None:
+    for part in (config, _text_config(config)):
+        value = part.get("max_position_embeddings")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def check_calib_text(path: Path, option: str = "--calib-text") -> None:
+    """A readable regular file whose start decodes as UTF-8 text (its start only: the rest is read lazily)."""
+    if not path.exists():
+        raise CalibrationDataError(f"{option} {path} does not exist; give a UTF-8 text file")
+    if path.is_dir():
+        raise CalibrationDataError(f"{option} {path} is a directory; give a UTF-8 text file inside it")
+    if not path.is_file():
+        raise CalibrationDataError(f"{option} {path} is not a regular file; give a UTF-8 text file")
+    try:
+        with path.open("rb") as handle:
+            start = handle.read(_SNIFF_BYTES)
+    except OSError as exc:
+        raise CalibrationDataError(f"{option} {path} cannot be read ({exc.strerror}); fix its permissions") from exc
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(start, final=False)
+    except UnicodeDecodeError as exc:
+        raise CalibrationDataError(
+            f"{option} {path} is not UTF-8 text (invalid byte at offset {exc.start}); convert it to UTF-8 "
+            "or give another file"
+        ) from None
+    if b"\x00" in start:
+        raise CalibrationDataError(f"{option} {path} is a binary file (it holds NUL bytes); give a UTF-8 text file")
+
+
+def _check_coverage_png(path: Path, config: dict[str, Any], model: str) -> None:
+    if not is_moe_config(config):
+        raise InvalidArgumentError(
+            f"--coverage-png {path}: {model} is not a Mixture-of-Experts model (its config.json has none of "
+            f"{', '.join(MOE_CONFIG_KEYS)}), so there is no expert coverage to draw; drop --coverage-png"
+        )
+    if path.is_dir():
+        raise InvalidArgumentError(
+            f"--coverage-png {path} is a directory; give a file name such as {path / 'coverage.png'}"
+        )
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise InvalidArgumentError(f"--coverage-png {path}: directory {parent} does not exist; create it first")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidArgumentError(f"--coverage-png {path}: directory {parent} is not writable; choose another path")
+
+
+def _check_not_quantized(config: dict[str, Any], directory: Path) -> None:
+    for part in (config, _text_config(config)):
+        qconfig = part.get("quantization_config")
+        if qconfig is not None:
+            method = qconfig.get("quant_method", "unknown") if isinstance(qconfig, dict) else "unknown"
+            raise AlreadyQuantizedError(
+                f"{directory} is already quantized (config.json quantization_config, quant_method {method!r}); "
+                "quantport quantizes full-precision (bf16/fp16/fp32) checkpoints only: give the original "
+                "unquantized model"
+            )
+
+
+@dataclass(frozen=True)
+class QuantizeInputs:
+    """What the checks found out, for the command to use.
+
+    Attributes:
+        recipe: the preset named by ``--recipe`` (before ``--format`` picks its variant).
+        directory: the model's local directory.
+        config: its ``config.json``.
+    """
+
+    recipe: QuantRecipe
+    directory: Path
+    config: dict[str, Any]
+
+
+def check_quantize_args(args: argparse.Namespace) -> QuantizeInputs:
+    """Every check of ``quantport quantize``'s arguments that needs no torch; raises a ``QuantportError``.
+
+    Local paths are checked before MODEL is resolved (a hub id is downloaded), the model's config after.
+    """
+    recipe = get_recipe(args.recipe)
+    if args.calib_text is not None:
+        check_calib_text(args.calib_text)
+    directory = resolve_model_dir(args.model)
+    config = read_model_config(directory)
+    _check_not_quantized(config, directory)
+    limit = _max_positions(config)
+    if limit is not None and args.calib_seq_len > limit:
+        raise InvalidArgumentError(
+            f"--calib-seq-len {args.calib_seq_len} exceeds the model's max_position_embeddings {limit}; "
+            f"use --calib-seq-len {min(limit, 512)} or less"
+        )
+    if args.coverage_png is not None:
+        _check_coverage_png(args.coverage_png, config, args.model)
+    return QuantizeInputs(recipe=recipe, directory=directory, config=config)
