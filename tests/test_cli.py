@@ -105,14 +105,6 @@ def test_torch_free_vocabularies_match_the_library():
     assert moe_policy.MoEInputScales.PER_EXPERT.value == "per-expert"
 
 
-@pytest.mark.parametrize("size", ["5GB", "500MB", "2GiB", "1.5GB", "123", "64kib"])
-def test_shard_size_parses_as_export_does(size):
-    from quantport.export.shards import parse_size as export_parse_size
-    from quantport.quantize_args import parse_size
-
-    assert parse_size(size) == export_parse_size(size)
-
-
 def test_every_moe_family_config_is_moe_and_dense_ones_are_not():
     from moe_models import FAMILIES, tiny_moe
     from quantport.quantize_args import is_moe_config
@@ -128,3 +120,18 @@ def test_full_parser_still_has_every_command():
 
     for command in (["check", "d"], ["inspect", "d"], ["eval", "a", "b"]):
         assert _parser().parse_args(command).command == command[0]
+
+
+def test_abbreviated_options_are_refused(tmp_path, capsys):
+    code = main(["quantize", "bundled:tiny-llama", str(tmp_path / "o"), "--recipe", "fp8", "--calib-sample", "4"])
+    assert code == 2
+    assert "--calib-sample" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_recipe_is_a_quantport_error():
+    from quantport.errors import QuantportError
+    from quantport.recipes import get_recipe
+
+    with pytest.raises(QuantportError, match="unknown recipe 'int3'"):
+        get_recipe("int3")

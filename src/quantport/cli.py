@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 # Light imports only: the arguments are checked before torch and transformers are imported (seconds).
 from .errors import InterruptedBySignal, InvalidArgumentError, QuantportError
@@ -27,7 +27,12 @@ __all__ = ["main"]
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one ``error:`` line (exit code 2), like every other quantport error."""
+    """Usage errors as one ``error:`` line (exit code 2), like every other quantport error; options are spelled
+    out in full (``--calib-sample`` is an error, not ``--calib-samples``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")

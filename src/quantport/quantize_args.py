@@ -19,6 +19,7 @@ from typing import Any
 from .errors import AlreadyQuantizedError, CalibrationDataError, InvalidArgumentError
 from .loading import read_model_config, resolve_model_dir
 from .recipes import QuantRecipe, get_recipe
+from .sizes import parse_size
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -28,7 +29,6 @@ __all__ = [
     "check_quantize_args",
     "device_name",
     "is_moe_config",
-    "parse_size",
     "positive_int",
     "shard_size",
 ]
@@ -41,17 +41,6 @@ MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_
 (Qwen2/3-MoE and OLMoE, Mixtral / Llama 4 / GPT-OSS, DeepSeek-V3, and others)."""
 
 _DEVICE = re.compile(r"(auto|cpu|cuda(:\d+)?)")
-_SIZE_UNITS = {
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "B": 1,
-}
 _SNIFF_BYTES = 64 << 10
 
 
@@ -63,26 +52,6 @@ def positive_int(value: str) -> int:
         number = 0
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
-
-
-def parse_size(size: int | str) -> int:
-    """``"5GB"``, ``"500MB"``, ``"2GiB"``, ``"1.5GB"`` or a number of bytes -> bytes (> 0).
-
-    The units of :func:`quantport.export.shards.parse_size`; raises ``ValueError`` for anything else.
-    """
-    if isinstance(size, int) and not isinstance(size, bool):
-        number = size
-    else:
-        text = str(size).strip().upper()
-        factor = next((f for unit, f in _SIZE_UNITS.items() if text.endswith(unit)), 1)
-        digits = next((text[: -len(unit)] for unit in _SIZE_UNITS if text.endswith(unit)), text).strip()
-        try:
-            number = int(float(digits) * factor)
-        except (ValueError, OverflowError):
-            raise ValueError(f"{size!r} is not a size; use e.g. 5GB, 500MB, 2GiB or a number of bytes") from None
-    if number < 1:
-        raise ValueError(f"{size!r} is not a positive size; use e.g. 5GB, 500MB, 2GiB or a number of bytes")
     return number
 
 

@@ -11,6 +11,8 @@ import fnmatch
 from dataclasses import dataclass, field, replace
 from enum import Enum
 
+from .errors import QuantportError
+
 __all__ = [
     "DEFAULT_EXCLUDES",
     "PRESETS",
@@ -160,7 +162,7 @@ PRESETS: dict[str, QuantRecipe] = {
 }
 
 
-class UnknownRecipeError(ValueError):
+class UnknownRecipeError(QuantportError, ValueError):
     """Raised for a recipe name that is not a preset."""
 
 

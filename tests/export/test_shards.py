@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from quantport.errors import OutputWriteError
 from quantport.export.output_dir import claim_output
-from quantport.export.shards import PlannedTensor, parse_size, write_sharded_safetensors
+from quantport.export.shards import PlannedTensor, write_sharded_safetensors
 from quantport.schemes import TensorSpec
 
 
@@ -52,10 +52,6 @@ def test_planned_spec_is_enforced(tmp_path):
     plan = [PlannedTensor("x", TensorSpec(torch.float32, (2,)), lambda: torch.zeros(3))]
     with pytest.raises(AssertionError, match="planned"):
         write_sharded_safetensors(plan, tmp_path, progress=False)
-
-
-def test_parse_size():
-    assert parse_size("5GB") == 5 * 10**9 and parse_size("2GiB") == 2 * 2**30 and parse_size(7) == 7
 
 
 def test_many_tensors_queued_for_the_writer_keep_their_order(tmp_path, monkeypatch):

@@ -24,13 +24,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..schemes import TensorSpec
+from ..sizes import parse_size
 from .checkpoint_file import CheckpointFile
 
 __all__ = [
     "OneSlotCache",
     "PlannedTensor",
     "natural_order",
-    "parse_size",
     "write_json",
     "write_sharded_safetensors",
 ]
@@ -91,18 +91,6 @@ class PlannedTensor:
     spec: TensorSpec
     compute: Callable[[], torch.Tensor]
     borrowed: bool = False
-
-
-def parse_size(size: int | str) -> int:
-    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or an int -> bytes."""
-    if isinstance(size, int):
-        return size
-    text = size.strip().upper()
-    units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for unit, factor in units.items():
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
 
 
 def _header(entries: list[PlannedTensor]) -> bytes:
