@@ -79,10 +79,20 @@ def _gpt_oss_source(root: Path, *, tied: bool) -> Path:
     path = root / f"source-gpt_oss{'-tied' if tied else ''}"
     if not path.is_dir():
         torch.manual_seed(0)
-        config = GptOssConfig(hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, head_dim=32, vocab_size=256, max_position_embeddings=128,
-                              num_local_experts=4, num_experts_per_tok=2, layer_types=["full_attention"] * 2,
-                              tie_word_embeddings=tied)
+        config = GptOssConfig(
+            hidden_size=128,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            vocab_size=256,
+            max_position_embeddings=128,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            layer_types=["full_attention"] * 2,
+            tie_word_embeddings=tied,
+        )
         model = GptOssForCausalLM(config).to(torch.bfloat16).eval()
         model.config.architectures = ["GptOssForCausalLM"]
         model.save_pretrained(path)
@@ -109,8 +119,15 @@ def _cases(sources: dict[str, Path]) -> list[Case]:
     cases = [
         Case("dense-ct-w4a16", "tiny-llama", "w4a16", "compressed-tensors", "generate", needs=WNA16),
         Case("dense-ct-int8", "tiny-llama", "int8", "compressed-tensors", "generate"),
-        Case("dense-ct-w4a16-kv-fp8", "tiny-llama", "w4a16", "compressed-tensors", "generate", kv_cache="fp8",
-             needs=WNA16 + FP8_KV),
+        Case(
+            "dense-ct-w4a16-kv-fp8",
+            "tiny-llama",
+            "w4a16",
+            "compressed-tensors",
+            "generate",
+            kv_cache="fp8",
+            needs=WNA16 + FP8_KV,
+        ),
         Case("dense-ct-w8a16", "tiny-llama", "w8a16", "compressed-tensors", "generate", needs=WNA16),
         Case("dense-ct-fp8-dynamic", "tiny-llama", "fp8-dynamic", "compressed-tensors", "generate"),
         Case("dense-modelopt-fp8-dynamic", "tiny-llama", "fp8-dynamic", "modelopt", "generate"),
@@ -119,31 +136,59 @@ def _cases(sources: dict[str, Path]) -> list[Case]:
         Case("qwen3moe-bf16-baseline", "qwen3moe_tiny", BASELINE, "", "generate"),
         Case("qwen3moe-ct-w4a16", "qwen3moe_tiny", "w4a16", "compressed-tensors", "generate", needs=QUANT_MOE),
         Case("qwen3moe-ct-int8", "qwen3moe_tiny", "int8", "compressed-tensors", "generate", needs=QUANT_MOE),
-        Case("qwen3moe-ct-w4a16-bf16-experts", "qwen3moe_tiny", "w4a16", "compressed-tensors", "generate",
-             exclude=["*.mlp.experts"], needs=WNA16),
-        Case("qwen3moe-ct-fp8-dynamic", "qwen3moe_tiny", "fp8-dynamic", "compressed-tensors", "generate",
-             needs=QUANT_MOE),
+        Case(
+            "qwen3moe-ct-w4a16-bf16-experts",
+            "qwen3moe_tiny",
+            "w4a16",
+            "compressed-tensors",
+            "generate",
+            exclude=["*.mlp.experts"],
+            needs=WNA16,
+        ),
+        Case(
+            "qwen3moe-ct-fp8-dynamic", "qwen3moe_tiny", "fp8-dynamic", "compressed-tensors", "generate", needs=QUANT_MOE
+        ),
         Case("qwen3moe-ct-fp8", "qwen3moe_tiny", "fp8", "compressed-tensors", "load"),
         Case("qwen3moe-modelopt-fp8", "qwen3moe_tiny", "fp8", "modelopt", "load"),
         Case("mixtral-ct-fp8", "mixtral-random", "fp8", "compressed-tensors", "load"),
         Case("mixtral-modelopt-fp8", "mixtral-random", "fp8", "modelopt", "load"),
         Case("llama4text-bf16-baseline", "llama4_tiny", BASELINE, "", "generate"),
         Case("llama4text-ct-w4a16", "llama4_tiny", "w4a16", "compressed-tensors", "generate", needs=QUANT_MOE),
-        Case("llama4text-ct-fp8-dynamic", "llama4_tiny", "fp8-dynamic", "compressed-tensors", "generate",
-             needs=QUANT_MOE),
+        Case(
+            "llama4text-ct-fp8-dynamic", "llama4_tiny", "fp8-dynamic", "compressed-tensors", "generate", needs=QUANT_MOE
+        ),
         Case("llama4text-ct-fp8", "llama4_tiny", "fp8", "compressed-tensors", "load"),
         Case("llama4text-modelopt-fp8", "llama4_tiny", "fp8", "modelopt", "load"),
         # GPT-OSS: the forms quantport writes (ModelOpt and quantized-expert compressed-tensors are refused, see
         # quantport.arch.engines.KNOWN_FAILURES)
         Case("gptoss-bf16-baseline", "gpt_oss-random", BASELINE, "", "generate"),
-        Case("gptoss-ct-w4a16-bf16-experts", "gpt_oss-random", "w4a16", "compressed-tensors", "generate",
-             exclude=["*.mlp.experts"], needs=WNA16),
-        Case("gptoss-ct-int8-bf16-experts", "gpt_oss-random", "int8", "compressed-tensors", "generate",
-             exclude=["*.mlp.experts"]),
+        Case(
+            "gptoss-ct-w4a16-bf16-experts",
+            "gpt_oss-random",
+            "w4a16",
+            "compressed-tensors",
+            "generate",
+            exclude=["*.mlp.experts"],
+            needs=WNA16,
+        ),
+        Case(
+            "gptoss-ct-int8-bf16-experts",
+            "gpt_oss-random",
+            "int8",
+            "compressed-tensors",
+            "generate",
+            exclude=["*.mlp.experts"],
+        ),
         Case("gptoss-mxfp4", "gpt_oss-random", "mxfp4-experts", "mxfp4", "generate", needs=QUANT_MOE),
-        Case("gptoss-tied-ct-int8-bf16-experts", "gpt_oss-tied-random", "int8", "compressed-tensors", "generate",
-             exclude=["*.mlp.experts"], note="tied embeddings: quantport writes lm_head.weight, vLLM's GPT-OSS "
-             "does not tie"),
+        Case(
+            "gptoss-tied-ct-int8-bf16-experts",
+            "gpt_oss-tied-random",
+            "int8",
+            "compressed-tensors",
+            "generate",
+            exclude=["*.mlp.experts"],
+            note="tied embeddings: quantport writes lm_head.weight, vLLM's GPT-OSS does not tie",
+        ),
     ]
     return [case for case in cases if case.model in sources]
 
@@ -167,8 +212,14 @@ def _greedy(model: torch.nn.Module, prompts: list[list[int]]) -> list[list[int]]
     outputs = []
     for prompt in prompts:
         ids = torch.tensor([prompt])
-        generated = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                   min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+        generated = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+        )
         outputs.append(generated[0, len(prompt) :].tolist())
     return outputs
 
@@ -201,8 +252,15 @@ def _build(case: Case, source: Path, root: Path) -> None:
     vocab = model.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(0)
     calibration = [torch.randint(3, vocab, (4, 64), generator=generator) for _ in range(4)]
-    quantport.quantize(model, recipe_for_format(case.recipe, case.fmt), calibration, exclude=case.exclude,
-                       kv_cache=case.kv_cache, format=case.fmt, progress=False)
+    quantport.quantize(
+        model,
+        recipe_for_format(case.recipe, case.fmt),
+        calibration,
+        exclude=case.exclude,
+        kv_cache=case.kv_cache,
+        format=case.fmt,
+        progress=False,
+    )
     out = root / case.name
     quantport.export(model, out, case.fmt, overwrite=True, progress=False)
     case.path = str(out)

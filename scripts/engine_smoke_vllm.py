@@ -34,8 +34,10 @@ TIE = 0.1
 """Top-2 log-probability margin (nats) under which a disagreement is a near-tie, not an error."""
 TIMEOUT_S = 600
 LOADED = re.compile(r"Loading weights took|Model loading took")
-NO_KERNEL = re.compile(r"Failed to find a kernel|No \w+ MoE backend supports|Unsupported \w+ MoE backend|"
-                       r"requires x86 with AVX-512 or AMX|requires AMX tile support")
+NO_KERNEL = re.compile(
+    r"Failed to find a kernel|No \w+ MoE backend supports|Unsupported \w+ MoE backend|"
+    r"requires x86 with AVX-512 or AMX|requires AMX tile support"
+)
 LOG_PREFIX = re.compile(r"^(?:\(\S+ pid=\d+\) )?(?:[A-Z]+ \d\d-\d\d \d\d:\d\d:\d\d \[[^\]]+\] )?")
 """What vLLM puts before a line of a child's traceback: ``(Worker pid=N) ERROR 12-03 09:20:25 [file.py:953] ``."""
 CAUSE = re.compile(r"^(?:[\w.]+\.)?(\w+(?:Error|Exception|Interrupt)): (.*)$")
@@ -67,8 +69,14 @@ def _run_case(case: dict) -> dict:
 
     result: dict = {"name": case["name"]}
     try:
-        llm = LLM(model=case["path"], dtype="bfloat16", max_model_len=128, enforce_eager=True,
-                  skip_tokenizer_init=True, seed=0)
+        llm = LLM(
+            model=case["path"],
+            dtype="bfloat16",
+            max_model_len=128,
+            enforce_eager=True,
+            skip_tokenizer_init=True,
+            seed=0,
+        )
     except Exception as exc:  # noqa: BLE001  (any failure is reported, not raised)
         result["error"] = f"{type(exc).__name__}: {exc}"
         return result
@@ -77,8 +85,7 @@ def _run_case(case: dict) -> dict:
         return result
     reference = case["transformers_tokens"]
     length = len(reference[0])
-    greedy = SamplingParams(temperature=0.0, max_tokens=length, min_tokens=length, ignore_eos=True,
-                            detokenize=False)
+    greedy = SamplingParams(temperature=0.0, max_tokens=length, min_tokens=length, ignore_eos=True, detokenize=False)
     scoring = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=1, detokenize=False)
     try:
         outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in case["prompts"]], greedy)
@@ -129,9 +136,11 @@ def _generate_verdict(case: dict, result: dict) -> tuple[str, str]:
         if rank != 1
     ]
     real = [m for m in disagreements if m >= TIE]
-    detail = (f"greedy tokens != transformers ({equal}/{total} equal, {sim} quantport simulation); teacher-forced "
-              f"top-1 differs at {len(disagreements)}/{total} positions, "
-              f"{len(disagreements) - len(real)} near-ties (margin < {TIE})")
+    detail = (
+        f"greedy tokens != transformers ({equal}/{total} equal, {sim} quantport simulation); teacher-forced "
+        f"top-1 differs at {len(disagreements)}/{total} positions, "
+        f"{len(disagreements) - len(real)} near-ties (margin < {TIE})"
+    )
     if real:
         detail += f", {len(real)} real (margins {', '.join(f'{m:.2f}' for m in real[:4])})"
     return ("FAIL" if real else "PASS"), detail
@@ -157,8 +166,13 @@ def _verdict(case: dict, result: dict, log: str) -> tuple[str, str]:
 def _spawn(case: dict) -> tuple[dict, str]:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     try:
-        proc = subprocess.run([sys.executable, __file__, "--one", json.dumps(case)], capture_output=True, text=True,
-                              timeout=TIMEOUT_S, env=env)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--one", json.dumps(case)],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+            env=env,
+        )
     except subprocess.TimeoutExpired as exc:
         return {"name": case["name"], "error": f"timeout after {TIMEOUT_S}s"}, str(exc.stdout or "")
     return _result_of(case, proc.stdout + proc.stderr, proc.returncode), proc.stdout + proc.stderr
@@ -178,8 +192,11 @@ def main() -> int:
     parser.add_argument("manifest", nargs="?", type=Path)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--logs", type=Path, help="directory for each case's full vLLM log")
-    parser.add_argument("--rescore", action="store_true",
-                        help="run nothing: judge each case again from the logs of an earlier run (--logs)")
+    parser.add_argument(
+        "--rescore",
+        action="store_true",
+        help="run nothing: judge each case again from the logs of an earlier run (--logs)",
+    )
     args = parser.parse_args()
     if args.one:
         sys.stdout.write(RESULT + json.dumps(_run_case(json.loads(args.one))) + "\n")
@@ -188,8 +205,9 @@ def main() -> int:
     cpu, flags = cpu_flags()
     present = [f for f in CPU_FLAGS if f in flags]
     absent = [f for f in CPU_FLAGS if f not in flags]
-    sys.stdout.write(f"CPU: {cpu}, {os.cpu_count()} cores; has {' '.join(present) or '-'}; "
-                     f"lacks {' '.join(absent) or '-'}\n")
+    sys.stdout.write(
+        f"CPU: {cpu}, {os.cpu_count()} cores; has {' '.join(present) or '-'}; lacks {' '.join(absent) or '-'}\n"
+    )
     for case in json.loads(args.manifest.read_text()):
         missing = [f for f in case.get("needs", []) if f not in flags]
         if missing:
