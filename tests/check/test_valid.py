@@ -133,7 +133,7 @@ def test_mixed_precision_modelopt_config(quantport_ckpt, edit):
     assert "config.engine-algo" in check_checkpoint(e.path, "sglang").rules()
 
 
-QUANTPORT_MOE = [("qwen3_moe", "nvfp4", "modelopt", "fp8"), ("qwen3_moe", "w4a16", "compressed-tensors", None),
+QUANTPORT_MOE = [("qwen3_moe", "nvfp4", "modelopt", "fp8"), ("qwen3_moe", "int8", "compressed-tensors", None),
                  ("mixtral", "fp8", "modelopt", "fp8"), ("deepseek_v3", "nvfp4", "compressed-tensors", None),
                  ("llama4_text", "fp8", "modelopt", "fp8"), ("mixtral", "mxfp4", "compressed-tensors", None)]
 
