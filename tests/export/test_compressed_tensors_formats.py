@@ -86,12 +86,17 @@ def test_modelopt_integer_variants_round_trip(tmp_path, tiny_model, calib_batche
             assert torch.equal(module.codec.dequantize_weight(exported, torch.bfloat16), module.simulated_weight())
 
 
-def test_cli_refuses_a_missing_pair_before_loading(tmp_path, capsys):
+def test_cli_refuses_a_missing_pair_before_loading(tmp_path, capsys, monkeypatch):
+    import quantport.loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(quantport.loading, "load_model", no_loading)  # the CLI imports it when it needs it
     out = tmp_path / "o"
-    missing_model = str(tmp_path / "no-model")  # loading it would fail with "does not exist"
-    assert main(["quantize", missing_model, str(out), "--recipe", "int8", "--format", "modelopt"]) == 2
+    assert main(["quantize", "bundled:tiny-llama", str(out), "--recipe", "int8", "--format", "modelopt"]) == 2
     err = capsys.readouterr().err
-    assert "recipe 'int8' has no modelopt form" in err and "compressed-tensors" in err and "does not exist" not in err
+    assert "recipe 'int8' has no modelopt form" in err and "compressed-tensors" in err and "loaded" not in err
     assert not out.exists()
 
 
