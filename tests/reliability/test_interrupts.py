@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 import quantport.cli as cli
+import quantport.loading as loading
+import quantport.pipeline as pipeline
 from quantport.errors import OutputPathError
 from quantport.export import checkpoint_file, output_dir
 from quantport.loading import resolve_model_dir
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 
 import quantport.cli as cli
+import quantport.pipeline as pipeline
 from quantport.export.shards import PlannedTensor
 
 export = importlib.import_module("quantport.export")  # the module, not quantport.export()
@@ -44,13 +47,13 @@ def stall():
 
 
 if phase == "calibrate":
-    real_quantize = cli.quantize
+    real_quantize = pipeline.quantize
 
     def slow_quantize(*args, **kwargs):
         stall()
         return real_quantize(*args, **kwargs)
 
-    cli.quantize = slow_quantize
+    pipeline.quantize = slow_quantize  # the CLI imports it from there when it needs it
 else:  # stall half way through the tensors, with the first ones already written
     real_write = export.write_sharded_safetensors
 
@@ -108,7 +111,7 @@ def no_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before OUT was checked")
 
-    monkeypatch.setattr(cli, "load_model", refuse)
+    monkeypatch.setattr(loading, "load_model", refuse)  # the CLI imports it from there when it needs it
 
 
 @pytest.mark.parametrize("phase", ["calibrate", "write"])
@@ -272,11 +275,11 @@ def test_the_api_never_replaces_the_model_directory(tmp_path):
 @pytest.mark.parametrize("intruder", ["an empty directory", "a directory with a file", "a second quantport run"])
 def test_a_directory_created_at_out_during_the_run_is_left_intact(tmp_path, capsys, monkeypatch, intruder):
     out = tmp_path / "ckpt"
-    real_quantize = cli.quantize
+    real_quantize = pipeline.quantize
     theirs = {}
 
     def meanwhile(*args, **kwargs):
-        monkeypatch.setattr(cli, "quantize", real_quantize)
+        monkeypatch.setattr(pipeline, "quantize", real_quantize)
         if intruder == "a second quantport run":
             assert cli.main(["quantize", "bundled:tiny-llama", str(out), *FAST]) == 0
         else:
@@ -286,7 +289,7 @@ def test_a_directory_created_at_out_during_the_run_is_left_intact(tmp_path, caps
         theirs.update(_digests(out), inode=out.stat().st_ino)
         return real_quantize(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "quantize", meanwhile)
+    monkeypatch.setattr(pipeline, "quantize", meanwhile)
     code, _ = _run(capsys, "bundled:tiny-llama", str(out), *FAST)
     assert code == 2 and {**_digests(out), "inode": out.stat().st_ino} == theirs and _hidden(tmp_path) == []
     assert intruder != "a second quantport run" or "model.safetensors" in theirs
@@ -294,13 +297,13 @@ def test_a_directory_created_at_out_during_the_run_is_left_intact(tmp_path, caps
 
 def test_the_failure_message_of_a_directory_created_meanwhile(tmp_path, capsys, monkeypatch):
     out = tmp_path / "ckpt"
-    real_quantize = cli.quantize
+    real_quantize = pipeline.quantize
 
     def meanwhile(*args, **kwargs):
         out.mkdir()
         return real_quantize(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "quantize", meanwhile)
+    monkeypatch.setattr(pipeline, "quantize", meanwhile)
     code, stderr = _run(capsys, "bundled:tiny-llama", str(out), *FAST)
     assert code == 2
     line = _error_line(stderr)
