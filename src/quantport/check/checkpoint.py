@@ -2,9 +2,10 @@
 
 Only the headers of the safetensors files are parsed up front (8-byte length + JSON), which gives
 every tensor's dtype, shape and byte range without touching the data. Headers are validated by
-:mod:`quantport.read` as strictly as the safetensors library does. Values are read with
-``safetensors.safe_open`` one tensor at a time, and only for the tensors a rule asks for (scales
-and other small tensors), so checking a large checkpoint costs little more than listing it.
+:mod:`quantport.read` as strictly as the safetensors library does. Values are read at those validated
+byte ranges (``os.pread``, one tensor or one slice of rows at a time), and only for the tensors a rule
+asks for (scales and other small tensors), so checking a large checkpoint costs little more than
+listing it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from quantport.read import (
     UnreadableFileError,
     read_header,
     read_json_object,
+    read_safetensors_header,
 )
+from quantport.read.files import open_regular
 
 __all__ = ["DTYPE_BYTES", "Checkpoint", "HeaderError", "TensorInfo", "read_header"]
 
@@ -36,6 +39,14 @@ CONFIG_FILE = "config.json"
 HF_QUANT_CONFIG_FILE = "hf_quant_config.json"
 INDEX_FILE = "model.safetensors.index.json"
 REPORT_FILE = "quantport_report.json"
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2, "F8_E8M0": torch.float8_e8m0fnu, "I16": torch.int16, "U16": torch.uint16,
+    "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32, "U32": torch.uint32, "F32": torch.float32,
+    "I64": torch.int64, "U64": torch.uint64, "F64": torch.float64,
+}  # fmt: skip
+"""The torch dtype of each safetensors dtype string (little-endian bytes, as on every host quantport runs on)."""
 
 
 def _read_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -78,6 +89,7 @@ class Checkpoint:
     file_errors: dict[str, HeaderError] = field(default_factory=dict)
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     index_total_size: Any = None
+    data_starts: dict[str, int] = field(default_factory=dict, repr=False)
     _handles: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -93,7 +105,9 @@ class Checkpoint:
         ckpt.files = sorted(p.name for p in ckpt.path.glob("*.safetensors"))
         for name in ckpt.files:
             try:
-                ckpt.headers[name] = read_header(ckpt.path / name)
+                header = read_safetensors_header(ckpt.path / name)
+                ckpt.headers[name] = header.tensors
+                ckpt.data_starts[name] = 8 + header.header_bytes
             except UnreadableFileError as exc:
                 ckpt.file_errors[name] = HeaderError(exc.message, path=exc.path, truncated=exc.truncated)
             except OSError as exc:  # an I/O error while reading the header
@@ -130,26 +144,36 @@ class Checkpoint:
     def _handle(self, file: str) -> Any:
         handle = self._handles.get(file)
         if handle is None:
-            from safetensors import safe_open
-
-            try:
-                handle = safe_open(str(self.path / file), framework="pt")
-            except Exception as exc:  # SafetensorError, OSError: the file changed or torch lacks the dtype
-                raise HeaderError(f"cannot be opened by safetensors: {exc}", path=self.path / file) from None
+            handle, _ = open_regular(self.path / file, HeaderError)
             self._handles[file] = handle
         return handle
+
+    def _read(self, info: TensorInfo, first_row: int, rows: int) -> torch.Tensor:
+        """Rows ``[first_row, first_row + rows)`` of tensor ``info`` (all of a 0-D tensor), read at its validated
+        byte range."""
+        row_shape = info.shape[1:]
+        row_bytes = info.nbytes // info.shape[0] if info.ndim else info.nbytes
+        offset = self.data_starts[info.file] + info.offsets[0] + first_row * row_bytes
+        size = rows * row_bytes if info.ndim else info.nbytes
+        buffer = torch.empty(size, dtype=torch.uint8)
+        try:
+            read = os.preadv(self._handle(info.file).fileno(), [buffer.numpy()], offset) if size else 0
+        except OSError as exc:
+            raise HeaderError(
+                f"tensor {info.name!r} cannot be read: {exc.strerror or exc}", path=self.path / info.file
+            ) from None
+        if read != size:
+            message = f"tensor {info.name!r} cannot be read: the file ends inside it"
+            raise HeaderError(message, path=self.path / info.file, truncated=True)
+        flat = buffer.view(TORCH_DTYPES[info.dtype])
+        return flat.reshape((rows, *row_shape) if info.ndim else ())
 
     def load(self, name: str) -> torch.Tensor | None:
         """The values of tensor ``name`` (None when it is not readable)."""
         info = self.tensors.get(name)
         if info is None:
             return None
-        try:
-            return self._handle(info.file).get_tensor(name)
-        except HeaderError:
-            raise
-        except Exception as exc:  # SafetensorError, TypeError (a dtype torch cannot hold)
-            raise HeaderError(f"tensor {name!r} cannot be read: {exc}", path=self.path / info.file) from None
+        return self._read(info, 0, info.shape[0] if info.ndim else 1)
 
     def iter_rows(self, name: str, max_elements: int) -> Iterator[torch.Tensor]:
         """Tensor ``name`` in slices along its first dimension of at most about ``max_elements`` elements."""
@@ -157,19 +181,11 @@ class Checkpoint:
         if info is None:
             return
         if info.ndim == 0 or info.numel <= max_elements:
-            tensor = self.load(name)
-            if tensor is not None:
-                yield tensor
+            yield self._read(info, 0, info.shape[0] if info.ndim else 1)
             return
         rows = max(1, max_elements // max(1, info.numel // info.shape[0]))
-        try:
-            view = self._handle(info.file).get_slice(name)
-            for start in range(0, info.shape[0], rows):
-                yield view[start : start + rows]
-        except HeaderError:
-            raise
-        except Exception as exc:
-            raise HeaderError(f"tensor {name!r} cannot be read: {exc}", path=self.path / info.file) from None
+        for start in range(0, info.shape[0], rows):
+            yield self._read(info, start, min(rows, info.shape[0] - start))
 
     def load_float(self, name: str) -> torch.Tensor | None:
         """Tensor ``name`` as float32 (for scale checks)."""
@@ -177,4 +193,6 @@ class Checkpoint:
         return None if tensor is None else tensor.to(torch.float32)
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
