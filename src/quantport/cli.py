@@ -42,12 +42,9 @@ def _batch_size(value: str) -> int | str:
     if value == "auto":
         return value
     try:
-        size = int(value)
-    except ValueError:
-        size = 0
-    if size < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
-    return size
+        return positive_int(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}") from None
 
 
 def _parser(*, quantize_only: bool = False) -> argparse.ArgumentParser:
