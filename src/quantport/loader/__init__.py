@@ -30,6 +30,7 @@ from torch import nn
 from ..arch.experts import MoEBlock, find_moe_blocks
 from ..arch.fused_groups import find_attention_modules
 from ..export.names import CheckpointNames
+from ..formats.finite import all_finite
 from ..loading import resolve_device
 from ..modules.quant_experts import install_experts_quantizer
 from ..modules.quant_linear import QuantMode
@@ -179,7 +180,7 @@ def _build_model(directory: Path, dtype: torch.dtype, device: torch.device, stor
 
 
 def _require_finite(name: str, tensor: torch.Tensor) -> None:
-    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+    if not all_finite(tensor):
         bad = int((~torch.isfinite(tensor)).sum())
         raise CheckpointError(
             f"{name} holds {bad} NaN or infinite values after decoding; the checkpoint is corrupt "
