@@ -613,7 +613,14 @@ def _best(runs: list[dict]) -> dict:
     the run with the lowest peak RSS, so they stay consistent with one another."""
     best = dict(min(runs, key=lambda r: r["peak_rss"]))
     for key in (
-        "load_s", "calib_s", "export_s", "durable_export_s", "total_s", "load_cpu_s", "calib_cpu_s", "export_cpu_s",
+        "load_s",
+        "calib_s",
+        "export_s",
+        "durable_export_s",
+        "total_s",
+        "load_cpu_s",
+        "calib_cpu_s",
+        "export_cpu_s",
         "total_cpu_s",
     ):
         best[key] = min(r[key] for r in runs)
@@ -699,7 +706,7 @@ def write_results(  # noqa: C901
         "- Writes: modelopt (safetensors) writes through the page cache, so its export returns before the disk has "
         "the data; quantport's export returns after it (it fsyncs every file before the final rename) and after "
         "running its own checker on what it wrote (`quantport check`, reading scales and every unquantized float "
-        "tensor). \"export + fsync\" adds, after the timed export, the time to `fsync` every written file: the "
+        'tensor). "export + fsync" adds, after the timed export, the time to `fsync` every written file: the '
         "time until the checkpoint is on disk.",
         "",
     ]

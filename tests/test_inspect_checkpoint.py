@@ -38,9 +38,12 @@ def test_coverage_section_is_read_when_present(nvfp4_llama, tmp_path):
 
     copy = shutil.copytree(nvfp4_llama, tmp_path / "copy")
     report = json.loads((copy / "quantport_report.json").read_text())
-    report["coverage"] = {"input_scales": "shared", "calibration": "routed",
-                          "layers": {"model.layers.0.mlp.experts": [5, 0, 3, 9]},
-                          "experts_without_tokens": {"model.layers.0.mlp.experts": [1]}}
+    report["coverage"] = {
+        "input_scales": "shared",
+        "calibration": "routed",
+        "layers": {"model.layers.0.mlp.experts": [5, 0, 3, 9]},
+        "experts_without_tokens": {"model.layers.0.mlp.experts": [1]},
+    }
     (copy / "quantport_report.json").write_text(json.dumps(report))
     s = inspect_checkpoint(copy)
     assert s.coverage["summary"]["experts_without_tokens"] == 1 and s.coverage["summary"]["max_tokens"] == 9

@@ -85,8 +85,7 @@ def test_simulated_model_stays_close(tiny_model, calib_batches):
 def test_format_option_picks_the_numerics_of_the_target_format(tmp_path, tiny_model, calib_batches):
     import json
 
-    model = quantport.quantize(tiny_model("llama"), "nvfp4", calib_batches, format="compressed-tensors",
-                               progress=False)
+    model = quantport.quantize(tiny_model("llama"), "nvfp4", calib_batches, format="compressed-tensors", progress=False)
     assert state_of(model).recipe.scheme.value == "nvfp4-ct"
     quantport.export(model, tmp_path / "out", format="compressed-tensors", progress=False)
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]

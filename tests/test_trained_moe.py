@@ -17,8 +17,22 @@ pytestmark = pytest.mark.skipif(not MODELS.is_dir(), reason="../shared/models is
 @pytest.mark.parametrize("name", ["qwen3moe_tiny", "llama4_tiny"])
 def test_cli_on_trained_moe(tmp_path, capsys, name):
     out = tmp_path / name
-    args = ["quantize", str(MODELS / name), str(out), "--recipe", "nvfp4", "--calib-samples", "8",
-            "--calib-seq-len", "256", "--device", "cpu", "--quiet", "--coverage-png", str(tmp_path / "cov.png")]
+    args = [
+        "quantize",
+        str(MODELS / name),
+        str(out),
+        "--recipe",
+        "nvfp4",
+        "--calib-samples",
+        "8",
+        "--calib-seq-len",
+        "256",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--coverage-png",
+        str(tmp_path / "cov.png"),
+    ]
     assert main(args) == 0
     summary = capsys.readouterr().out
     assert "experts modules  : 4" in summary and "tokens per expert min" in summary

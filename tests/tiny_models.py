@@ -10,8 +10,16 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCau
 
 def _tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    kwargs = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32, vocab_size=512, max_position_embeddings=256)
+    kwargs = dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=512,
+        max_position_embeddings=256,
+    )
     kwargs.update(overrides)
     config = LlamaConfig(**kwargs)
     config.architectures = ["LlamaForCausalLM"]
@@ -20,9 +28,17 @@ def _tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
 
 def _tiny_qwen3(seed: int = 0, **overrides) -> Qwen3ForCausalLM:
     torch.manual_seed(seed)
-    kwargs = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=32, vocab_size=512, max_position_embeddings=256,
-                  tie_word_embeddings=True)
+    kwargs = dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        vocab_size=512,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
     kwargs.update(overrides)
     config = Qwen3Config(**kwargs)
     config.architectures = ["Qwen3ForCausalLM"]

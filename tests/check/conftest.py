@@ -140,8 +140,9 @@ def quantport_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Pa
         key = (family, recipe, kv, shards)
         if key not in cache:
             model = TINY_MODELS[family](0)
-            quantport.quantize(model, recipe, make_calibration_batches(), kv_cache="fp8" if kv else None,
-                               progress=False)
+            quantport.quantize(
+                model, recipe, make_calibration_batches(), kv_cache="fp8" if kv else None, progress=False
+            )
             out = root / f"{family}-{recipe}-{'kv' if kv else 'nokv'}{'-sharded' if shards else ''}"
             quantport.export(model, out, progress=False, max_shard_size="150KB" if shards else "5GB")
             cache[key] = out
@@ -212,16 +213,24 @@ def _ct_export(model: torch.nn.Module, preset: str, out: Path) -> None:
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config, preset_name_to_scheme
     from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
-    config = QuantizationConfig(config_groups={"group_0": preset_name_to_scheme(preset, ["Linear"])},
-                                ignore=["lm_head"])
+    config = QuantizationConfig(
+        config_groups={"group_0": preset_name_to_scheme(preset, ["Linear"])}, ignore=["lm_head"]
+    )
     apply_quantization_config(model, config)
     modules = {n: m for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}
     # llm-compressor's rule: the members of a fused group share the NVFP4 global scales
     amax = {n: m.weight.float().abs().amax() for n, m in modules.items()}
     for name in modules:
         parent, _, leaf = name.rpartition(".")
-        siblings = [n for n in modules if n.rpartition(".")[0] == parent and _FUSED.get(n.rpartition(".")[2])
-                    == _FUSED.get(leaf)] if leaf in _FUSED else [name]
+        siblings = (
+            [
+                n
+                for n in modules
+                if n.rpartition(".")[0] == parent and _FUSED.get(n.rpartition(".")[2]) == _FUSED.get(leaf)
+            ]
+            if leaf in _FUSED
+            else [name]
+        )
         amax[name] = max(amax[n] for n in siblings)
     with torch.no_grad():
         for name, module in modules.items():
@@ -234,7 +243,8 @@ def _ct_export(model: torch.nn.Module, preset: str, out: Path) -> None:
             module.weight_scale.data = scale.to(module.weight_scale.dtype).reshape(module.weight_scale.shape)
             if hasattr(module, "weight_zero_point"):
                 module.weight_zero_point.data = zp.to(module.weight_zero_point.dtype).reshape(
-                    module.weight_zero_point.shape)
+                    module.weight_zero_point.shape
+                )
             if hasattr(module, "input_global_scale"):
                 module.input_global_scale.copy_(generate_gparam(torch.tensor(-3.0), torch.tensor(3.0)))
             if hasattr(module, "input_scale"):
@@ -276,8 +286,9 @@ def ct_moe_ckpt(tmp_path_factory: pytest.TempPathFactory, modelopt_ckpt: Callabl
     source = modelopt_ckpt("qwen3_moe", "nvfp4", kv=True)
     ignore = json.loads((source / "config.json").read_text())["quantization_config"]["ignore"]
     out = tmp_path_factory.mktemp("ct-moe") / "qwen3_moe-nvfp4"
-    converter = ModelOptNvfp4Converter(ignore=ignore, targets=[r"re:.*(proj|\.w[123])$"],
-                                       kv_cache_scheme=QuantizationArgs(num_bits=8, type="float"))
+    converter = ModelOptNvfp4Converter(
+        ignore=ignore, targets=[r"re:.*(proj|\.w[123])$"], kv_cache_scheme=QuantizationArgs(num_bits=8, type="float")
+    )
     convert_checkpoint(source, out, converter, max_workers=1, device="cpu")
     (out / "hf_quant_config.json").unlink()  # the converter copies the stale ModelOpt file
     return out
@@ -306,8 +317,9 @@ def gpt_oss_mxfp4_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out.mkdir()
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     config = model.config.to_diff_dict()
-    not_converted = ["lm_head", "model.embed_tokens"] + [f"model.layers.{i}.{m}" for i in range(2)
-                                                          for m in ("self_attn", "mlp.router")]
+    not_converted = ["lm_head", "model.embed_tokens"] + [
+        f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn", "mlp.router")
+    ]
     config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": not_converted}
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out

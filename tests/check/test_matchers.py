@@ -10,16 +10,19 @@ QKV = ("model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "mo
 QKV_LAYER = "model.layers.0.self_attn.qkv_proj"
 
 
-@pytest.mark.parametrize(("layer", "patterns", "excluded"), [
-    ("lm_head", ["lm_head"], True),                                   # exact
-    ("model.layers.3.mlp.down_proj", ["model.layers.3.mlp"], True),    # substring (legacy hack)
-    ("model.layers.3.mlp.down_proj", ["*.layers.3.*"], True),          # fnmatch
-    ("model.layers.3.mlp.down_proj", ["model.layers.3.mlp*"], True),   # split into x and x.*
-    ("model.layers.3.mlp.down_proj", ["*.layers.4.*"], False),
-    ("language_model.model.layers.0.mlp.down_proj", ["model.layers.0.mlp.down_proj"], True),
-    ("model.layers.0.mlp.experts", ["model.layers.0.mlp.experts.3.gate_proj"], True),  # experts rule
-    ("model.layers.0.mlp.experts", ["model.layers.1.mlp.gate"], False),
-])
+@pytest.mark.parametrize(
+    ("layer", "patterns", "excluded"),
+    [
+        ("lm_head", ["lm_head"], True),  # exact
+        ("model.layers.3.mlp.down_proj", ["model.layers.3.mlp"], True),  # substring (legacy hack)
+        ("model.layers.3.mlp.down_proj", ["*.layers.3.*"], True),  # fnmatch
+        ("model.layers.3.mlp.down_proj", ["model.layers.3.mlp*"], True),  # split into x and x.*
+        ("model.layers.3.mlp.down_proj", ["*.layers.4.*"], False),
+        ("language_model.model.layers.0.mlp.down_proj", ["model.layers.0.mlp.down_proj"], True),
+        ("model.layers.0.mlp.experts", ["model.layers.0.mlp.experts.3.gate_proj"], True),  # experts rule
+        ("model.layers.0.mlp.experts", ["model.layers.1.mlp.gate"], False),
+    ],
+)
 def test_vllm_single_layer(layer, patterns, excluded):
     assert vllm_decision(layer, (layer,), patterns).excluded is excluded
 
@@ -33,14 +36,17 @@ def test_vllm_fused_layer_needs_all_shards_listed():
     assert vllm_decision(QKV_LAYER, QKV, ["*self_attn*"]).excluded
 
 
-@pytest.mark.parametrize(("layer", "patterns", "excluded"), [
-    ("lm_head", ["lm_head"], True),
-    ("model.layers.0.mlp.gate", ["model.layers.*.mlp.gate"], True),
-    ("model.layers.0.mlp.gate_up_proj", ["model.layers.*.mlp.gate"], False),  # fullmatch, not substring
-    ("model.layers.0.mlp.down_proj", ["model.layers.0.mlp"], False),
-    ("model.layers.0.mlp.down_proj", ["down_proj"], True),                    # matches one dot-separated part
-    ("model.layers.0.self_attn.fused_qkv_a_proj_with_mqa", ["model.layers.0.self_attn.kv_a_proj_with_mqa"], True),
-])
+@pytest.mark.parametrize(
+    ("layer", "patterns", "excluded"),
+    [
+        ("lm_head", ["lm_head"], True),
+        ("model.layers.0.mlp.gate", ["model.layers.*.mlp.gate"], True),
+        ("model.layers.0.mlp.gate_up_proj", ["model.layers.*.mlp.gate"], False),  # fullmatch, not substring
+        ("model.layers.0.mlp.down_proj", ["model.layers.0.mlp"], False),
+        ("model.layers.0.mlp.down_proj", ["down_proj"], True),  # matches one dot-separated part
+        ("model.layers.0.self_attn.fused_qkv_a_proj_with_mqa", ["model.layers.0.self_attn.kv_a_proj_with_mqa"], True),
+    ],
+)
 def test_sglang(layer, patterns, excluded):
     assert sglang_decision(layer, (layer,), patterns).excluded is excluded
 

@@ -8,16 +8,14 @@ from quantport.check import Severity, check_checkpoint, render_report
 
 QUANTPORT_RECIPES = ("fp8", "nvfp4", "fp8-dynamic", "fp8-block", "w4a16-nvfp4", "mxfp8")
 STATIC_RECIPES = ("fp8", "nvfp4")
-CT_PRESETS = ("FP8", "FP8_DYNAMIC", "FP8_BLOCK", "W8A8", "W4A16", "W4A16_ASYM", "NVFP4", "NVFP4A16", "MXFP8",
-              "MXFP4")
+CT_PRESETS = ("FP8", "FP8_DYNAMIC", "FP8_BLOCK", "W8A8", "W4A16", "W4A16_ASYM", "NVFP4", "NVFP4A16", "MXFP8", "MXFP4")
 
 SGLANG_UNSUPPORTED = {"fp8-dynamic", "fp8-block"}  # SGLang's ModelOpt reader takes FP8 (per tensor) only
 
 
 def assert_clean(path, engine: str = "vllm", allowed_warnings: frozenset[str] = frozenset()) -> None:
     report = check_checkpoint(path, engine)
-    unexpected = [f for f in report.findings
-                  if f.severity is Severity.ERROR or f.rule not in allowed_warnings]
+    unexpected = [f for f in report.findings if f.severity is Severity.ERROR or f.rule not in allowed_warnings]
     assert not unexpected, render_report(report)
 
 
@@ -133,9 +131,14 @@ def test_mixed_precision_modelopt_config(quantport_ckpt, edit):
     assert "config.engine-algo" in check_checkpoint(e.path, "sglang").rules()
 
 
-QUANTPORT_MOE = [("qwen3_moe", "nvfp4", "modelopt", "fp8"), ("qwen3_moe", "int8", "compressed-tensors", None),
-                 ("mixtral", "fp8", "modelopt", "fp8"), ("deepseek_v3", "nvfp4", "compressed-tensors", None),
-                 ("llama4_text", "fp8", "modelopt", "fp8"), ("mixtral", "mxfp4", "compressed-tensors", None)]
+QUANTPORT_MOE = [
+    ("qwen3_moe", "nvfp4", "modelopt", "fp8"),
+    ("qwen3_moe", "int8", "compressed-tensors", None),
+    ("mixtral", "fp8", "modelopt", "fp8"),
+    ("deepseek_v3", "nvfp4", "compressed-tensors", None),
+    ("llama4_text", "fp8", "modelopt", "fp8"),
+    ("mixtral", "mxfp4", "compressed-tensors", None),
+]
 
 
 @pytest.mark.parametrize(("family", "recipe", "fmt", "kv"), QUANTPORT_MOE)
@@ -146,7 +149,12 @@ def test_quantport_moe_exports_pass(tmp_path, family, recipe, fmt, kv):
     from tiny_models import make_calibration_batches
 
     model = tiny_moe(family)
-    quantport.quantize(model, recipe_for_format(recipe, fmt), make_calibration_batches(vocab_size=256, n=1, seq=16),
-                       kv_cache=kv, progress=False)
+    quantport.quantize(
+        model,
+        recipe_for_format(recipe, fmt),
+        make_calibration_batches(vocab_size=256, n=1, seq=16),
+        kv_cache=kv,
+        progress=False,
+    )
     out = quantport.export(model, tmp_path / "out", fmt, progress=False)
     assert_clean(out, "vllm")

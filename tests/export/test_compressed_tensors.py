@@ -22,8 +22,15 @@ from quantport.modules.kv_cache import kv_quantizer_of
 from quantport.modules.quant_linear import QuantLinear
 
 CT = "compressed-tensors"
-F32, BF16, FP8, U8, I8, I32, I64 = (torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.uint8, torch.int8,
-                                    torch.int32, torch.int64)
+F32, BF16, FP8, U8, I8, I32, I64 = (
+    torch.float32,
+    torch.bfloat16,
+    torch.float8_e4m3fn,
+    torch.uint8,
+    torch.int8,
+    torch.int32,
+    torch.int64,
+)
 
 # recipe -> (format, weight args subset, has input activations, q_proj tensors for a [256, 256] weight)
 EXPECTED = {
@@ -119,8 +126,14 @@ def test_fused_groups_share_nvfp4_global_scales(tmp_path, tiny_model, calib_batc
 
 def test_fp8_kv_cache(tmp_path, tiny_model, calib_batches):
     model, _, config, t = _export(tmp_path, tiny_model, calib_batches, "fp8", kv_cache="fp8")
-    assert config["kv_cache_scheme"] == {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None,
-                                         "strategy": "tensor", "dynamic": False}
+    assert config["kv_cache_scheme"] == {
+        "num_bits": 8,
+        "type": "float",
+        "symmetric": True,
+        "group_size": None,
+        "strategy": "tensor",
+        "dynamic": False,
+    }
     for layer in range(2):
         prefix = f"model.layers.{layer}.self_attn"
         k_scale, v_scale = kv_quantizer_of(model.get_submodule(prefix)).scales()

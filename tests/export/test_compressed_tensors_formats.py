@@ -44,8 +44,12 @@ def test_recipe_resolves_per_format(recipe, fmt, scheme):
 
 @pytest.mark.parametrize(
     ("recipe", "fmt", "names"),
-    [("mxfp8", CT, "modelopt"), ("int8", MO, "compressed-tensors"), ("mxfp4", MO, "compressed-tensors"),
-     ("w4a16-asym", MO, "compressed-tensors")],
+    [
+        ("mxfp8", CT, "modelopt"),
+        ("int8", MO, "compressed-tensors"),
+        ("mxfp4", MO, "compressed-tensors"),
+        ("w4a16-asym", MO, "compressed-tensors"),
+    ],
 )
 def test_missing_pairs_name_the_other_format(recipe, fmt, names):
     with pytest.raises(UnsupportedFormatError, match=f"recipe '{recipe}' has no {fmt.value} form.*{names}"):
@@ -102,8 +106,24 @@ def test_cli_refuses_a_missing_pair_before_loading(tmp_path, capsys, monkeypatch
 
 def test_cli_writes_compressed_tensors(tmp_path, capsys):
     out = tmp_path / "tiny-nvfp4"
-    code = main(["quantize", "bundled:tiny-llama", str(out), "--recipe", "nvfp4", "--format", "compressed-tensors",
-                 "--calib-samples", "4", "--calib-seq-len", "64", "--device", "cpu", "--quiet"])
+    code = main(
+        [
+            "quantize",
+            "bundled:tiny-llama",
+            str(out),
+            "--recipe",
+            "nvfp4",
+            "--format",
+            "compressed-tensors",
+            "--calib-samples",
+            "4",
+            "--calib-seq-len",
+            "64",
+            "--device",
+            "cpu",
+            "--quiet",
+        ]
+    )
     assert code == 0
     assert "nvfp4 (compressed-tensors)" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())["quantization_config"]

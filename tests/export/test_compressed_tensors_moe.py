@@ -119,8 +119,10 @@ def test_checker_follows_vllm_on_an_experts_ignore_entry(tmp_path):
 def test_gpt_oss_is_refused_before_writing(tmp_path):
     model = tiny_moe("gpt_oss")
     quantport.quantize(model, recipe_for_format("fp8", CT), _batches(), progress=False)
-    with pytest.raises(UnsupportedFormatError, match="gpt_oss in the compressed-tensors format does not load.*"
-                       "--recipe mxfp4-experts --format mxfp4"):
+    with pytest.raises(
+        UnsupportedFormatError,
+        match="gpt_oss in the compressed-tensors format does not load.*--recipe mxfp4-experts --format mxfp4",
+    ):
         quantport.export(model, tmp_path / "out", CT, progress=False)
     assert not (tmp_path / "out").exists()
 
@@ -136,9 +138,17 @@ TRANSFORMERS_GAPS = {
     ("family", "recipe"),
     [
         pytest.param(f, r, marks=pytest.mark.xfail(strict=True, reason=TRANSFORMERS_GAPS[(f, r)]))
-        if (f, r) in TRANSFORMERS_GAPS else (f, r)
-        for f, r in [("qwen3_moe", "fp8"), ("qwen3_moe", "mxfp4"), ("mixtral", "fp8-dynamic"),
-                     ("llama4_text", "nvfp4"), ("llama4_text", "int8"), ("qwen3_moe", "nvfp4"), ("qwen3_moe", "int8")]
+        if (f, r) in TRANSFORMERS_GAPS
+        else (f, r)
+        for f, r in [
+            ("qwen3_moe", "fp8"),
+            ("qwen3_moe", "mxfp4"),
+            ("mixtral", "fp8-dynamic"),
+            ("llama4_text", "nvfp4"),
+            ("llama4_text", "int8"),
+            ("qwen3_moe", "nvfp4"),
+            ("qwen3_moe", "int8"),
+        ]
     ],
 )
 def test_transformers_loads_the_experts(tmp_path, family, recipe):

@@ -18,8 +18,19 @@ from quantport.export import recipe_for_format
 from quantport.modules.quant_linear import QuantLinear
 from tiny_models import TINY_MODELS, make_calibration_batches
 
-CT_RECIPES = ["fp8", "fp8-dynamic", "fp8-block", "nvfp4", "w4a16-nvfp4", "mxfp4", "int8", "w4a16", "w4a16-asym",
-              "w8a16", "w8a16-asym"]
+CT_RECIPES = [
+    "fp8",
+    "fp8-dynamic",
+    "fp8-block",
+    "nvfp4",
+    "w4a16-nvfp4",
+    "mxfp4",
+    "int8",
+    "w4a16",
+    "w4a16-asym",
+    "w8a16",
+    "w8a16-asym",
+]
 DTYPE = torch.bfloat16
 
 
@@ -34,8 +45,9 @@ def source_models(tmp_path_factory):
 
 def _quantize_and_export(source, out, recipe):
     model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPE)
-    quantport.quantize(model, recipe_for_format(recipe, "compressed-tensors"), make_calibration_batches(),
-                       progress=False)
+    quantport.quantize(
+        model, recipe_for_format(recipe, "compressed-tensors"), make_calibration_batches(), progress=False
+    )
     quantport.export(model, out, "compressed-tensors", progress=False)
     reference = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPE)
     for name, module in model.named_modules():

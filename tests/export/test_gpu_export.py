@@ -47,8 +47,13 @@ def _assert_same_checkpoint(gpu: dict, cpu: dict) -> None:
 
 @pytest.mark.parametrize(
     ("recipe", "fmt"),
-    [("fp8", "modelopt"), ("nvfp4", "modelopt"), ("w4a16", "modelopt"), ("mxfp4", "compressed-tensors"),
-     ("mxfp8", "modelopt")],
+    [
+        ("fp8", "modelopt"),
+        ("nvfp4", "modelopt"),
+        ("w4a16", "modelopt"),
+        ("mxfp4", "compressed-tensors"),
+        ("mxfp8", "modelopt"),
+    ],
 )
 def test_dense_gpu_export_equals_cpu_export(tmp_path, recipe, fmt):
     model = _tiny_llama(seed=3).to(torch.bfloat16)

@@ -59,8 +59,10 @@ def test_many_tensors_queued_for_the_writer_keep_their_order(tmp_path, monkeypat
 
     monkeypatch.setattr(shards, "IN_FLIGHT_BYTES", 1)  # every tensor waits: no reordering either way
     gen = torch.Generator().manual_seed(3)
-    tensors = {f"t{i:03d}": torch.randint(0, 256, (int(n),), generator=gen, dtype=torch.uint8)
-               for i, n in enumerate(torch.randint(1, 70000, (60,), generator=gen))}
+    tensors = {
+        f"t{i:03d}": torch.randint(0, 256, (int(n),), generator=gen, dtype=torch.uint8)
+        for i, n in enumerate(torch.randint(1, 70000, (60,), generator=gen))
+    }
     write_sharded_safetensors(_plan(tensors), tmp_path, progress=False)
     loaded = load_file(tmp_path / "model.safetensors")
     assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())

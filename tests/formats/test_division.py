@@ -12,8 +12,12 @@ DIVISORS = (448.0, 2688.0, 7.0, 127.0, 6.0)
 
 def _amaxes() -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
-    return torch.cat([torch.rand(4096, generator=gen) * 10.0 ** torch.randint(-30, 30, (4096,), generator=gen),
-                      torch.tensor([0.0, 1.0, 448.0, 2688.0, 7.0, 3.4e38, 1e-38])])
+    return torch.cat(
+        [
+            torch.rand(4096, generator=gen) * 10.0 ** torch.randint(-30, 30, (4096,), generator=gen),
+            torch.tensor([0.0, 1.0, 448.0, 2688.0, 7.0, 3.4e38, 1e-38]),
+        ]
+    )
 
 
 @pytest.mark.parametrize("divisor", DIVISORS)

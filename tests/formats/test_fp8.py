@@ -180,9 +180,7 @@ def test_fake_quantize_equals_dequantize_of_quantize() -> None:
         assert out.dtype == dtype and out.shape == x.shape
         assert torch.equal(out, dequantize_fp8(quantize_fp8_per_tensor(x, s), s, dtype))
         rows = fp8_scale_from_amax(x.abs().amax(dim=-1))
-        assert torch.equal(
-            fake_quantize_fp8(x, rows), dequantize_fp8(quantize_fp8_per_channel(x, rows), rows, dtype)
-        )
+        assert torch.equal(fake_quantize_fp8(x, rows), dequantize_fp8(quantize_fp8_per_channel(x, rows), rows, dtype))
         assert torch.equal(fake_quantize_fp8_per_token(x), fake_quantize_fp8(x, rows))
         w = x.reshape(15, 64)
         codes, sb = quantize_fp8_block(w, (8, 32))
@@ -259,11 +257,7 @@ def _modelopt_export(weight: torch.Tensor, cfg_name: str) -> tuple[dict[str, tor
             input_amax = getattr(module.input_quantizer, "amax", None)
             input_amax = None if input_amax is None else input_amax.clone()
         export_weight(module, weight.dtype)
-    out = {
-        n: t.detach()
-        for n, t in (*module.named_parameters(), *module.named_buffers())
-        if "quantizer" not in n
-    }
+    out = {n: t.detach() for n, t in (*module.named_parameters(), *module.named_buffers()) if "quantizer" not in n}
     return out, input_amax
 
 

@@ -256,11 +256,7 @@ def _modelopt_export(weight: torch.Tensor, cfg_name: str) -> tuple[dict[str, tor
             input_amax = getattr(module.input_quantizer, "amax", None)
             input_amax = None if input_amax is None else input_amax.clone()
         export_weight(module, weight.dtype)
-    out = {
-        n: t.detach()
-        for n, t in (*module.named_parameters(), *module.named_buffers())
-        if "quantizer" not in n
-    }
+    out = {n: t.detach() for n, t in (*module.named_parameters(), *module.named_buffers()) if "quantizer" not in n}
     return out, input_amax
 
 
@@ -333,9 +329,7 @@ def test_reference_cast_matches_modelopt_except_nan() -> None:
     g = torch.Generator().manual_seed(7)
     x = torch.cat(
         [
-            torch.tensor(
-                [0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, float("inf"), -float("inf"), -0.0]
-            ),
+            torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0, float("inf"), -float("inf"), -0.0]),
             torch.tensor([-0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0, -1e-6, 1e-6]),
             torch.randn(4096, generator=g) * 3,
         ]

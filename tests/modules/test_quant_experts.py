@@ -114,7 +114,7 @@ def test_round_trip_exported_experts_decode_to_the_simulated_weights(tmp_path, f
             decoded = []
             for leaf in layout.leaf_names:
                 prefix = f"{hub}.{expert}.{leaf}"
-                exported = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+                exported = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
                 decoded.append(codec.dequantize_weight(exported, torch.bfloat16))
             gates.append(decoded[0])
             ups.append(decoded[1])
@@ -153,8 +153,9 @@ def test_all_experts_calibration_sees_every_expert_and_keeps_the_output(family):
     model = tiny_moe(family)
     silence_expert(model, DEAD)
     reference = _logits(model, BATCHES[0])
-    quantport.quantize(model, "fp8", BATCHES[:1], moe_calib="all-experts", moe_input_scales="per-expert",
-                       progress=False)
+    quantport.quantize(
+        model, "fp8", BATCHES[:1], moe_calib="all-experts", moe_input_scales="per-expert", progress=False
+    )
     for block in find_moe_blocks(model):
         quantizer = experts_quantizer_of(block.experts)
         assert quantizer.tokens[DEAD] == 0  # routing is real
@@ -253,9 +254,18 @@ def test_each_expert_chunk_is_quantized_once_per_export(tmp_path, monkeypatch):
     from quantport.modules import quant_experts
 
     torch.manual_seed(0)
-    config = Qwen3MoeConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                            head_dim=16, vocab_size=256, moe_intermediate_size=32, intermediate_size=64,
-                            num_experts=12, num_experts_per_tok=2)
+    config = Qwen3MoeConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=256,
+        moe_intermediate_size=32,
+        intermediate_size=64,
+        num_experts=12,
+        num_experts_per_tok=2,
+    )
     model = Qwen3MoeForCausalLM(config).to(torch.bfloat16).eval()
     quantport.quantize(model, "fp8", make_calibration_batches(vocab_size=256, n=1), progress=False)
     block = next(iter(find_moe_blocks(model)))

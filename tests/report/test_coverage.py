@@ -21,7 +21,11 @@ def _coverage() -> ExpertCoverage:
 def test_summary_names_dead_experts():
     coverage = _coverage()
     assert coverage.summary() == {
-        "experts": 8, "experts_without_tokens": 1, "min_tokens": 0, "median_tokens": 4.0, "max_tokens": 9,
+        "experts": 8,
+        "experts_without_tokens": 1,
+        "min_tokens": 0,
+        "median_tokens": 4.0,
+        "max_tokens": 9,
     }
     lines = coverage.summary_lines()
     assert "min 0 / median 4 / max 9" in lines[0]
@@ -36,10 +40,10 @@ def test_heatmap_is_a_valid_png(tmp_path):
     width, height = struct.unpack(">II", data[16:24])
     assert (width, height) == (4 * 12, 2 * 12)
     idat = data.index(b"IDAT")
-    length = struct.unpack(">I", data[idat - 4: idat])[0]
-    raw = zlib.decompress(data[idat + 4: idat + 4 + length])
+    length = struct.unpack(">I", data[idat - 4 : idat])[0]
+    raw = zlib.decompress(data[idat + 4 : idat + 4 + length])
     assert len(raw) == height * (1 + width * 3)
-    dead_pixel = raw[1 + 12 * 3: 1 + 12 * 3 + 3]  # row 0, expert 1
+    dead_pixel = raw[1 + 12 * 3 : 1 + 12 * 3 + 3]  # row 0, expert 1
     assert dead_pixel == bytes((200, 30, 30))
 
 

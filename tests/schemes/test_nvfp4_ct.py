@@ -59,8 +59,9 @@ def test_codec_equals_compressed_tensors(scheme):
     w = _weight()
     codec = codec_for(scheme)
     tensors = codec.quantize_weight(w, w.abs().amax().float())
-    args = QuantizationArgs(num_bits=4, type="float", strategy="tensor_group", group_size=16,
-                            scale_dtype=torch.float8_e4m3fn)
+    args = QuantizationArgs(
+        num_bits=4, type="float", strategy="tensor_group", group_size=16, scale_dtype=torch.float8_e4m3fn
+    )
     global_scale = generate_gparam(w.float().amin(), w.float().amax())
     assert torch.equal(tensors["weight_global_scale"], global_scale)
     blocks = w.float().unflatten(-1, (8, 16))

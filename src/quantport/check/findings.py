@@ -82,8 +82,9 @@ class Rule:
             raise ValueError(f"duplicate rule id {self.id!r}")
         RULES[self.id] = self
 
-    def finding(self, target: str, message: str, *, fix: str | None = None,
-                severity: Severity | None = None) -> Finding:
+    def finding(
+        self, target: str, message: str, *, fix: str | None = None, severity: Severity | None = None
+    ) -> Finding:
         """A finding of this rule, at the rule's severity unless ``severity`` is given."""
         return Finding(severity or self.severity, self.id, target, message, fix or self.fix)
 

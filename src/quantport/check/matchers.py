@@ -23,8 +23,15 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["Decision", "ct_decision", "ct_matches", "is_class_name", "mixed_decision", "sglang_decision",
-           "vllm_decision"]
+__all__ = [
+    "Decision",
+    "ct_decision",
+    "ct_matches",
+    "is_class_name",
+    "mixed_decision",
+    "sglang_decision",
+    "vllm_decision",
+]
 
 _LANGUAGE_MODEL = "language_model."
 _MLA_FUSED = ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj")
@@ -140,15 +147,19 @@ def ct_decision(layer: str, shards: Sequence[str], patterns: Sequence[str]) -> D
     if layer.endswith("experts"):
         first = [s for s in shards if s.startswith(f"{layer}.0.")]
         first = first or [f"{layer}.0.{leaf}" for leaf in ("gate_proj", "up_proj", "down_proj")]
-        return _all_or_none([next((p for p in names if ct_matches(s, p)), None) for s in first],
-                            "some but not all of expert 0's projections match the ignore list")
+        return _all_or_none(
+            [next((p for p in names if ct_matches(s, p)), None) for s in first],
+            "some but not all of expert 0's projections match the ignore list",
+        )
     if len(shards) == 1 and shards[0] == layer:
         hit = next((p for p in names if ct_matches(layer, p)), None)
         return Decision(hit is not None, reason=f"ignore entry {hit!r}" if hit else "")
     if layer in names:
         return Decision(True, reason=f"ignore entry {layer!r}")
-    return _all_or_none([next((p for p in names if ct_matches(s, p)), None) for s in shards],
-                        "some but not all shards match the ignore list")
+    return _all_or_none(
+        [next((p for p in names if ct_matches(s, p)), None) for s in shards],
+        "some but not all shards match the ignore list",
+    )
 
 
 def _all_or_none(hits: list[str | None], partial_reason: str) -> Decision:

@@ -13,9 +13,11 @@ def render_report(report: CheckReport, *, max_per_rule: int = 20) -> str:
     """A readable table of findings; at most ``max_per_rule`` findings per rule are shown."""
     summary = report.summary()
     verdict = "OK" if report.ok else "FAILED"
-    lines = [f"quantport check: {report.path}",
-             f"  format {report.format}, engine {report.engine}, {report.tensors} tensors: {verdict} "
-             f"({summary['errors']} errors, {summary['warnings']} warnings)"]
+    lines = [
+        f"quantport check: {report.path}",
+        f"  format {report.format}, engine {report.engine}, {report.tensors} tensors: {verdict} "
+        f"({summary['errors']} errors, {summary['warnings']} warnings)",
+    ]
     if not report.findings:
         return "\n".join(lines) + "\n"
     width = max(len(f.rule) for f in report.findings)

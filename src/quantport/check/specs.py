@@ -69,8 +69,11 @@ def _scalar(dtypes: tuple[str, ...] = F32, required: bool = True) -> Spec:
 
 def _nvfp4(o: int, c: int, *, activations: bool) -> LayerSpec:
     n = 2 * c
-    params = {"weight": Spec(("U8",), ((o, c),)), "weight_scale": Spec(FP8, ((o, n // NVFP4_BLOCK),)),
-              "weight_scale_2": _scalar()}
+    params = {
+        "weight": Spec(("U8",), ((o, c),)),
+        "weight_scale": Spec(FP8, ((o, n // NVFP4_BLOCK),)),
+        "weight_scale_2": _scalar(),
+    }
     if activations:
         params["input_scale"] = _scalar()
     label = "NVFP4" if activations else "W4A16_NVFP4"
@@ -85,17 +88,21 @@ def _fp8_block(o: int, i: int) -> LayerSpec:
 
 
 _MODELOPT: dict[str, Callable[[int, int], LayerSpec]] = {
-    "FP8": lambda o, i: LayerSpec("FP8", {"weight": Spec(FP8, ((o, i),)), "weight_scale": _scalar(),
-                                          "input_scale": _scalar()}),
+    "FP8": lambda o, i: LayerSpec(
+        "FP8", {"weight": Spec(FP8, ((o, i),)), "weight_scale": _scalar(), "input_scale": _scalar()}
+    ),
     "FP8_PER_CHANNEL_PER_TOKEN": lambda o, i: LayerSpec(
-        "FP8_PER_CHANNEL_PER_TOKEN", {"weight": Spec(FP8, ((o, i),)), "weight_scale": Spec(F32, ((o,), (o, 1)))}),
+        "FP8_PER_CHANNEL_PER_TOKEN", {"weight": Spec(FP8, ((o, i),)), "weight_scale": Spec(F32, ((o,), (o, 1)))}
+    ),
     "FP8_PB_WO": _fp8_block,
     "FP8_BLOCK_SCALES": _fp8_block,
     "NVFP4": lambda o, c: _nvfp4(o, c, activations=True),
     "W4A16_NVFP4": lambda o, c: _nvfp4(o, c, activations=False),
-    "MXFP8": lambda o, i: LayerSpec("MXFP8", {"weight": Spec(FP8, ((o, i),)),
-                                              "weight_scale": Spec(E8M0, ((o, i // MX_BLOCK),))},
-                                    divisibility=(i, MX_BLOCK)),
+    "MXFP8": lambda o, i: LayerSpec(
+        "MXFP8",
+        {"weight": Spec(FP8, ((o, i),)), "weight_scale": Spec(E8M0, ((o, i // MX_BLOCK),))},
+        divisibility=(i, MX_BLOCK),
+    ),
 }
 
 
@@ -121,8 +128,9 @@ def _ct_weight_scale(w: dict[str, Any], o: int, i: int) -> tuple[tuple[int, ...]
     return ()
 
 
-def _ct_unpacked(fmt: str, w: dict[str, Any], acts: dict[str, Any] | None,
-                 params: dict[str, TensorInfo]) -> LayerSpec | None:
+def _ct_unpacked(
+    fmt: str, w: dict[str, Any], acts: dict[str, Any] | None, params: dict[str, TensorInfo]
+) -> LayerSpec | None:
     """float-quantized, naive-quantized, int-quantized: an unpacked ``weight`` [out, in]."""
     weight = params.get("weight")
     if weight is None or weight.ndim != 2:
@@ -139,17 +147,20 @@ def _ct_unpacked(fmt: str, w: dict[str, Any], acts: dict[str, Any] | None,
     return LayerSpec(fmt, specs)
 
 
-def _ct_int_packed(fmt: str, w: dict[str, Any], params: dict[str, TensorInfo],
-                   in_features: int | None) -> LayerSpec | None:
+def _ct_int_packed(
+    fmt: str, w: dict[str, Any], params: dict[str, TensorInfo], in_features: int | None
+) -> LayerSpec | None:
     """pack-quantized: int32 words along the input, ``weight_shape`` = (out, in)."""
     packed = params.get("weight_packed")
     if packed is None or packed.ndim != 2 or in_features is None:
         return None
     o, bits, i = packed.shape[0], int(w.get("num_bits") or 4), in_features
     scale_shapes = _ct_weight_scale(w, o, i)
-    specs = {"weight_packed": Spec(("I32",), ((o, math.ceil(i * bits / 32)),)),
-             "weight_shape": Spec(("I64", "I32"), ((2,),)),
-             "weight_scale": Spec(FLOAT_SCALE, scale_shapes)}
+    specs = {
+        "weight_packed": Spec(("I32",), ((o, math.ceil(i * bits / 32)),)),
+        "weight_shape": Spec(("I64", "I32"), ((2,),)),
+        "weight_scale": Spec(FLOAT_SCALE, scale_shapes),
+    }
     if w.get("symmetric") is False:
         groups = scale_shapes[0][-1] if scale_shapes and scale_shapes[0] else 1
         specs["weight_zero_point"] = Spec(("I32",), ((math.ceil(o * bits / 32), groups),))
@@ -164,8 +175,10 @@ def _ct_fp4_packed(fmt: str, acts: dict[str, Any] | None, params: dict[str, Tens
     o, c = packed.shape
     nvfp4 = fmt.startswith("nvfp4")
     block = NVFP4_BLOCK if nvfp4 else MX_BLOCK
-    specs = {"weight_packed": Spec(("U8",), ((o, c),)),
-             "weight_scale": Spec(FP8 if nvfp4 else E8M0, ((o, 2 * c // block),))}
+    specs = {
+        "weight_packed": Spec(("U8",), ((o, c),)),
+        "weight_scale": Spec(FP8 if nvfp4 else E8M0, ((o, 2 * c // block),)),
+    }
     if nvfp4:
         specs["weight_global_scale"] = _scalar()
         if acts:
@@ -173,8 +186,13 @@ def _ct_fp4_packed(fmt: str, acts: dict[str, Any] | None, params: dict[str, Tens
     return LayerSpec(fmt, specs, divisibility=(2 * c, block))
 
 
-def ct_specs(fmt: str, w: dict[str, Any], acts: dict[str, Any] | None, params: dict[str, TensorInfo],
-             in_features: int | None = None) -> LayerSpec | None:
+def ct_specs(
+    fmt: str,
+    w: dict[str, Any],
+    acts: dict[str, Any] | None,
+    params: dict[str, TensorInfo],
+    in_features: int | None = None,
+) -> LayerSpec | None:
     """The tensors of a compressed-tensors Linear in format ``fmt`` with weight args ``w``.
 
     ``in_features`` is needed for pack-quantized (read from ``weight_shape``)."""
@@ -187,6 +205,9 @@ def ct_specs(fmt: str, w: dict[str, Any], acts: dict[str, Any] | None, params: d
     weight = params.get("weight")
     if fmt == "mxfp8-quantized" and weight is not None and weight.ndim == 2:
         o, i = weight.shape
-        return LayerSpec(fmt, {"weight": Spec(FP8, ((o, i),)), "weight_scale": Spec(E8M0, ((o, i // MX_BLOCK),))},
-                         divisibility=(i, MX_BLOCK))
+        return LayerSpec(
+            fmt,
+            {"weight": Spec(FP8, ((o, i),)), "weight_scale": Spec(E8M0, ((o, i // MX_BLOCK),))},
+            divisibility=(i, MX_BLOCK),
+        )
     return None

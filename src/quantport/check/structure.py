@@ -58,7 +58,7 @@ def fused_expert_param(param: str) -> tuple[str, str] | None:
         if param == proj:
             return proj, ""
         if param.startswith(proj + "_"):
-            return proj, param[len(proj) + 1:]
+            return proj, param[len(proj) + 1 :]
     return None
 
 

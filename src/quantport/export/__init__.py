@@ -136,7 +136,10 @@ def export(
         mapped = scan.submit(MappedWeights)
         content = FORMAT_CONTENT[fmt](model, state)
         write_sharded_safetensors(
-            content.plan, staging, max_shard_size=max_shard_size, progress=progress,
+            content.plan,
+            staging,
+            max_shard_size=max_shard_size,
+            progress=progress,
             release=lambda: mapped.result().release_all(),  # drops the weights quantized so far
         )
         for name, data in content.side_files.items():

@@ -76,8 +76,11 @@ class WriteRoute:
             self.direct_rate = max(rate, self.direct_rate or 0.0)
         elif self.direct_rate is not None and rate < self.direct_rate:
             self.settled_direct = True
-            logger.debug("page-cache writes at %.2f GB/s, O_DIRECT at %.2f GB/s: O_DIRECT from here on",
-                         rate / 1e9, self.direct_rate / 1e9)
+            logger.debug(
+                "page-cache writes at %.2f GB/s, O_DIRECT at %.2f GB/s: O_DIRECT from here on",
+                rate / 1e9,
+                self.direct_rate / 1e9,
+            )
 
     def refuse_direct(self) -> None:
         """The file system refuses ``O_DIRECT``: page cache only."""

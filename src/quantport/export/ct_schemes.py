@@ -47,8 +47,14 @@ _NVFP4_WEIGHTS = {**_NVFP4, "dynamic": False}
 
 
 def _int_group(bits: int, symmetric: bool) -> dict[str, Any]:
-    return {"num_bits": bits, "type": "int", "strategy": "group", "group_size": 128, "symmetric": symmetric,
-            "dynamic": False}
+    return {
+        "num_bits": bits,
+        "type": "int",
+        "strategy": "group",
+        "group_size": 128,
+        "symmetric": symmetric,
+        "dynamic": False,
+    }
 
 
 CT_SCHEMES: dict[LinearScheme, CtScheme] = {
@@ -73,8 +79,16 @@ CT_SCHEMES: dict[LinearScheme, CtScheme] = {
     ),
     LinearScheme.W4A16_NVFP4_CT: CtScheme(_NVFP4_WEIGHTS, None, "nvfp4-pack-quantized"),
     LinearScheme.MXFP4: CtScheme(
-        {"num_bits": 4, "type": "float", "strategy": "group", "group_size": 32, "symmetric": True,
-         "dynamic": False, "scale_dtype": torch.uint8, "zp_dtype": torch.uint8},
+        {
+            "num_bits": 4,
+            "type": "float",
+            "strategy": "group",
+            "group_size": 32,
+            "symmetric": True,
+            "dynamic": False,
+            "scale_dtype": torch.uint8,
+            "zp_dtype": torch.uint8,
+        },
         None,
         "mxfp4-pack-quantized",
     ),
@@ -90,8 +104,13 @@ CT_SCHEMES: dict[LinearScheme, CtScheme] = {
 }
 """Every scheme with a compressed-tensors form."""
 
-KV_CACHE_ARGS: dict[str, Any] = {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True,
-                                 "dynamic": False}
+KV_CACHE_ARGS: dict[str, Any] = {
+    "num_bits": 8,
+    "type": "float",
+    "strategy": "tensor",
+    "symmetric": True,
+    "dynamic": False,
+}
 """``kv_cache_scheme`` of an FP8 KV cache: one static per-tensor scale for keys and one for values."""
 
 

@@ -127,9 +127,7 @@ def quantize_int8(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (w / scale[..., None]).round().clamp(-128, 127).to(torch.int8)
 
 
-def dequantize_int8(
-    codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
+def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dequantize ``int8 [..., out, in]`` with ``scale [..., out]``: ``codes.to(dtype) * scale.to(dtype)``.
 
     As modelopt's ``from_quantized_weight`` does, the product is computed in ``dtype``.
@@ -138,8 +136,7 @@ def dequantize_int8(
         raise TypeError(f"dequantize_int8: codes must be torch.int8, got {codes.dtype}")
     if codes.dim() < 1 or tuple(scale.shape) != tuple(codes.shape[:-1]):
         raise ValueError(
-            f"dequantize_int8: scale shape {tuple(scale.shape)} must equal codes.shape[:-1] "
-            f"{tuple(codes.shape[:-1])}"
+            f"dequantize_int8: scale shape {tuple(scale.shape)} must equal codes.shape[:-1] {tuple(codes.shape[:-1])}"
         )
     return codes.to(dtype) * scale[..., None].to(dtype)
 

@@ -124,9 +124,7 @@ def quantize_mxfp8(w: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[
     return codes.flatten(-2), scale
 
 
-def dequantize_mxfp8(
-    codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
+def dequantize_mxfp8(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dequantize MXFP8 ``codes [..., in]`` with E8M0 ``scale uint8 [..., in/32]`` to ``dtype``.
 
     The product is computed in fp32 and then cast to ``dtype``.
@@ -177,9 +175,7 @@ def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pack_fp4(codes), scale
 
 
-def dequantize_mxfp4(
-    packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32
-) -> torch.Tensor:
+def dequantize_mxfp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Dequantize MXFP4 ``packed uint8 [..., in/2]`` with ``scale uint8 [..., in/32]`` to ``[..., in]``.
 
     The product is computed in fp32 and then cast to ``dtype``.

@@ -67,8 +67,7 @@ _TIE_UP = (0.75, 1.75, 3.5)
 def _check_last_dim(x: Tensor, name: str) -> int:
     if x.dim() < 1 or x.shape[-1] % NVFP4_BLOCK != 0:
         raise ValueError(
-            f"NVFP4 needs the last dim of {name} to be a multiple of {NVFP4_BLOCK}, "
-            f"got shape {tuple(x.shape)}"
+            f"NVFP4 needs the last dim of {name} to be a multiple of {NVFP4_BLOCK}, got shape {tuple(x.shape)}"
         )
     return x.shape[-1] // NVFP4_BLOCK
 

@@ -93,8 +93,9 @@ def _load_per_expert(ctx: _Context, block: MoEBlock, prefix: str) -> ExpertsReco
     with torch.no_grad():
         experts.gate_up_proj.copy_(layout.fuse(torch.stack(gates), torch.stack(ups)))
         experts.down_proj.copy_(layout.unorient_down(torch.stack(downs)))
-    return ExpertsRecord(block.experts_name, prefix, False, codecs.pop(),
-                         _stacked_scale(gate_up_scales), _stacked_scale(down_scales))
+    return ExpertsRecord(
+        block.experts_name, prefix, False, codecs.pop(), _stacked_scale(gate_up_scales), _stacked_scale(down_scales)
+    )
 
 
 def _fused_param(ctx: _Context, block: MoEBlock, prefix: str, param: str) -> tuple[DenseWeight, SchemeCodec | None]:

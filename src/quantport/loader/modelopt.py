@@ -25,6 +25,7 @@ from .checkpoint import CheckpointError, TensorStore
 
 __all__ = ["DenseWeight", "codec_for_algo", "dequantize_fused", "dequantize_linear", "quantizes_activations"]
 
+
 @dataclass(frozen=True, slots=True)
 class DenseWeight:
     """A dequantized weight and the activation scale stored beside it.
@@ -146,8 +147,11 @@ def dequantize_fused(
     tensors = _read(store, names, codec.modelopt_algo or "")
     first = {k: _per_expert(v, 0, num_experts, names[k]) for k, v in tensors.items()}
     orientations = (True, False) if out_in_transposed else (False, True)
-    fitting = [t for t in orientations if _fits(codec, {k: _swap(v) if t else v for k, v in first.items()},
-                                                 *((cols, rows) if t else (rows, cols)))]
+    fitting = [
+        t
+        for t in orientations
+        if _fits(codec, {k: _swap(v) if t else v for k, v in first.items()}, *((cols, rows) if t else (rows, cols)))
+    ]
     transpose = (fitting or orientations)[0]
     experts = []
     for e in range(num_experts):

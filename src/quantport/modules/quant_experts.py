@@ -288,9 +288,7 @@ class ExpertsQuantizer:
         gate, up = gate_up.chunk(2, dim=-1)
         h = up * experts.act_fn(gate)
         if self.mode is QuantMode.CALIBRATE:
-            self.input_amax["down"] = torch.maximum(
-                self.input_amax["down"], h.detach().abs().amax(dim=(1, 2)).float()
-            )
+            self.input_amax["down"] = torch.maximum(self.input_amax["down"], h.detach().abs().amax(dim=(1, 2)).float())
         elif self.mode is QuantMode.SIMULATE:
             h = self._fake_quant_experts(h, "down")
         return torch.bmm(h, down_w).view(-1, hidden.shape[-1])

@@ -122,7 +122,6 @@ class CtInt8Codec(DynamicActivations):
         codes = tensors["weight"]
         return dequantize_int_group_ct(codes, tensors["weight_scale"], group=codes.shape[-1], dtype=dtype)
 
-
     def fake_quantize_input(self, x: Tensor, input_scale: Tensor | None) -> Tensor:
         return fake_quantize_int8_per_token(x)
 
@@ -177,7 +176,6 @@ class CtIntGroupCodec(WeightOnly):
         packed_zp = tensors.get("weight_zero_point")
         zp = None if packed_zp is None else unpack_int_ct(packed_zp, self.bits, out_features, dim=-2)
         return dequantize_int_group_ct(codes, tensors["weight_scale"], zp, group=CT_GROUP, dtype=dtype)
-
 
 
 register(CtInt8Codec())

@@ -42,7 +42,6 @@ class Mxfp8Codec(DynamicActivations):
     def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return mx.dequantize_mxfp8(tensors["weight"], tensors["weight_scale"], dtype)
 
-
     def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
         return mx.fake_quantize_mxfp8(x)
 

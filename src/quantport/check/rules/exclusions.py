@@ -24,30 +24,47 @@ from ..structure import Context, is_quantized
 __all__ = ["check", "decider", "engine_excludes"]
 
 EXCLUDED_HAS_SCALES = Rule(
-    "exclusion.excluded-has-scales", "an excluded layer carries scale tensors",
-    "delete the scale tensors of the excluded layer, or remove it from the exclusion list and quantize it")
+    "exclusion.excluded-has-scales",
+    "an excluded layer carries scale tensors",
+    "delete the scale tensors of the excluded layer, or remove it from the exclusion list and quantize it",
+)
 QUANTIZED_EXCLUDED = Rule(
-    "exclusion.quantized-excluded", "a quantized layer is listed as excluded",
-    "remove the layer from ignore / exclude_modules (or fix the pattern that matches it)")
+    "exclusion.quantized-excluded",
+    "a quantized layer is listed as excluded",
+    "remove the layer from ignore / exclude_modules (or fix the pattern that matches it)",
+)
 UNLISTED = Rule(
-    "exclusion.unlisted", "an unquantized layer is not in the exclusion list",
-    "add the module to ignore / exclude_modules (both config files), or quantize it")
+    "exclusion.unlisted",
+    "an unquantized layer is not in the exclusion list",
+    "add the module to ignore / exclude_modules (both config files), or quantize it",
+)
 UNTARGETED = Rule(
-    "exclusion.untargeted", "a quantized layer matches no compressed-tensors config group target",
-    "add a target (module name, re: pattern or Linear) covering the layer")
+    "exclusion.untargeted",
+    "a quantized layer matches no compressed-tensors config group target",
+    "add a target (module name, re: pattern or Linear) covering the layer",
+)
 PARTIAL = Rule(
-    "exclusion.partial-shards", "the exclusion list names some but not all shards of a fused layer",
-    "exclude all members of the fused group (q/k/v, gate/up, all experts) or none")
+    "exclusion.partial-shards",
+    "the exclusion list names some but not all shards of a fused layer",
+    "exclude all members of the fused group (q/k/v, gate/up, all experts) or none",
+)
 FUSED_MIXED = Rule(
-    "exclusion.fused-mixed", "members of one fused layer disagree on being quantized",
-    "quantize all members of the fused group (q/k/v, gate/up, every expert) alike, or exclude them all")
+    "exclusion.fused-mixed",
+    "members of one fused layer disagree on being quantized",
+    "quantize all members of the fused group (q/k/v, gate/up, every expert) alike, or exclude them all",
+)
 MEMBER_DISAGREE = Rule(
-    "exclusion.member-disagree", "a pattern matches a fused member by name but not the engine's fused layer",
+    "exclusion.member-disagree",
+    "a pattern matches a fused member by name but not the engine's fused layer",
     "write patterns that match the whole fused layer the same way (e.g. model.layers.0.self_attn.*)",
-    Severity.WARNING)
+    Severity.WARNING,
+)
 CLASS_NAME = Rule(
-    "exclusion.class-name", "an ignore entry is a class name, which a file-only check cannot resolve",
-    "prefer module names or re: patterns in ignore", Severity.WARNING)
+    "exclusion.class-name",
+    "an ignore entry is a class name, which a file-only check cannot resolve",
+    "prefer module names or re: patterns in ignore",
+    Severity.WARNING,
+)
 
 Decider = Callable[[str, Sequence[str], Sequence[str]], Decision]
 _QUANTIZED_WEIGHT = ("F8_E4M3", "F8_E5M2", "U8", "I8", "I32")
@@ -117,8 +134,9 @@ def _layers(ctx: Context) -> dict[str, tuple[str, ...]]:
     return layers
 
 
-def _layer_findings(ctx: Context, decide: Decider, layer: str, shards: tuple[str, ...],
-                    targets: _CTTargets | None) -> Iterator[Finding]:
+def _layer_findings(
+    ctx: Context, decide: Decider, layer: str, shards: tuple[str, ...], targets: _CTTargets | None
+) -> Iterator[Finding]:
     patterns = ctx.qcfg.ignore
     quantized = [is_quantized(ctx.modules.get(s, {})) for s in shards]
     decision = decide(layer, shards, patterns)
@@ -126,31 +144,39 @@ def _layer_findings(ctx: Context, decide: Decider, layer: str, shards: tuple[str
         yield PARTIAL.finding(layer, f"{layer}: {decision.reason}; the engine raises 'some but not all shards'")
     if any(quantized) and not all(quantized):
         plain = [s for s, q in zip(shards, quantized, strict=True) if not q]
-        yield FUSED_MIXED.finding(layer, f"{layer} is one GEMM in the engine, but {len(plain)} of its "
-                                  f"{len(shards)} members have no scale tensors: {plain[:4]}")
+        yield FUSED_MIXED.finding(
+            layer,
+            f"{layer} is one GEMM in the engine, but {len(plain)} of its "
+            f"{len(shards)} members have no scale tensors: {plain[:4]}",
+        )
         return
     if decision.partial:
         return
     if all(quantized) and decision.excluded:
         params = ctx.modules.get(shards[0], {})
         rule = QUANTIZED_EXCLUDED if _weight_quantized(params) else EXCLUDED_HAS_SCALES
-        yield rule.finding(layer, f"{layer} has scale tensors but the exclusion list excludes it "
-                           f"({decision.reason})")
+        yield rule.finding(layer, f"{layer} has scale tensors but the exclusion list excludes it ({decision.reason})")
     elif not any(quantized) and not decision.excluded:
         covered = targets.covers(shards[0]) if targets is not None else True
         if not covered or (targets is not None and targets.ignore_classes):
             return
         severity = Severity.WARNING if _is_embedding(layer) else None
-        yield UNLISTED.finding(layer, f"{layer} has no scale tensors but no exclusion entry matches it; the "
-                               "engine will build it as a quantized layer", severity=severity)
+        yield UNLISTED.finding(
+            layer,
+            f"{layer} has no scale tensors but no exclusion entry matches it; the "
+            "engine will build it as a quantized layer",
+            severity=severity,
+        )
     elif all(quantized) and targets is not None and targets.covers(shards[0]) is False:
         yield UNTARGETED.finding(layer, f"{layer} is quantized but no config group targets it")
     if len(shards) > 1 and not layer.endswith("experts"):
         member = [decide(s, (s,), patterns).excluded for s in shards]
         if any(m != decision.excluded for m in member):
             by_member = dict(zip(shards, member, strict=True))
-            yield MEMBER_DISAGREE.finding(layer, f"matching member names gives {by_member}, but the engine "
-                                          f"decides {decision.excluded} for {layer}")
+            yield MEMBER_DISAGREE.finding(
+                layer,
+                f"matching member names gives {by_member}, but the engine decides {decision.excluded} for {layer}",
+            )
 
 
 def check(ctx: Context) -> Iterator[Finding]:
@@ -161,7 +187,9 @@ def check(ctx: Context) -> Iterator[Finding]:
     if targets is not None:
         classes = [p for p in ctx.qcfg.ignore if is_class_name(p)]
         if classes:
-            yield CLASS_NAME.finding(ctx.qcfg.source, f"ignore entries {classes} name classes; modules of those "
-                                     "classes cannot be identified from the files")
+            yield CLASS_NAME.finding(
+                ctx.qcfg.source,
+                f"ignore entries {classes} name classes; modules of those classes cannot be identified from the files",
+            )
     for layer, shards in sorted(_layers(ctx).items()):
         yield from _layer_findings(ctx, decide, layer, shards, targets)

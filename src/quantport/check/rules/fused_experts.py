@@ -32,8 +32,10 @@ def _scale_specs(algo: str | None, e: int, dims: tuple[int, int]) -> dict[str, S
     if algo == "FP8":
         return {"weight_scale": Spec(("F32",), per_expert), "input_scale": Spec(("F32",), per_expert)}
     if algo in ("NVFP4", "W4A16_NVFP4"):
-        specs = {"weight_scale": Spec(("F8_E4M3",), ((e, dims[0] // NVFP4_BLOCK, dims[1]),)),
-                 "weight_scale_2": Spec(("F32",), per_expert)}
+        specs = {
+            "weight_scale": Spec(("F8_E4M3",), ((e, dims[0] // NVFP4_BLOCK, dims[1]),)),
+            "weight_scale_2": Spec(("F32",), per_expert),
+        }
         specs["input_scale"] = Spec(("F32",), per_expert, required=algo == "NVFP4")
         return specs
     if algo == "MXFP8":
@@ -49,8 +51,9 @@ def _check(ctx: Context, name: str, info: TensorInfo | None, spec: Spec) -> Iter
         yield FUSED_SHAPE.finding(name, f"{info.dtype} {list(info.shape)}, expected {spec.describe()}")
 
 
-def fused_findings(ctx: Context, prefix: str, params: dict[str, TensorInfo], layout: ExpertLayout,
-                   count: int | None) -> Iterator[Finding]:
+def fused_findings(
+    ctx: Context, prefix: str, params: dict[str, TensorInfo], layout: ExpertLayout, count: int | None
+) -> Iterator[Finding]:
     """dtype and shape of every tensor of one fused experts module."""
     gate_up, down = params.get("gate_up_proj"), params.get("down_proj")
     if gate_up is None or down is None:
@@ -58,8 +61,9 @@ def fused_findings(ctx: Context, prefix: str, params: dict[str, TensorInfo], lay
         yield EXPERT_INCOMPLETE.finding(f"{prefix}.{missing}", f"fused experts {prefix} have no {missing}")
         return
     if gate_up.ndim != 3 or down.ndim != 3:
-        yield FUSED_SHAPE.finding(prefix, f"gate_up_proj {list(gate_up.shape)} and down_proj {list(down.shape)} "
-                                  "must both be 3-D [E, in, out]")
+        yield FUSED_SHAPE.finding(
+            prefix, f"gate_up_proj {list(gate_up.shape)} and down_proj {list(down.shape)} must both be 3-D [E, in, out]"
+        )
         return
     quantized = is_quantized(params)
     algo = ctx.modelopt_algo(prefix) if ctx.qcfg.format is Format.MODELOPT and quantized else None
@@ -75,8 +79,9 @@ def fused_findings(ctx: Context, prefix: str, params: dict[str, TensorInfo], lay
     if hidden is not None and h != hidden:
         yield FUSED_SHAPE.finding(f"{prefix}.gate_up_proj", f"hidden dimension {h}, config hidden_size {hidden}")
     if layout.has_bias:
-        yield from _check(ctx, f"{prefix}.gate_up_proj_bias", params.get("gate_up_proj_bias"),
-                          Spec(_FLOAT, ((e, two_i),)))
+        yield from _check(
+            ctx, f"{prefix}.gate_up_proj_bias", params.get("gate_up_proj_bias"), Spec(_FLOAT, ((e, two_i),))
+        )
         yield from _check(ctx, f"{prefix}.down_proj_bias", params.get("down_proj_bias"), Spec(_FLOAT, ((e, h),)))
     if not quantized:
         return

@@ -16,11 +16,16 @@ from ..structure import Context, FusedGroup, is_quantized
 
 __all__ = ["check"]
 
-INPUT_SCALE = Rule("group.input-scale-mismatch", "members of a fused group have different activation scales",
-                   "give every member the max input scale of the group (unify before export)")
-GLOBAL_SCALE = Rule("group.global-scale-mismatch", "members of a fused group have different NVFP4 global "
-                    "weight scales", "unify weight_scale_2 (CT: weight_global_scale) over the group before "
-                    "computing the per-block scales")
+INPUT_SCALE = Rule(
+    "group.input-scale-mismatch",
+    "members of a fused group have different activation scales",
+    "give every member the max input scale of the group (unify before export)",
+)
+GLOBAL_SCALE = Rule(
+    "group.global-scale-mismatch",
+    "members of a fused group have different NVFP4 global weight scales",
+    "unify weight_scale_2 (CT: weight_global_scale) over the group before computing the per-block scales",
+)
 
 _CT_EXPERT_TOLERANCE = 1e-5
 """compressed-tensors' own check for an expert's gate/up input_scale (vLLM routed_experts.py)."""
@@ -29,8 +34,11 @@ _CT_EXPERT_TOLERANCE = 1e-5
 def _scalar_params(ctx: Context) -> list[tuple[str, Rule, float]]:
     """(parameter, rule, absolute tolerance) compared over every fused group."""
     if ctx.qcfg.format is Format.COMPRESSED_TENSORS:
-        return [("input_scale", INPUT_SCALE, 0.0), ("input_global_scale", INPUT_SCALE, 0.0),
-                ("weight_global_scale", GLOBAL_SCALE, 0.0)]
+        return [
+            ("input_scale", INPUT_SCALE, 0.0),
+            ("input_global_scale", INPUT_SCALE, 0.0),
+            ("weight_global_scale", GLOBAL_SCALE, 0.0),
+        ]
     return [("input_scale", INPUT_SCALE, 0.0), ("weight_scale_2", GLOBAL_SCALE, 0.0)]
 
 
@@ -51,8 +59,10 @@ def _group_findings(ctx: Context, group: FusedGroup) -> Iterator[Finding]:
         if hi - lo > tolerance:
             shown = ", ".join(f"{m.rsplit('.', 1)[-1]}={v:.6g}" for m, v in zip(group.members, values, strict=True))
             ratio = hi / lo if lo else float("inf")
-            yield rule.finding(group.members[0].rsplit(".", 1)[0],
-                               f"{param} differs within {group.engine_name} ({shown}; max/min {ratio:.4g})")
+            yield rule.finding(
+                group.members[0].rsplit(".", 1)[0],
+                f"{param} differs within {group.engine_name} ({shown}; max/min {ratio:.4g})",
+            )
 
 
 def check(ctx: Context) -> Iterator[Finding]:

@@ -16,17 +16,32 @@ from ..structure import Context
 
 __all__ = ["check"]
 
-NAME = Rule("kv.name", "a KV-cache scale has a name the engines do not map",
-            "name KV scales <attn>.k_proj.k_scale / <attn>.v_proj.v_scale (ModelOpt) or <attn>.k_scale / "
-            "<attn>.v_scale (compressed-tensors)")
-DTYPE = Rule("kv.dtype", "a KV-cache scale is not an fp32 scalar",
-             "write each KV scale as a float32 0-D tensor (amax / 448)")
-PARTIAL = Rule("kv.partial", "some attention layers have KV-cache scales and others do not",
-               "export k and v scales for every attention layer (missing ones default to 1.0)")
-MISSING = Rule("kv.missing", "the config quantizes the KV cache but no KV-cache scale is stored",
-               "calibrate the KV cache (the engine uses 1.0 for every layer otherwise)", Severity.WARNING)
-UNUSED = Rule("kv.unused", "KV-cache scales are stored but the config does not quantize the KV cache",
-              "set kv_cache_scheme / kv_cache_quant_algo, or drop the scales", Severity.WARNING)
+NAME = Rule(
+    "kv.name",
+    "a KV-cache scale has a name the engines do not map",
+    "name KV scales <attn>.k_proj.k_scale / <attn>.v_proj.v_scale (ModelOpt) or <attn>.k_scale / "
+    "<attn>.v_scale (compressed-tensors)",
+)
+DTYPE = Rule(
+    "kv.dtype", "a KV-cache scale is not an fp32 scalar", "write each KV scale as a float32 0-D tensor (amax / 448)"
+)
+PARTIAL = Rule(
+    "kv.partial",
+    "some attention layers have KV-cache scales and others do not",
+    "export k and v scales for every attention layer (missing ones default to 1.0)",
+)
+MISSING = Rule(
+    "kv.missing",
+    "the config quantizes the KV cache but no KV-cache scale is stored",
+    "calibrate the KV cache (the engine uses 1.0 for every layer otherwise)",
+    Severity.WARNING,
+)
+UNUSED = Rule(
+    "kv.unused",
+    "KV-cache scales are stored but the config does not quantize the KV cache",
+    "set kv_cache_scheme / kv_cache_quant_algo, or drop the scales",
+    Severity.WARNING,
+)
 
 _MODELOPT_NAME = re.compile(r"^(?P<attn>.+)\.(?P<kv>[kv])_proj\.(?P=kv)_scale$")
 _CT_NAME = re.compile(r"^(?P<attn>.+\.(self_attn|attention|attn))\.(?P<kv>[kvq])_scale$")
@@ -53,9 +68,12 @@ def _names(ctx: Context, fmt: Format) -> Iterator[Finding | tuple[str, str]]:
         match = canonical.match(name)
         if match is None:
             accepted = _ACCEPTED.search(name) is not None or other.match(name) is not None
-            yield NAME.finding(name, f"{name} is not a {fmt} KV-scale name"
-                               + (" (vLLM remaps it, other readers may not)" if accepted else ""),
-                               severity=Severity.WARNING if accepted else None)
+            yield NAME.finding(
+                name,
+                f"{name} is not a {fmt} KV-scale name"
+                + (" (vLLM remaps it, other readers may not)" if accepted else ""),
+                severity=Severity.WARNING if accepted else None,
+            )
             match = _ANY_NAME.match(name) if accepted else None
             if match is None:
                 continue
@@ -81,11 +99,15 @@ def check(ctx: Context) -> Iterator[Finding]:
     if covered and not quantized_kv:
         yield UNUSED.finding(ctx.qcfg.source, f"{len(covered)} attention layers have KV scales")
     if quantized_kv and not covered:
-        yield MISSING.finding(ctx.qcfg.source, f"KV cache {ctx.qcfg.kv_cache} with no scales in "
-                              f"{len(attention)} attention layers")
+        yield MISSING.finding(
+            ctx.qcfg.source, f"KV cache {ctx.qcfg.kv_cache} with no scales in {len(attention)} attention layers"
+        )
     elif covered:
         for attn in sorted(attention):
             missing = {"k", "v"} - covered.get(attn, set())
             if missing:
-                yield PARTIAL.finding(attn, f"{attn} has no {' / '.join(sorted(missing))} scale while other "
-                                      "layers have them; vLLM uses 1.0 here")
+                yield PARTIAL.finding(
+                    attn,
+                    f"{attn} has no {' / '.join(sorted(missing))} scale while other "
+                    "layers have them; vLLM uses 1.0 here",
+                )

@@ -18,23 +18,48 @@ from .tensors import ct_group_for, spec_for
 
 __all__ = ["EXPERT_INCOMPLETE", "FUSED_SHAPE", "check"]
 
-EXPERT_MISSING = Rule("moe.expert-missing", "an expert (or a projection of it) of a MoE layer is not stored",
-                      "export every expert, calibrated or not (an uncalibrated expert needs fallback scales)")
-EXPERT_INCOMPLETE = Rule("moe.expert-incomplete", "an expert lacks a tensor that its siblings or its format have",
-                         "export the tensor for every expert; vLLM silently keeps 1.0 or uninitialised memory")
-EXPERT_UNEXPECTED = Rule("moe.expert-unexpected", "an expert index is not below the configured expert count",
-                         "drop the extra experts or fix num_experts in config.json")
-COUNT_UNKNOWN = Rule("moe.expert-count-unknown", "config.json gives no expert count",
-                     "set num_experts / num_local_experts / n_routed_experts in config.json", Severity.WARNING)
-OUTLIER = Rule("moe.input-scale-outlier", "an expert's input scale is over 10x the layer median",
-               "check that expert's calibration; engines take the max over experts, so it sets the scale of "
-               "the whole layer", Severity.WARNING)
-SCHEME = Rule("moe.scheme-unsupported", "the engine has no MoE kernel for this expert scheme",
-              "use per-tensor FP8 or NVFP4 for experts (or MIXED_PRECISION / compressed-tensors for block FP8)")
-FUSED_NAMING = Rule("moe.fused-naming", "fused 3-D expert names for a family the engines load per expert",
-                    "write experts as experts.{e}.<gate|up|down leaf>.* 2-D tensors")
-FUSED_SHAPE = Rule("moe.fused-shape", "a fused expert tensor has the wrong dtype or shape",
-                   "write fused experts in the model's layout ([E, H, 2I] / [E, I, H], NVFP4 packed along H)")
+EXPERT_MISSING = Rule(
+    "moe.expert-missing",
+    "an expert (or a projection of it) of a MoE layer is not stored",
+    "export every expert, calibrated or not (an uncalibrated expert needs fallback scales)",
+)
+EXPERT_INCOMPLETE = Rule(
+    "moe.expert-incomplete",
+    "an expert lacks a tensor that its siblings or its format have",
+    "export the tensor for every expert; vLLM silently keeps 1.0 or uninitialised memory",
+)
+EXPERT_UNEXPECTED = Rule(
+    "moe.expert-unexpected",
+    "an expert index is not below the configured expert count",
+    "drop the extra experts or fix num_experts in config.json",
+)
+COUNT_UNKNOWN = Rule(
+    "moe.expert-count-unknown",
+    "config.json gives no expert count",
+    "set num_experts / num_local_experts / n_routed_experts in config.json",
+    Severity.WARNING,
+)
+OUTLIER = Rule(
+    "moe.input-scale-outlier",
+    "an expert's input scale is over 10x the layer median",
+    "check that expert's calibration; engines take the max over experts, so it sets the scale of the whole layer",
+    Severity.WARNING,
+)
+SCHEME = Rule(
+    "moe.scheme-unsupported",
+    "the engine has no MoE kernel for this expert scheme",
+    "use per-tensor FP8 or NVFP4 for experts (or MIXED_PRECISION / compressed-tensors for block FP8)",
+)
+FUSED_NAMING = Rule(
+    "moe.fused-naming",
+    "fused 3-D expert names for a family the engines load per expert",
+    "write experts as experts.{e}.<gate|up|down leaf>.* 2-D tensors",
+)
+FUSED_SHAPE = Rule(
+    "moe.fused-shape",
+    "a fused expert tensor has the wrong dtype or shape",
+    "write fused experts in the model's layout ([E, H, 2I] / [E, I, H], NVFP4 packed along H)",
+)
 
 _OUTLIER_FACTOR = 10.0
 _CT_STATIC = {("tensor", "tensor"), ("tensor", None), ("channel", "token"), ("block", "group"), ("block", "token")}
@@ -50,8 +75,9 @@ def _per_expert_findings(ctx: Context, block: MoEBlock, count: int) -> Iterator[
         missing = [leaf for leaf in block.leaves if not _weight(ctx.modules.get(leaves.get(leaf, ""), {}))]
         if missing:
             what = "no tensors" if len(missing) == len(block.leaves) else f"no {', '.join(missing)}"
-            yield EXPERT_MISSING.finding(f"{block.prefix}.{e}", f"expert {e} of {block.prefix} has {what} "
-                                         f"({count} experts expected)")
+            yield EXPERT_MISSING.finding(
+                f"{block.prefix}.{e}", f"expert {e} of {block.prefix} has {what} ({count} experts expected)"
+            )
     for e in sorted(i for i in block.experts if i >= count):
         yield EXPERT_UNEXPECTED.finding(f"{block.prefix}.{e}", f"expert {e} but the config has {count} experts")
     for leaf in block.leaves:
@@ -71,7 +97,8 @@ def _per_expert_findings(ctx: Context, block: MoEBlock, count: int) -> Iterator[
 
 def _outliers(ctx: Context, modules: list[str]) -> Iterator[Finding]:
     inverse = ctx.qcfg.format is Format.COMPRESSED_TENSORS and any(
-        "input_global_scale" in ctx.modules[m] for m in modules)
+        "input_global_scale" in ctx.modules[m] for m in modules
+    )
     param = "input_global_scale" if inverse else "input_scale"
     values = {m: ctx.load_scalar(f"{m}.{param}") for m in modules if param in ctx.modules[m]}
     finite = {m: v for m, v in values.items() if v is not None and v > 0 and v != float("inf")}
@@ -81,8 +108,11 @@ def _outliers(ctx: Context, modules: list[str]) -> Iterator[Finding]:
     for module, value in finite.items():
         ratio = (median / value) if inverse else (value / median)
         if ratio > _OUTLIER_FACTOR:
-            yield OUTLIER.finding(f"{module}.{param}", f"{param} {value:.6g} is {ratio:.1f}x the layer median "
-                                  f"{median:.6g}" + (" (global scales are divisors)" if inverse else ""))
+            yield OUTLIER.finding(
+                f"{module}.{param}",
+                f"{param} {value:.6g} is {ratio:.1f}x the layer median "
+                f"{median:.6g}" + (" (global scales are divisors)" if inverse else ""),
+            )
 
 
 def _scheme_findings(ctx: Context, block: MoEBlock) -> Iterator[Finding]:
@@ -91,8 +121,11 @@ def _scheme_findings(ctx: Context, block: MoEBlock) -> Iterator[Finding]:
         return
     q = ctx.qcfg
     if q.format is Format.MODELOPT and q.quant_algo in ("FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO"):
-        yield SCHEME.finding(block.prefix, f"vLLM runs ModelOpt {q.quant_algo} experts with its per-tensor FP8 "
-                             "MoE method, which cannot load per-channel / per-block expert scales")
+        yield SCHEME.finding(
+            block.prefix,
+            f"vLLM runs ModelOpt {q.quant_algo} experts with its per-tensor FP8 "
+            "MoE method, which cannot load per-channel / per-block expert scales",
+        )
     elif q.format is Format.COMPRESSED_TENSORS:
         group = ct_group_for(ctx, modules[0])
         if group is None or group.weights is None:
@@ -102,9 +135,12 @@ def _scheme_findings(ctx: Context, block: MoEBlock) -> Iterator[Finding]:
             pair = (w.get("strategy"), a.get("strategy"))
             static_channel = pair == ("channel", "token") and a.get("dynamic") is not True
             if pair not in _CT_STATIC or static_channel or (w.get("type") == "int" and pair != ("channel", "token")):
-                yield SCHEME.finding(block.prefix, f"{w.get('type')}8 experts with weight strategy {pair[0]} and "
-                                     f"activation strategy {pair[1]} (dynamic={a.get('dynamic')}) have no vLLM "
-                                     "MoE kernel")
+                yield SCHEME.finding(
+                    block.prefix,
+                    f"{w.get('type')}8 experts with weight strategy {pair[0]} and "
+                    f"activation strategy {pair[1]} (dynamic={a.get('dynamic')}) have no vLLM "
+                    "MoE kernel",
+                )
 
 
 def _fused_findings(ctx: Context, block: MoEBlock, count: int | None) -> Iterator[Finding]:
@@ -113,9 +149,12 @@ def _fused_findings(ctx: Context, block: MoEBlock, count: int | None) -> Iterato
     if layout is None or not layout.transposed:
         if layout is not None or is_quantized(params):
             family = layout.family if layout else "unknown"
-            yield FUSED_NAMING.finding(block.prefix, f"{block.prefix} stores experts as fused 3-D tensors; "
-                                       f"family {family} is loaded per expert (experts.{{e}}.*)",
-                                       severity=Severity.WARNING if layout is None else None)
+            yield FUSED_NAMING.finding(
+                block.prefix,
+                f"{block.prefix} stores experts as fused 3-D tensors; "
+                f"family {family} is loaded per expert (experts.{{e}}.*)",
+                severity=Severity.WARNING if layout is None else None,
+            )
         return
     if ctx.qcfg.format is Format.MXFP4:
         return  # the native GPT-OSS layout is checked by the family rules
@@ -133,8 +172,9 @@ def _router_findings(ctx: Context, count: int) -> Iterator[Finding]:
         weight = params.get("weight")
         router = leaf == layout.router and weight is not None and weight.ndim == 2 and weight.shape[0] == count
         if router and f"{parent}.experts" not in ctx.moe_blocks:
-            yield EXPERT_MISSING.finding(f"{parent}.experts", f"{parent} has a router for {count} experts but "
-                                         "no expert tensors at all")
+            yield EXPERT_MISSING.finding(
+                f"{parent}.experts", f"{parent} has a router for {count} experts but no expert tensors at all"
+            )
 
 
 def check(ctx: Context) -> Iterator[Finding]:
@@ -142,8 +182,10 @@ def check(ctx: Context) -> Iterator[Finding]:
         return
     count = ctx.facts.num_experts
     if count is None:
-        yield COUNT_UNKNOWN.finding("config.json", "MoE experts are stored but no expert count is configured; "
-                                    "expert coverage cannot be verified")
+        yield COUNT_UNKNOWN.finding(
+            "config.json",
+            "MoE experts are stored but no expert count is configured; expert coverage cannot be verified",
+        )
     else:
         yield from _router_findings(ctx, count)
     for _, block in sorted(ctx.moe_blocks.items()):
@@ -153,6 +195,9 @@ def check(ctx: Context) -> Iterator[Finding]:
             n = count if count is not None else max(block.experts) + 1
             yield from _per_expert_findings(ctx, block, n)
             if block.also_fused:
-                yield FUSED_NAMING.finding(block.prefix, f"{block.prefix} holds both per-expert modules and fused "
-                                           "3-D expert tensors; the engine loads one layout")
+                yield FUSED_NAMING.finding(
+                    block.prefix,
+                    f"{block.prefix} holds both per-expert modules and fused "
+                    "3-D expert tensors; the engine loads one layout",
+                )
         yield from _scheme_findings(ctx, block)

@@ -18,14 +18,31 @@ from ..structure import Context, fused_expert_param
 
 __all__ = ["SCALE_PARAMS", "check", "is_scale"]
 
-NOT_FINITE = Rule("scale.not-finite", "a scale tensor holds NaN or inf",
-                  "recalibrate the layer (an expert that saw no tokens needs a fallback scale: the max over "
-                  "the other experts, or one from the weight)")
-NOT_POSITIVE = Rule("scale.not-positive", "a scale is zero or negative",
-                    "recalibrate the layer; per-tensor scales must be > 0 (the engine divides by them)")
+NOT_FINITE = Rule(
+    "scale.not-finite",
+    "a scale tensor holds NaN or inf",
+    "recalibrate the layer (an expert that saw no tokens needs a fallback scale: the max over "
+    "the other experts, or one from the weight)",
+)
+NOT_POSITIVE = Rule(
+    "scale.not-positive",
+    "a scale is zero or negative",
+    "recalibrate the layer; per-tensor scales must be > 0 (the engine divides by them)",
+)
 
-SCALE_PARAMS = frozenset({"weight_scale", "weight_scale_2", "input_scale", "weight_global_scale",
-                          "input_global_scale", "k_scale", "v_scale", "q_scale", "kv_scale"})
+SCALE_PARAMS = frozenset(
+    {
+        "weight_scale",
+        "weight_scale_2",
+        "input_scale",
+        "weight_global_scale",
+        "input_global_scale",
+        "k_scale",
+        "v_scale",
+        "q_scale",
+        "kv_scale",
+    }
+)
 _E8M0 = ("U8", "F8_E8M0")
 _E8M0_NAN = 255
 _FLOATS = ("F32", "F16", "BF16", "F64", "F8_E4M3", "F8_E5M2")

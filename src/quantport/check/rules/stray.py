@@ -15,14 +15,26 @@ from ..structure import Context
 
 __all__ = ["check"]
 
-AMAX = Rule("stray.amax", "a calibration amax tensor was exported",
-            "drop *_amax tensors; export scales (amax / 448 ...) instead")
-QUANTIZER = Rule("stray.quantizer-state", "quantizer state was exported",
-                 "drop *_quantizer.* tensors; they are calibration state, not checkpoint tensors")
-PRE_QUANT = Rule("stray.pre-quant-scale", "an AWQ pre_quant_scale is stored",
-                 "fold pre_quant_scale into the previous layer (norm or linear) before export")
-WEIGHT_SHAPE = Rule("stray.weight-shape", "a weight_shape tensor is stored in a ModelOpt checkpoint",
-                    "drop weight_shape (it belongs to compressed-tensors pack-quantized only)")
+AMAX = Rule(
+    "stray.amax",
+    "a calibration amax tensor was exported",
+    "drop *_amax tensors; export scales (amax / 448 ...) instead",
+)
+QUANTIZER = Rule(
+    "stray.quantizer-state",
+    "quantizer state was exported",
+    "drop *_quantizer.* tensors; they are calibration state, not checkpoint tensors",
+)
+PRE_QUANT = Rule(
+    "stray.pre-quant-scale",
+    "an AWQ pre_quant_scale is stored",
+    "fold pre_quant_scale into the previous layer (norm or linear) before export",
+)
+WEIGHT_SHAPE = Rule(
+    "stray.weight-shape",
+    "a weight_shape tensor is stored in a ModelOpt checkpoint",
+    "drop weight_shape (it belongs to compressed-tensors pack-quantized only)",
+)
 
 
 def check(ctx: Context) -> Iterator[Finding]:
