@@ -1,0 +1,265 @@
+"""Full-size export on one GPU, side by side with the disk floor and nvidia-modelopt (issue 17).
+
+Builds a Qwen3-30B-A3B-shaped model (48 layers, 128 experts, 30.5B parameters) with random bf16
+weights directly on the GPU (nothing is downloaded), calibrates it with quantport (NVFP4 or FP8, 32 x 512
+tokens), exports it to a local directory and measures, in one process per tool:
+
+* quantport: calibration, export wall time, GB/s, peak GPU memory, peak host RSS;
+* the disk floor for the same number of bytes: one thread writing 8 MB chunks with ``O_DIRECT`` and through
+  the page cache (then ``fdatasync``), as ``dd`` would;
+* ``--profile``: where the export's time goes (cProfile of the calling thread, busy time of the writer
+  and I/O threads);
+* ``--reference``: nvidia-modelopt's ``mtq.quantize`` + ``export_hf_checkpoint`` on the same model and
+  calibration batches (run it as a separate process: the model is built again).
+
+    python bench/gpu_full_export.py --recipe nvfp4 --out /tmp/qp-export --json r.json [--profile] [--layers 48]
+    python bench/gpu_full_export.py --recipe nvfp4 --out /tmp/mo-export --reference --json ref.json
+    python bench/gpu_full_export.py --smoke        # 2 tiny layers on the CPU (checks the script)
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import mmap
+import os
+import pstats
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+QWEN3_30B = dict(
+    hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+    num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_hidden_layers=48, vocab_size=151936,
+    norm_topk_prob=True, max_position_embeddings=4096,
+)  # fmt: skip
+SMOKE = dict(
+    hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_hidden_layers=2, vocab_size=256,
+)  # fmt: skip
+CHUNK = 8 << 20
+
+
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def build(config: dict, device: torch.device) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("qwen3_moe", **config)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.eval().requires_grad_(False)
+    model.config.architectures = [type(model).__name__]
+    return model
+
+
+def calibration(vocab: int, n: int, seq: int, device: torch.device) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (4, seq), generator=gen).to(device) for _ in range(n)]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def directory_bytes(directory: Path) -> int:
+    return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
+
+
+def disk_floor(directory: Path, nbytes: int) -> dict:
+    """Seconds to write ``nbytes`` in 8 MB chunks from one thread: O_DIRECT, and page cache + fdatasync."""
+    directory.mkdir(parents=True, exist_ok=True)
+    buffer = mmap.mmap(-1, CHUNK)
+    buffer.write(os.urandom(1 << 20) * (CHUNK >> 20))
+    out = {}
+    for mode, flags in (("o_direct", os.O_DIRECT), ("page_cache", 0)):
+        path = directory / f"floor-{mode}.bin"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flags, 0o644)
+        except OSError as error:
+            out[mode] = {"error": str(error)}
+            continue
+        start = time.perf_counter()
+        try:
+            written = 0
+            while written < nbytes:
+                written += os.write(fd, buffer)
+            os.fdatasync(fd)
+            seconds = time.perf_counter() - start
+            out[mode] = {"s": seconds, "gb_per_s": written / seconds / 1e9, "bytes": written}
+        except OSError as error:
+            out[mode] = {"error": str(error)}
+        finally:
+            os.close(fd)
+            path.unlink()
+    return out
+
+
+class ThreadBusy:
+    """Sums the time spent in CheckpointFile.write (writer thread) and _write_at (I/O threads)."""
+
+    def __init__(self) -> None:
+        from quantport.export import checkpoint_file
+
+        self.module = checkpoint_file
+        self.seconds = {"CheckpointFile.write": 0.0, "CheckpointFile._write_at": 0.0}
+        self.lock = threading.Lock()
+        self.originals = {}
+
+    def __enter__(self) -> ThreadBusy:
+        cls = self.module.CheckpointFile
+        for name in ("write", "_write_at"):
+            original = getattr(cls, name)
+            self.originals[name] = original
+
+            def timed(*args, _original=original, _key=f"CheckpointFile.{name}", **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    with self.lock:
+                        self.seconds[_key] += time.perf_counter() - start
+
+            setattr(cls, name, timed)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self.originals.items():
+            setattr(self.module.CheckpointFile, name, original)
+
+
+def run_quantport(model, recipe: str, calib, out: Path, device, profile: bool) -> dict:
+    import quantport
+
+    sync(device)
+    start = time.perf_counter()
+    quantport.quantize(model, recipe, calib, progress=False, release_weights=False)
+    sync(device)
+    result = {"calibrate_s": time.perf_counter() - start}
+    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+    profiler = cProfile.Profile() if profile else None
+    with ThreadBusy() as busy:
+        start = time.perf_counter()
+        if profiler:
+            profiler.enable()
+        quantport.export(model, out, progress=False, overwrite=True)
+        if profiler:
+            profiler.disable()
+        result["export_s"] = time.perf_counter() - start
+    result["thread_busy_s"] = dict(busy.seconds)
+    result["checkpoint_bytes"] = directory_bytes(out)
+    result["export_gb_per_s"] = result["checkpoint_bytes"] / result["export_s"] / 1e9
+    if device.type == "cuda":
+        result["export_peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    if profiler:
+        text = io.StringIO()
+        stats = pstats.Stats(profiler, stream=text)
+        stats.sort_stats("tottime").print_stats(30)
+        stats.sort_stats("cumulative").print_stats(40)
+        result["profile"] = text.getvalue()
+    return result
+
+
+def run_reference(model, recipe: str, calib, out: Path, device) -> dict:
+    import contextlib
+
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+
+    config = {"fp8": mtq.FP8_DEFAULT_CFG, "nvfp4": mtq.NVFP4_DEFAULT_CFG}[recipe]
+    log = io.StringIO()
+
+    def loop(m):
+        for batch in calib:
+            m(input_ids=batch, use_cache=False)
+
+    sync(device)
+    start = time.perf_counter()
+    with torch.no_grad(), contextlib.redirect_stdout(log):
+        mtq.quantize(model, config, loop)
+    sync(device)
+    result = {"calibrate_s": time.perf_counter() - start}
+    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+    start = time.perf_counter()
+    with torch.no_grad(), contextlib.redirect_stdout(log):
+        export_hf_checkpoint(model, export_dir=out)
+    result["export_s"] = time.perf_counter() - start
+    result["checkpoint_bytes"] = directory_bytes(out)
+    result["export_gb_per_s"] = result["checkpoint_bytes"] / result["export_s"] / 1e9
+    if device.type == "cuda":
+        result["export_peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", choices=["nvfp4", "fp8"], default="nvfp4")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/quantport-full-export"))
+    parser.add_argument("--layers", type=int, default=48)
+    parser.add_argument("--batches", type=int, default=8, help="calibration batches of 4 x 512 (default 8: 16k tokens)")
+    parser.add_argument("--reference", action="store_true", help="nvidia-modelopt instead of quantport")
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--no-floor", action="store_true", help="skip the disk-floor measurement")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    config = dict(SMOKE if args.smoke else QWEN3_30B)
+    if not args.smoke:
+        config["num_hidden_layers"] = args.layers
+    start = time.perf_counter()
+    model = build(config, device)
+    sync(device)
+    params = sum(p.numel() for p in model.parameters())
+    result: dict = {
+        "tool": "nvidia-modelopt" if args.reference else "quantport",
+        "recipe": args.recipe,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "cpu_count": os.cpu_count(),
+        "layers": config["num_hidden_layers"],
+        "parameters": params,
+        "build_s": time.perf_counter() - start,
+    }
+    calib = calibration(config["vocab_size"], 2 if args.smoke else args.batches, 32 if args.smoke else 512, device)
+    shutil.rmtree(args.out, ignore_errors=True)
+    run = run_reference if args.reference else run_quantport
+    kwargs = {} if args.reference else {"profile": args.profile}
+    result.update(run(model, args.recipe, calib, args.out, device, **kwargs))
+    result["peak_rss_gib"] = peak_rss_bytes() / 2**30
+    if not args.no_floor:
+        del model
+        floor = disk_floor(args.out.parent / (args.out.name + "-floor"), result["checkpoint_bytes"])
+        result["disk_floor"] = floor
+        best = min((v["s"] for v in floor.values() if "s" in v), default=None)
+        if best:
+            result["export_over_floor"] = result["export_s"] / best
+    shutil.rmtree(args.out, ignore_errors=True)
+    profile = result.pop("profile", None)
+    print(json.dumps(result, indent=2))
+    if profile:
+        print(profile)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
