@@ -96,7 +96,7 @@ def _parser(*, quantize_only: bool = False) -> argparse.ArgumentParser:
         "--coverage-png",
         type=Path,
         metavar="PATH",
-        help="also write a heat map of calibration tokens per expert (MoE models)",
+        help="also write a plot of calibration tokens per expert per MoE layer (MoE models; needs quantport[plot])",
     )
     q.add_argument("--max-shard-size", type=shard_size, default="5GB", help="largest safetensors shard (default 5GB)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
@@ -175,18 +175,22 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
         for line in state.coverage.summary_lines():
             print(f"    {line}")
         if args.coverage_png:
-            from .report.heatmap import write_coverage_heatmap
+            from .report.coverage_plot import PlotContext, write_coverage_plot
 
-            print(f"  coverage heat map: {write_coverage_heatmap(state.coverage, args.coverage_png)}")
+            context = PlotContext(args.model, args.recipe, state.calibration_tokens)
+            print(f"  coverage plot    : {write_coverage_plot(state.coverage, args.coverage_png, context)}")
     print(f"  calibration      : {state.calibration_tokens} tokens")
     print(f"  output size      : {_directory_size(args.out) / 1e6:.1f} MB")
     print(f"  time             : {elapsed:.1f} s")
 
 
 def _check_coverage_recipe(args: argparse.Namespace, recipe: QuantRecipe) -> None:
-    """The heat map needs calibration, which weight-only recipes without a KV-cache format skip."""
+    """The coverage plot needs matplotlib, and calibration, which weight-only recipes without a KV-cache format skip."""
+    from .report.coverage_plot import require_matplotlib
     from .schemes import codec_for
 
+    if args.coverage_png is not None:
+        require_matplotlib()  # before calibration, not after it
     if args.coverage_png is not None and not codec_for(recipe.scheme).static_input_scale and args.kv_cache == "none":
         raise InvalidArgumentError(
             f"--coverage-png {args.coverage_png}: recipe {args.recipe} is weight-only, so nothing is calibrated "

@@ -1,1 +1,1 @@
-"""Reports about a quantization run: expert coverage summary and heat map."""
+"""Reports about a quantization run: expert coverage summary and its plot (matplotlib, the `plot` extra)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,10 +12,19 @@ __all__ = ["ExpertCoverage", "LayerCoverage"]
 
 @dataclass(frozen=True)
 class LayerCoverage:
-    """Tokens per expert of one MoE layer."""
+    """Tokens per expert of one MoE layer.
+
+    Attributes:
+        layer: the MoE block's module name, e.g. ``model.layers.3.mlp``.
+        tokens: calibration tokens routed to each expert, one entry per expert.
+        input_amax: projection (``gate_up``, ``down``) -> max |input| each expert saw in calibration
+            (0.0 for an expert that saw nothing), before the uncalibrated-expert policy filled gaps;
+            empty when the pipeline did not record it.
+    """
 
     layer: str
     tokens: tuple[int, ...]
+    input_amax: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
 
     @property
     def dead_experts(self) -> list[int]:
