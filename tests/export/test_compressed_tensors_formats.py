@@ -11,11 +11,12 @@ import quantport
 from checkpoint_files import load_tensors
 from quantport.cli import main
 from quantport.export import ExportFormat, recipe_for_format
-from quantport.export.ct_schemes import CT_SCHEMES
-from quantport.export.targets import UnsupportedFormatError, default_format, formats_for
+from quantport.export.targets import TARGETS, UnsupportedFormatError, default_format, formats_for
+from quantport.export.targets.ct_schemes import CT_SCHEMES
+from quantport.export.targets.modelopt import MODELOPT_ALGOS
 from quantport.modules.quant_linear import QuantLinear
 from quantport.recipes import PRESETS, LinearScheme
-from quantport.schemes import CODECS, codec_for
+from quantport.schemes import CODECS
 
 CT = ExportFormat.COMPRESSED_TENSORS
 MO = ExportFormat.MODELOPT
@@ -57,11 +58,20 @@ def test_missing_pairs_name_the_other_format(recipe, fmt, names):
 
 
 def test_every_scheme_has_a_format_and_the_tables_agree():
+    checked = 0
     for scheme in LinearScheme:
         assert scheme in CODECS and formats_for(scheme), scheme
         assert (scheme in CT_SCHEMES) is (CT in formats_for(scheme))
-        assert (codec_for(scheme).modelopt_algo is not None) is (MO in formats_for(scheme))
+        assert (scheme in MODELOPT_ALGOS) is (MO in formats_for(scheme))
+        checked += 1
+    assert checked == 16
     assert default_format(LinearScheme.NVFP4) is MO and default_format(LinearScheme.INT8) is CT
+    assert default_format(LinearScheme.MXFP4) is CT
+
+
+def test_targets_are_registered_once_each_in_priority_order():
+    assert [t.format for t in TARGETS] == [MO, CT, ExportFormat.MXFP4]
+    assert formats_for(LinearScheme.MXFP4) == [CT, ExportFormat.MXFP4]
 
 
 def test_export_refuses_numerics_the_format_does_not_store(tmp_path, tiny_model, calib_batches):

@@ -4,41 +4,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import dequantize, quantize
 from compressed_tensors.quantization.utils import calculate_qparams
 
+from quantport.export.targets.modelopt import quant_algo
+from quantport.formats.descriptors import ActivationQuant, ScaleConvention
+from quantport.formats.integer import unpack_int_ct
 from quantport.recipes import LinearScheme
 from quantport.schemes import codec_for
-from quantport.schemes.integer import pack_int_ct, unpack_int_ct
 
 
 def _weight(out: int = 64, inp: int = 256, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return (torch.randn(out, inp, generator=generator) * 0.05).to(torch.bfloat16)
-
-
-def test_8bit_packing_hand_vector():
-    codes = torch.tensor([[-128, -1, 0, 127, 5]], dtype=torch.int8)
-    packed = pack_int_ct(codes, 8)
-    # offsets: 0, 127, 128, 255 -> 0xFF807F00 (as signed int32); 133 alone in the second word
-    assert packed.tolist() == [[0xFF807F00 - 2**32, 133]]
-    assert torch.equal(unpack_int_ct(packed, 8, 5), codes)
-
-
-@pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("dim", [-1, -2])
-def test_packing_equals_compressed_tensors(bits, dim):
-    generator = torch.Generator().manual_seed(bits)
-    low, high = -(2 ** (bits - 1)), 2 ** (bits - 1)
-    codes = torch.randint(low, high, (24, 40), generator=generator, dtype=torch.int8)
-    ours = pack_int_ct(codes, bits, dim=dim)
-    theirs = pack_to_int32(codes, bits, packed_dim=0 if dim == -2 else 1)
-    assert torch.equal(ours, theirs)
-    length = codes.shape[dim]
-    assert torch.equal(unpack_int_ct(ours, bits, length, dim=dim), codes)
-    assert torch.equal(unpack_from_int32(theirs, bits, codes.shape, packed_dim=0 if dim == -2 else 1), codes)
 
 
 @pytest.mark.parametrize(
@@ -109,7 +89,8 @@ def test_int8_codec_is_per_channel_with_dynamic_tokens():
     x = torch.tensor([[0.5, -1.0, 0.25]], dtype=torch.float32)
     q = codec.fake_quantize_input(x, None)
     assert torch.allclose(q, torch.round(x * 127) / 127)
-    assert codec.static_input_scale is False and codec.modelopt_algo is None
+    assert codec.format.activations is ActivationQuant.DYNAMIC and codec.static_input_scale is False
+    assert codec.format.convention is ScaleConvention.HALF_STEP_MODEL_DTYPE and quant_algo(LinearScheme.INT8) is None
 
 
 def test_modelopt_int4_layout_and_values():
@@ -126,7 +107,8 @@ def test_modelopt_int4_layout_and_values():
     decoded = codec.dequantize_weight(tensors, torch.float32)
     expected = torch.tensor([[0.7, 0.0], [-0.35, 0.0], [0.0, 1.4], [0.0, 0.2]]).to(torch.bfloat16).float()
     torch.testing.assert_close(decoded[:, [0, 5]], expected, rtol=0, atol=0)  # the largest code is exact
-    assert codec.modelopt_algo == "W4A16_AWQ" and codec.group_size == 128
+    assert quant_algo(LinearScheme.W4A16_MODELOPT) == "W4A16_AWQ" and codec.group_size == 128
+    assert codec.format.convention is ScaleConvention.RESTRICTED_FP32 and codec.format.stacks
 
 
 def test_modelopt_int8_weight_only():
@@ -136,6 +118,7 @@ def test_modelopt_int8_weight_only():
     assert tensors["weight_scale"].shape == (8,) and tensors["weight_scale"].dtype == torch.float32
     assert torch.equal(tensors["weight_scale"], w.abs().amax(dim=1).float() / 127)
     assert int(tensors["weight"].abs().amax(dim=1).min()) == 127
-    decoded = codec.dequantize_weight(tensors, torch.float32)
+    decoded = tensors["weight"].float() * tensors["weight_scale"][:, None]  # decoded by hand, not by the codec
+    assert torch.equal(codec.dequantize_weight(tensors, torch.float32), decoded)
     assert (decoded - w.float()).abs().max() <= tensors["weight_scale"].max() / 2 + 1e-7
-    assert codec.modelopt_algo == "W8A16"
+    assert quant_algo(LinearScheme.W8A16_MODELOPT) == "W8A16"

@@ -14,14 +14,11 @@ from torch import nn
 from .. import __version__
 from ..memory.mapped_weights import MappedWeights
 from ..state import QuantizationState, state_of
-from .compressed_tensors import compressed_tensors_content
 from .content import CheckpointContent
-from .modelopt import modelopt_content
-from .mxfp4_native import native_mxfp4_content
 from .output_dir import OutputTarget, claim_output
 from .self_check import check_written, refuse_known_failure
 from .shards import write_json, write_sharded_safetensors
-from .targets import ExportFormat, check_exportable, default_format, parse_format, recipe_for_format
+from .targets import TARGETS, ExportFormat, check_exportable, default_format, parse_format, recipe_for_format
 from .unquantized import excluded_modules
 
 __all__ = ["ExportFormat", "OutputTarget", "claim_output", "export", "recipe_for_format"]
@@ -43,9 +40,7 @@ REPORT_FILE = "quantport_report.json"
 
 
 FORMAT_CONTENT: dict[ExportFormat, Callable[[nn.Module, QuantizationState], CheckpointContent]] = {
-    ExportFormat.MODELOPT: modelopt_content,
-    ExportFormat.COMPRESSED_TENSORS: compressed_tensors_content,
-    ExportFormat.MXFP4: native_mxfp4_content,
+    target.format: target.content for target in TARGETS
 }
 """Per format: what the checkpoint holds (tensor plan, ``quantization_config``, side files); it may refuse the
 model with a clear error before anything is written."""

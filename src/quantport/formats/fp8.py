@@ -25,11 +25,15 @@ import math
 import torch
 from torch import Tensor
 
+from .descriptors import ActivationQuant, Element, NumericFormat, ScaleGranularity, ScaleType
 from .division import divide
 
 __all__ = [
     "FP8_E4M3_MAX",
     "FP8_BLOCK",
+    "FP8_BLOCK_WEIGHTS",
+    "FP8_PER_CHANNEL_DYNAMIC",
+    "FP8_PER_TENSOR_STATIC",
     "block_amax_2d",
     "dequantize_fp8",
     "fake_quantize_fp8",
@@ -43,6 +47,22 @@ __all__ = [
 
 FP8_E4M3_MAX: float = 448.0
 FP8_BLOCK: tuple[int, int] = (128, 128)
+
+FP8_PER_TENSOR_STATIC = NumericFormat(
+    "fp8", Element.FP8_E4M3, ScaleGranularity.TENSOR, None, ScaleType.FLOAT, torch.float32,
+    ActivationQuant.STATIC, stacks=True,
+)  # fmt: skip
+"""W8A8: one fp32 scale ``amax / 448`` per weight matrix and one calibrated per-tensor input scale."""
+FP8_PER_CHANNEL_DYNAMIC = NumericFormat(
+    "fp8-dynamic", Element.FP8_E4M3, ScaleGranularity.CHANNEL, None, ScaleType.FLOAT, torch.float32,
+    ActivationQuant.DYNAMIC,
+)  # fmt: skip
+"""One fp32 scale per output channel; inputs quantized per token at run time."""
+FP8_BLOCK_WEIGHTS = NumericFormat(
+    "fp8-block", Element.FP8_E4M3, ScaleGranularity.BLOCK_2D, FP8_BLOCK[0], ScaleType.FLOAT, torch.float32,
+    ActivationQuant.NONE, input_multiple=FP8_BLOCK[1],
+)  # fmt: skip
+"""One fp32 scale per 128x128 tile; activations unquantized."""
 
 _FP8 = torch.float8_e4m3fn
 

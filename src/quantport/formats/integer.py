@@ -24,6 +24,7 @@ Arithmetic that matches compressed-tensors 0.20 (``pack-quantized`` format):
   ``amax / 7.5`` for 4-bit, unlike modelopt's ``/ 7``. Asymmetric ``scale = (max - min) / (qmax - qmin)``
   and ``zp = round(clamp(qmin - min / scale, qmin, qmax))``. Both are computed in the weight dtype,
   and a scale of 0 is replaced by ``finfo(dtype).eps``.
+* 8-bit ``pack_to_int32``: ``code + 128``, 4 codes per int32, element ``i`` at bits ``8i..8i+7``.
 * quantize ``clamp(round(x / s + zp), qmin, qmax)`` and dequantize ``(q - zp) * s``, both in the
   scale/weight dtype.
 
@@ -32,12 +33,26 @@ All functions are pure and accept leading batch dims (e.g. MoE ``[E, out, in]``)
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from .descriptors import (
+    ActivationQuant,
+    Element,
+    NumericFormat,
+    ScaleConvention,
+    ScaleGranularity,
+    ScaleType,
+)
 from .division import divide
 
 __all__ = [
     "INT4_GROUP",
+    "INT4_G128_WEIGHTS",
+    "INT8_G128_WEIGHTS",
+    "INT8_PER_CHANNEL_DYNAMIC",
+    "INT8_PER_CHANNEL_WEIGHTS",
     "int8_scale_from_amax",
     "quantize_int8",
     "dequantize_int8",
@@ -50,6 +65,8 @@ __all__ = [
     "unpack_int4_modelopt",
     "pack_int4_ct",
     "unpack_int4_ct",
+    "pack_int_ct",
+    "unpack_int_ct",
     "int_group_qparams",
     "quantize_int_group_ct",
     "dequantize_int_group_ct",
@@ -59,6 +76,28 @@ INT4_GROUP = 128
 """Default INT4 group size along the input dim."""
 
 _INT8_MAXBOUND = 127
+
+INT8_PER_CHANNEL_DYNAMIC = NumericFormat(
+    "int8", Element.INT8, ScaleGranularity.CHANNEL, None, ScaleType.FLOAT, None, ActivationQuant.DYNAMIC,
+    convention=ScaleConvention.HALF_STEP_MODEL_DTYPE,
+)  # fmt: skip
+"""W8A8: one scale ``amax / 127.5`` per output channel in the weight dtype, inputs per token at run time."""
+INT8_PER_CHANNEL_WEIGHTS = NumericFormat(
+    "int8-channel", Element.INT8, ScaleGranularity.CHANNEL, None, ScaleType.FLOAT, torch.float32,
+    ActivationQuant.NONE, stacks=True, convention=ScaleConvention.RESTRICTED_FP32,
+)  # fmt: skip
+"""Weight-only INT8, one fp32 scale ``amax / 127`` per output channel."""
+INT4_G128_WEIGHTS = NumericFormat(
+    "int4-g128", Element.INT4, ScaleGranularity.GROUP, INT4_GROUP, ScaleType.FLOAT, None, ActivationQuant.NONE,
+    input_multiple=INT4_GROUP, convention=ScaleConvention.HALF_STEP_MODEL_DTYPE,
+)  # fmt: skip
+"""Weight-only INT4, one scale ``amax / 7.5`` per 128 inputs in the weight dtype (``symmetric=False``:
+``(max - min) / 15`` and a zero point); ModelOpt's form is ``replace`` with ``RESTRICTED_FP32``."""
+INT8_G128_WEIGHTS = NumericFormat(
+    "int8-g128", Element.INT8, ScaleGranularity.GROUP, INT4_GROUP, ScaleType.FLOAT, None, ActivationQuant.NONE,
+    input_multiple=INT4_GROUP, convention=ScaleConvention.HALF_STEP_MODEL_DTYPE,
+)  # fmt: skip
+"""Weight-only INT8, one scale ``amax / 127.5`` per 128 inputs in the weight dtype."""
 _INT4_MAXBOUND = 7
 
 
@@ -300,6 +339,56 @@ def unpack_int4_ct(packed: torch.Tensor, in_features: int, *, dim: int = -1) -> 
     if dim == -2:
         out = out.transpose(-1, -2)
     return out.contiguous()
+
+
+_SHIFTS8 = (0, 8, 16, 24)
+
+
+def _check_pack_bits(bits: int) -> None:
+    if bits not in (4, 8):
+        raise ValueError(f"only 4- and 8-bit packing is supported, got {bits}")
+
+
+def pack_int_ct(codes: torch.Tensor, bits: int, *, dim: int = -1) -> torch.Tensor:
+    """Pack signed ``bits``-bit codes ``[..., rows, cols]`` into int32 as compressed-tensors does.
+
+    ``dim=-1`` packs along the last dim (``[..., rows, ceil(cols*bits/32)]``), ``dim=-2`` along the rows
+    (zero points). 4-bit is :func:`pack_int4_ct`; 8-bit stores ``q + 128`` with element ``i`` of each word
+    in bits ``8i..8i+7``.
+    """
+    _check_pack_bits(bits)
+    if bits == 4:
+        return pack_int4_ct(codes, dim=dim)
+    if codes.dim() < 2 or dim not in (-1, -2):
+        raise ValueError("pack_int_ct: expected [..., rows, cols] codes and dim -1 or -2")
+    if codes.numel() and (int(codes.min()) < -128 or int(codes.max()) > 127):
+        raise ValueError("pack_int_ct: 8-bit codes must lie in [-128, 127]")
+    v = codes.to(torch.int64) + 128
+    if dim == -2:
+        v = v.transpose(-1, -2)
+    words = math.ceil(v.shape[-1] / 4)
+    v = torch.nn.functional.pad(v, (0, words * 4 - v.shape[-1]))
+    shifts = torch.tensor(_SHIFTS8, dtype=torch.int64, device=v.device)
+    packed = (v.unflatten(-1, (words, 4)) << shifts).sum(dim=-1)
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
+    return (packed.transpose(-1, -2) if dim == -2 else packed).contiguous()
+
+
+def unpack_int_ct(packed: torch.Tensor, bits: int, length: int, *, dim: int = -1) -> torch.Tensor:
+    """Inverse of :func:`pack_int_ct`: int32 words -> int8 codes, ``length`` long along ``dim``."""
+    _check_pack_bits(bits)
+    if bits == 4:
+        return unpack_int4_ct(packed, length, dim=dim)
+    if packed.dtype != torch.int32:
+        raise TypeError(f"unpack_int_ct: packed must be torch.int32, got {packed.dtype}")
+    w = packed.to(torch.int64) & 0xFFFFFFFF
+    if dim == -2:
+        w = w.transpose(-1, -2)
+    if math.ceil(length / 4) != w.shape[-1]:
+        raise ValueError(f"unpack_int_ct: {w.shape[-1]} words cannot hold {length} 8-bit values")
+    shifts = torch.tensor(_SHIFTS8, dtype=torch.int64, device=w.device)
+    out = (((w.unsqueeze(-1) >> shifts) & 0xFF).flatten(-2)[..., :length] - 128).to(torch.int8)
+    return (out.transpose(-1, -2) if dim == -2 else out).contiguous()
 
 
 def _ct_range(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

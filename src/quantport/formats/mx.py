@@ -25,11 +25,14 @@ from __future__ import annotations
 
 import torch
 
+from .descriptors import ActivationQuant, Element, NumericFormat, ScaleGranularity, ScaleType
 from .division import divide
 from .nvfp4 import E2M1_MAX, e2m1_codes_to_float, pack_fp4, unpack_fp4
 
 __all__ = [
     "MX_BLOCK",
+    "MXFP4_WEIGHTS",
+    "MXFP8_DYNAMIC",
     "E4M3_MAX",
     "e8m0_to_float",
     "mx_shared_exponent",
@@ -46,6 +49,17 @@ MX_BLOCK = 32
 
 E4M3_MAX = 448.0
 """Largest finite float8_e4m3fn magnitude."""
+
+MXFP8_DYNAMIC = NumericFormat(
+    "mxfp8", Element.FP8_E4M3, ScaleGranularity.GROUP, MX_BLOCK, ScaleType.E8M0, torch.uint8,
+    ActivationQuant.DYNAMIC, input_multiple=MX_BLOCK, stacks=True,
+)  # fmt: skip
+"""FP8 weights and activations with an E8M0 scale per 32 inputs (activations per block at run time)."""
+MXFP4_WEIGHTS = NumericFormat(
+    "mxfp4", Element.E2M1, ScaleGranularity.GROUP, MX_BLOCK, ScaleType.E8M0, torch.uint8,
+    ActivationQuant.NONE, input_multiple=MX_BLOCK, stacks=True,
+)  # fmt: skip
+"""E2M1 weights with an E8M0 scale per 32 inputs; activations unquantized."""
 
 _E8M0_BIAS = 127
 # Decision boundaries between consecutive E2M1 magnitudes [0, .5, 1, 1.5, 2, 3, 4, 6].

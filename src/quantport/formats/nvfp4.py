@@ -18,6 +18,19 @@ Arithmetic matched (all fp32):
   2.5 -> 2, 3.5 -> 4, 5 -> 4), |x| > 5 saturates to 6, the sign bit is ``x < 0`` (so -0.0 -> code 0 and a
   negative value that rounds to zero -> code 8).
 
+The scale convention (:class:`~quantport.formats.descriptors.ScaleConvention`) is a parameter:
+``MULTIPLIER`` (the default, above) is ModelOpt's; ``DIVISOR`` is compressed-tensors' 0.20
+(``generate_gparam`` / ``calculate_qparams`` / ``quantize`` / ``dequantize``), all fp32:
+
+* ``global = 2688 / max(amax, finfo.tiny)``; a NaN or infinite result becomes 1.0;
+* ``block_scale = fp8(clamp(global * (block_amax / 6), -448, 448))`` per 16 inputs, and a block scale of
+  exactly 0 becomes 0.125 (compressed-tensors' epsilon for FP8 scales);
+* ``codes = e2m1(clamp(w / (float(block_scale) / global), -6, 6))``, same rounding and packing;
+* ``w ~= e2m1 * (float(block_scale) / global)``, rounded once to the model dtype.
+
+Rounding ``1 / weight_scale_2`` would change decoded weights in the last bit, so the convention is chosen
+before quantizing, never converted afterwards.
+
 Deviations from modelopt (only where modelopt produces NaN): an all-zero tensor has amax 0, for which
 modelopt writes ``weight_scale_2 = 0`` and NaN block scales; :func:`nvfp4_global_scale` instead replaces
 a 0 / NaN amax by 6 (modelopt's own rule for exported activation amaxes), giving ``1/448``, block scale
@@ -30,11 +43,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .descriptors import ActivationQuant, Element, NumericFormat, ScaleConvention, ScaleGranularity, ScaleType
 from .division import divide
 
 __all__ = [
     "E2M1_MAX",
     "E2M1_VALUES",
+    "NVFP4",
     "NVFP4_BLOCK",
     "NVFP4_GLOBAL_DIVISOR",
     "cast_to_e2m1_codes",
@@ -57,6 +72,16 @@ NVFP4_BLOCK: int = 16
 _FP8_MAX: float = 448.0
 NVFP4_GLOBAL_DIVISOR: float = E2M1_MAX * _FP8_MAX  # 2688
 _BLOCK_SCALE_MIN: float = 2.0**-9  # smallest fp8 e4m3 subnormal
+_DIVISOR_SCALE_EPS: float = 0.125  # compressed-tensors' replacement for an FP8 block scale of 0
+_MULTIPLIER = ScaleConvention.MULTIPLIER
+
+NVFP4 = NumericFormat(
+    "nvfp4", Element.E2M1, ScaleGranularity.GROUP, NVFP4_BLOCK, ScaleType.FLOAT, torch.float8_e4m3fn,
+    ActivationQuant.STATIC, input_multiple=NVFP4_BLOCK, shared_weight_amax=True, stacks=True,
+    convention=ScaleConvention.MULTIPLIER,
+)  # fmt: skip
+"""W4A4 NVFP4 with ModelOpt's global scale; weight-only and compressed-tensors' convention are
+``dataclasses.replace`` of it (engines fuse q/k/v and gate/up with one global scale: shared weight amax)."""
 
 # Rounding thresholds on |x|: at the first kind a tie rounds down, at the second it rounds up,
 # which is round-half-to-even for the E2M1 grid.
@@ -96,12 +121,17 @@ def _global_for(shape: torch.Size, global_scale: Tensor | float, device: torch.d
     return g.reshape(*lead, 1, 1)
 
 
-def nvfp4_global_scale(amax: Tensor | float) -> Tensor:
+def nvfp4_global_scale(amax: Tensor | float, convention: ScaleConvention = _MULTIPLIER) -> Tensor:
     """fp32 ``amax / (6 * 448)`` (same shape as ``amax``), always finite and > 0.
 
     0 / NaN amax -> 6 (so the scale is 1/448), +inf -> dtype max, clamped to >= ``finfo.tiny``; this is
     modelopt's export-time sanitising of amax (it leaves a zero *weight* amax as is, giving NaN scales).
+    ``convention`` DIVISOR: fp32 ``2688 / max(amax, tiny)``, a NaN / inf result (amax 0 or NaN) -> 1.0.
     """
+    if convention is ScaleConvention.DIVISOR:
+        a = torch.clamp(torch.as_tensor(amax).detach().float(), min=torch.finfo(torch.float32).tiny)
+        return torch.nan_to_num(NVFP4_GLOBAL_DIVISOR / a, nan=1.0, posinf=1.0, neginf=1.0)
+    _check_convention(convention)
     amax = torch.as_tensor(amax).detach()
     if not torch.is_floating_point(amax) or amax.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         amax = amax.to(torch.float32)
@@ -163,6 +193,19 @@ def unpack_fp4(packed: Tensor) -> Tensor:
     return pairs.reshape(*packed.shape[:-1], packed.shape[-1] * 2)
 
 
+def _check_convention(convention: ScaleConvention) -> None:
+    if convention not in (ScaleConvention.MULTIPLIER, ScaleConvention.DIVISOR):
+        raise ValueError(f"NVFP4 global scales are MULTIPLIER or DIVISOR, got {convention!r}")
+
+
+def _block_scales_divisor(w: Tensor, g: Tensor, n_blocks: int) -> Tensor:
+    blocks = w.detach().reshape(*w.shape[:-1], n_blocks, NVFP4_BLOCK)
+    block_amax = blocks.abs().amax(dim=-1).float()
+    rounded = torch.clamp(g * divide(block_amax, E2M1_MAX), -_FP8_MAX, _FP8_MAX).to(torch.float8_e4m3fn).float()
+    rounded = torch.where(rounded == 0, torch.full_like(rounded, _DIVISOR_SCALE_EPS), rounded)
+    return rounded.to(torch.float8_e4m3fn)
+
+
 def _block_scales(w: Tensor, g: Tensor, n_blocks: int) -> Tensor:
     blocks = w.detach().reshape(*w.shape[:-1], n_blocks, NVFP4_BLOCK)
     low, high = torch.aminmax(blocks, dim=-1)  # max |x| per block without a full-size |w| temporary
@@ -172,24 +215,33 @@ def _block_scales(w: Tensor, g: Tensor, n_blocks: int) -> Tensor:
     return scale.clamp(min=_BLOCK_SCALE_MIN, max=_FP8_MAX).to(torch.float8_e4m3fn)
 
 
-def nvfp4_block_scales(w: Tensor, global_scale: Tensor | float) -> Tensor:
+def nvfp4_block_scales(w: Tensor, global_scale: Tensor | float, convention: ScaleConvention = _MULTIPLIER) -> Tensor:
     """float8_e4m3fn per-16 block scales of ``w [..., in]`` -> ``[..., in/16]`` (modelopt arithmetic).
 
     ``global_scale``: one element, or one per leading matrix (``w.shape[:-2]``, e.g. per expert).
     """
     _check_float(w, "w")
-    n_blocks = _check_last_dim(w, "w")
-    return _block_scales(w, _global_for(w.shape, global_scale, w.device), n_blocks)
-
-
-def quantize_nvfp4(w: Tensor, global_scale: Tensor | float) -> tuple[Tensor, Tensor]:
-    """``w [..., in]`` -> (packed uint8 ``[..., in/2]``, float8_e4m3fn block scale ``[..., in/16]``)."""
-    _check_float(w, "w")
+    _check_convention(convention)
     n_blocks = _check_last_dim(w, "w")
     g = _global_for(w.shape, global_scale, w.device)
-    block_scale = _block_scales(w, g, n_blocks)
-    divisor = (block_scale.to(torch.float32) * g).unsqueeze(-1)
-    scaled = w.detach().reshape(*w.shape[:-1], n_blocks, NVFP4_BLOCK) / divisor
+    if convention is ScaleConvention.DIVISOR:
+        return _block_scales_divisor(w, g, n_blocks)
+    return _block_scales(w, g, n_blocks)
+
+
+def quantize_nvfp4(
+    w: Tensor, global_scale: Tensor | float, convention: ScaleConvention = _MULTIPLIER
+) -> tuple[Tensor, Tensor]:
+    """``w [..., in]`` -> (packed uint8 ``[..., in/2]``, float8_e4m3fn block scale ``[..., in/16]``)."""
+    block_scale = nvfp4_block_scales(w, global_scale, convention)
+    n_blocks = block_scale.shape[-1]
+    g = _global_for(w.shape, global_scale, w.device)
+    blocks = w.detach().reshape(*w.shape[:-1], n_blocks, NVFP4_BLOCK)
+    if convention is ScaleConvention.DIVISOR:
+        step = (block_scale.to(torch.float32) / g).unsqueeze(-1)
+        scaled = torch.clamp(blocks / step, -E2M1_MAX, E2M1_MAX)
+    else:
+        scaled = blocks / (block_scale.to(torch.float32) * g).unsqueeze(-1)
     codes = cast_to_e2m1_codes(scaled).reshape(w.shape)
     return pack_fp4(codes), block_scale
 
@@ -199,11 +251,14 @@ def dequantize_nvfp4(
     block_scale: Tensor,
     global_scale: Tensor | float,
     dtype: torch.dtype = torch.bfloat16,
+    convention: ScaleConvention = _MULTIPLIER,
 ) -> Tensor:
     """packed uint8 ``[..., in/2]``, fp8 ``[..., in/16]``, fp32 global -> ``dtype`` ``[..., in]``.
 
-    ``e2m1 * (float(block_scale) * global_scale)`` in fp32, rounded once to ``dtype``.
+    ``e2m1 * (float(block_scale) * global_scale)`` in fp32 (DIVISOR: ``/ global_scale``), rounded once to
+    ``dtype``.
     """
+    _check_convention(convention)
     codes = unpack_fp4(packed)
     n_blocks = _check_last_dim(codes, "the unpacked codes")
     if tuple(block_scale.shape) != (*codes.shape[:-1], n_blocks):
@@ -212,15 +267,18 @@ def dequantize_nvfp4(
             f"{tuple(packed.shape)}, got {tuple(block_scale.shape)}"
         )
     g = _global_for(codes.shape, global_scale, packed.device)
-    per_block = block_scale.to(torch.float32) * g
+    if convention is ScaleConvention.DIVISOR:
+        per_block = block_scale.to(torch.float32) / g
+    else:
+        per_block = block_scale.to(torch.float32) * g
     values = _lookup(codes).reshape(*codes.shape[:-1], n_blocks, NVFP4_BLOCK)
     return (values * per_block.unsqueeze(-1)).reshape(codes.shape).to(dtype)
 
 
-def fake_quantize_nvfp4(x: Tensor, global_scale: Tensor | float) -> Tensor:
+def fake_quantize_nvfp4(x: Tensor, global_scale: Tensor | float, convention: ScaleConvention = _MULTIPLIER) -> Tensor:
     """Dynamic per-16 block NVFP4 along the last dim with a static global scale, in ``x.dtype``.
 
     Equals ``dequantize_nvfp4(*quantize_nvfp4(x, global_scale), global_scale, x.dtype)``.
     """
-    packed, block_scale = quantize_nvfp4(x, global_scale)
-    return dequantize_nvfp4(packed, block_scale, global_scale, x.dtype)
+    packed, block_scale = quantize_nvfp4(x, global_scale, convention)
+    return dequantize_nvfp4(packed, block_scale, global_scale, x.dtype, convention)

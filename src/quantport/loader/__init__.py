@@ -30,6 +30,7 @@ from torch import nn
 from ..arch.experts import MoEBlock, find_moe_blocks
 from ..arch.fused_groups import find_attention_modules
 from ..export.names import CheckpointNames
+from ..export.targets.modelopt import quant_algo
 from ..formats.finite import all_finite
 from ..loading import resolve_device
 from ..modules.quant_experts import install_experts_quantizer
@@ -263,7 +264,7 @@ def _simulate_linear_inputs(model: nn.Module, quantized: dict[str, _StoredLinear
             continue
         if stored.codec.static_input_scale and stored.input_scale is None:
             raise CheckpointError(
-                f"{name} ({stored.codec.modelopt_algo}) has no input_scale in the checkpoint, so its "
+                f"{name} ({quant_algo(stored.codec.scheme)}) has no input_scale in the checkpoint, so its "
                 "activations cannot be simulated; load with simulate_activations=False"
             )
         install_input_fake_quant(modules[name], stored.codec, stored.input_scale)

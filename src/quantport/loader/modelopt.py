@@ -20,10 +20,22 @@ from dataclasses import dataclass
 
 import torch
 
-from ..schemes import CODECS, SchemeCodec
+from ..formats.descriptors import ActivationQuant
+from ..read.dialect import QuantizedModule
+from ..recipes import LinearScheme
+from ..schemes import SchemeCodec, codec_for
 from .checkpoint import CheckpointError, TensorStore
+from .linear import DecodedLinear, read_tensors
 
-__all__ = ["DenseWeight", "codec_for_algo", "dequantize_fused", "dequantize_linear", "quantizes_activations"]
+__all__ = [
+    "MODELOPT_ALGO_SCHEMES",
+    "DenseWeight",
+    "ModelOptDecoder",
+    "codec_for_algo",
+    "dequantize_fused",
+    "dequantize_linear",
+    "quantizes_activations",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,37 +51,31 @@ class DenseWeight:
     input_scale: torch.Tensor | None
 
 
+MODELOPT_ALGO_SCHEMES: dict[str, LinearScheme] = {
+    "FP8": LinearScheme.FP8,
+    "FP8_PER_CHANNEL_PER_TOKEN": LinearScheme.FP8_DYNAMIC,
+    "FP8_PB_WO": LinearScheme.FP8_BLOCK,
+    "NVFP4": LinearScheme.NVFP4,
+    "W4A16_NVFP4": LinearScheme.W4A16_NVFP4,
+    "MXFP8": LinearScheme.MXFP8,
+    "W4A16_AWQ": LinearScheme.W4A16_MODELOPT,
+    "W8A16": LinearScheme.W8A16_MODELOPT,
+}
+"""ModelOpt ``quant_algo`` -> the scheme whose codec decodes it (what nvidia-modelopt 0.47 and quantport write)."""
+
+
 def codec_for_algo(algo: str) -> SchemeCodec:
-    """The codec whose ModelOpt ``quant_algo`` is ``algo`` (case-insensitive)."""
-    by_algo: dict[str, SchemeCodec] = {}
-    for codec in CODECS.values():
-        if codec.modelopt_algo:
-            by_algo.setdefault(codec.modelopt_algo.upper(), codec)
-    try:
-        return by_algo[algo.upper()]
-    except KeyError:
-        known = ", ".join(sorted(by_algo))
-        raise CheckpointError(
-            f"ModelOpt quant_algo {algo!r} is not supported by quantport.load; supported: {known}"
-        ) from None
+    """The codec of ModelOpt ``quant_algo`` ``algo`` (case-insensitive)."""
+    scheme = MODELOPT_ALGO_SCHEMES.get(algo.upper())
+    if scheme is None:
+        known = ", ".join(sorted(MODELOPT_ALGO_SCHEMES))
+        raise CheckpointError(f"ModelOpt quant_algo {algo!r} is not supported by quantport.load; supported: {known}")
+    return codec_for(scheme)
 
 
 def quantizes_activations(codec: SchemeCodec) -> bool:
     """Whether ``codec`` changes activations (static or dynamic), False for weight-only schemes."""
-    if codec.static_input_scale:
-        return True
-    probe = torch.linspace(-3.0, 3.0, 128)
-    return not torch.equal(codec.fake_quantize_input(probe, None), probe)
-
-
-def _read(store: TensorStore, names: dict[str, str], algo: str) -> dict[str, torch.Tensor]:
-    missing = [n for n in names.values() if n not in store]
-    if missing:
-        raise CheckpointError(
-            f"quant_algo {algo} needs tensor(s) {', '.join(missing)}, which the checkpoint lacks; "
-            "the checkpoint is incomplete or was written for another algorithm"
-        )
-    return {suffix: store.get(name) for suffix, name in names.items()}
+    return codec.format.activations is not ActivationQuant.NONE
 
 
 def _check_shape(weight: torch.Tensor, shape: tuple[int, ...], name: str) -> torch.Tensor:
@@ -90,7 +96,7 @@ def dequantize_linear(
 ) -> DenseWeight:
     """Dense ``[out, in]`` weight of the quantized Linear stored under ``prefix``."""
     specs = codec.weight_specs(*shape)
-    tensors = _read(store, {suffix: f"{prefix}.{suffix}" for suffix in specs}, codec.modelopt_algo or "")
+    tensors = read_tensors(store, {suffix: f"{prefix}.{suffix}" for suffix in specs}, codec.scheme.value)
     pre_quant_scale = f"{prefix}.pre_quant_scale"
     if pre_quant_scale in store:  # AWQ: y = W (x * s), i.e. the dense weight is W * s, rounded once
         weight = codec.dequantize_weight(tensors, torch.float32) * store.get(pre_quant_scale).float()
@@ -144,7 +150,7 @@ def dequantize_fused(
     num_experts, rows, cols = shape
     specs = codec.weight_specs(rows, cols)
     names = {suffix: f"{prefix}.{param}" if suffix == "weight" else f"{prefix}.{param}_{suffix}" for suffix in specs}
-    tensors = _read(store, names, codec.modelopt_algo or "")
+    tensors = read_tensors(store, names, codec.scheme.value)
     first = {k: _per_expert(v, 0, num_experts, names[k]) for k, v in tensors.items()}
     orientations = (True, False) if out_in_transposed else (False, True)
     fitting = [
@@ -165,3 +171,18 @@ def dequantize_fused(
     if scale is not None:
         scale = scale.reshape(-1).expand(num_experts) if scale.numel() == 1 else scale.reshape(num_experts)
     return DenseWeight(weight, scale)
+
+
+class ModelOptDecoder:
+    """:class:`~quantport.loader.linear.LinearDecoder` of ModelOpt unified checkpoints."""
+
+    def decode(
+        self, store: TensorStore, module: QuantizedModule, shape: tuple[int, int], dtype: torch.dtype
+    ) -> DecodedLinear:
+        if module.scheme is None:
+            raise CheckpointError(
+                f"{module.name} has scale tensors, but the checkpoint config names no quant_algo for it"
+            )
+        codec = codec_for_algo(module.scheme)
+        dense = dequantize_linear(store, module.name, codec, shape, dtype)
+        return DecodedLinear(dense.weight, codec, dense.input_scale, module.scheme)

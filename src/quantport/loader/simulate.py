@@ -45,7 +45,7 @@ def install_input_fake_quant(linear: nn.Module, codec: SchemeCodec, input_scale:
             "load with simulate_activations=False"
         )
     if codec.static_input_scale and input_scale is None:
-        raise ValueError(f"a {codec.modelopt_algo} layer needs its stored input_scale to simulate activations")
+        raise ValueError(f"a {codec.scheme.value} layer needs its stored input_scale to simulate activations")
     linear.register_forward_pre_hook(InputFakeQuant(codec, input_scale))
 
 

@@ -16,9 +16,19 @@ from typing import Protocol
 
 import torch
 
+from ..formats.descriptors import NumericFormat
 from ..recipes import LinearScheme
 
-__all__ = ["CODECS", "DynamicActivations", "SchemeCodec", "TensorSpec", "WeightOnly", "codec_for", "quantizes_stacks"]
+__all__ = [
+    "CODECS",
+    "DynamicActivations",
+    "FormatCapabilities",
+    "SchemeCodec",
+    "TensorSpec",
+    "WeightOnly",
+    "codec_for",
+    "quantizes_stacks",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,19 +44,34 @@ class TensorSpec:
 
 
 class SchemeCodec(Protocol):
-    """What the pipeline needs to know about one Linear scheme."""
+    """What the pipeline needs to know about one Linear scheme: its numeric format and its numerics.
+
+    Capabilities are typed fields of :attr:`format` (a :class:`~quantport.formats.descriptors.NumericFormat`);
+    :class:`FormatCapabilities` exposes the ones the pipeline reads as properties.
+    """
 
     scheme: LinearScheme
-    modelopt_algo: str | None
-    """``quant_algo`` in the ModelOpt unified checkpoint; None when ModelOpt has no form for the numerics."""
-    input_multiple: int
-    """``in_features`` must be a multiple of this (1: no constraint)."""
-    static_input_scale: bool
-    """Activations use a static, calibrated per-tensor scale (calibration forward needed)."""
-    shared_weight_amax: bool
-    """Members of a shared-input group (q/k/v, gate/up) share the per-tensor weight amax."""
-    group_size: int | None
-    """Block size along the input dimension, written as ``group_size`` in the config."""
+    format: NumericFormat
+
+    @property
+    def input_multiple(self) -> int:
+        """``in_features`` must be a multiple of this (1: no constraint)."""
+        ...
+
+    @property
+    def static_input_scale(self) -> bool:
+        """Activations use a static, calibrated per-tensor scale (calibration forward needed)."""
+        ...
+
+    @property
+    def shared_weight_amax(self) -> bool:
+        """Members of a shared-input group (q/k/v, gate/up) share the per-tensor weight amax."""
+        ...
+
+    @property
+    def group_size(self) -> int | None:
+        """Block size along the input dimension (None: no group scales)."""
+        ...
 
     def weight_specs(
         self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
@@ -61,7 +86,8 @@ class SchemeCodec(Protocol):
     def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
         """``weight`` [out, in] -> exported tensors keyed by suffix (``weight``, ``weight_scale``...).
 
-        ``weight_amax`` is the fp32 0-d per-tensor amax (group-unified where the scheme shares it).
+        ``weight_amax`` is the fp32 0-d per-tensor amax (group-unified where the scheme shares it). With
+        ``format.stacks``, also ``[E, out, in]`` with ``weight_amax [E]``, every tensor with a leading ``E``.
         """
         ...
 
@@ -70,7 +96,7 @@ class SchemeCodec(Protocol):
         ...
 
     def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
-        """fp32 0-d ``input_scale`` from the calibrated activation amax (static schemes only)."""
+        """fp32 0-d ``input_scale`` from the calibrated activation amax (``format.needs_calibration`` only)."""
         ...
 
     def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
@@ -78,11 +104,33 @@ class SchemeCodec(Protocol):
         ...
 
 
-class DynamicActivations:
+class FormatCapabilities:
+    """Mixin: the capabilities the pipeline reads, as properties of the codec's ``format`` descriptor."""
+
+    format: NumericFormat
+
+    @property
+    def input_multiple(self) -> int:
+        return self.format.input_multiple
+
+    @property
+    def static_input_scale(self) -> bool:
+        return self.format.needs_calibration
+
+    @property
+    def shared_weight_amax(self) -> bool:
+        return self.format.shared_weight_amax
+
+    @property
+    def group_size(self) -> int | None:
+        return self.format.group_size
+
+
+class DynamicActivations(FormatCapabilities):
     """Mixin for codecs whose activations have no calibrated scale (dynamic or none)."""
 
     def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{self.scheme.value} has no static input_scale")  # type: ignore[attr-defined]
+        raise TypeError(f"{self.format.name} has no static input scale; read format.needs_calibration first")
 
 
 class WeightOnly(DynamicActivations):
@@ -101,10 +149,8 @@ def register(codec: SchemeCodec) -> SchemeCodec:
 
 
 def quantizes_stacks(codec: SchemeCodec) -> bool:
-    """Whether ``codec.quantize_weight`` also takes a stack ``[E, out, in]`` with one weight amax per
-    matrix ``[E]``, and returns every tensor with a leading ``E`` dim, each slice equal to what the
-    matrix alone gives (codecs say so with a ``stacks = True`` class attribute; tested per codec)."""
-    return bool(getattr(codec, "stacks", False))
+    """Whether ``codec.quantize_weight`` also takes a stack ``[E, out, in]`` (``codec.format.stacks``)."""
+    return codec.format.stacks
 
 
 def codec_for(scheme: LinearScheme) -> SchemeCodec:
@@ -112,4 +158,4 @@ def codec_for(scheme: LinearScheme) -> SchemeCodec:
     return CODECS[scheme]
 
 
-from . import fp8, integer, integer_modelopt, mxfp4, mxfp8, nvfp4, nvfp4_ct  # noqa: E402,F401  (registration)
+from . import fp8, integer, integer_modelopt, mxfp4, mxfp8, nvfp4  # noqa: E402,F401  (registration)

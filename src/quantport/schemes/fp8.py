@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
 from .. import kernels
 from ..formats import fp8
+from ..formats.descriptors import NumericFormat
 from ..recipes import LinearScheme
-from . import DynamicActivations, TensorSpec, WeightOnly, register
+from . import DynamicActivations, FormatCapabilities, TensorSpec, WeightOnly, register
 
 __all__ = ["Fp8BlockCodec", "Fp8DynamicCodec", "Fp8TensorCodec"]
 
@@ -19,17 +19,11 @@ _FP8 = torch.float8_e4m3fn
 
 
 @dataclass(frozen=True)
-class Fp8TensorCodec:
-    """W8A8 FP8, static per-tensor scales (ModelOpt ``FP8``)."""
-
-    stacks: ClassVar[bool] = True  # quantize_weight takes [E, out, in] stacks (quantizes_stacks)
+class Fp8TensorCodec(FormatCapabilities):
+    """W8A8 FP8, static per-tensor scales (engines requantize fused shards to the max weight scale)."""
 
     scheme: LinearScheme = LinearScheme.FP8
-    modelopt_algo: str = "FP8"
-    input_multiple: int = 1
-    static_input_scale: bool = True
-    shared_weight_amax: bool = False  # engines requantize fused shards to the max weight scale
-    group_size: int | None = None
+    format: NumericFormat = fp8.FP8_PER_TENSOR_STATIC
 
     def weight_specs(
         self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
@@ -56,11 +50,7 @@ class Fp8DynamicCodec(DynamicActivations):
     """FP8 weights with one scale per output channel, dynamic per-token FP8 activations."""
 
     scheme: LinearScheme = LinearScheme.FP8_DYNAMIC
-    modelopt_algo: str = "FP8_PER_CHANNEL_PER_TOKEN"
-    input_multiple: int = 1
-    static_input_scale: bool = False
-    shared_weight_amax: bool = False
-    group_size: int | None = None
+    format: NumericFormat = fp8.FP8_PER_CHANNEL_DYNAMIC
 
     def weight_specs(
         self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
@@ -84,14 +74,10 @@ class Fp8DynamicCodec(DynamicActivations):
 
 @dataclass(frozen=True)
 class Fp8BlockCodec(WeightOnly):
-    """FP8 weights with one scale per 128x128 block, activations unquantized (ModelOpt ``FP8_PB_WO``)."""
+    """FP8 weights with one scale per 128x128 block, activations unquantized."""
 
     scheme: LinearScheme = LinearScheme.FP8_BLOCK
-    modelopt_algo: str = "FP8_PB_WO"
-    input_multiple: int = 128
-    static_input_scale: bool = False
-    shared_weight_amax: bool = False
-    group_size: int | None = None
+    format: NumericFormat = fp8.FP8_BLOCK_WEIGHTS
 
     def weight_specs(
         self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16

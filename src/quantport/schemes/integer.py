@@ -22,75 +22,30 @@ One deviation from compressed-tensors: an asymmetric group that is all zeros get
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
+from ..formats.descriptors import Element, NumericFormat
 from ..formats.integer import (
+    INT4_G128_WEIGHTS,
+    INT8_G128_WEIGHTS,
+    INT8_PER_CHANNEL_DYNAMIC,
     dequantize_int_group_ct,
     fake_quantize_int8_per_token,
     int_group_qparams,
-    pack_int4_ct,
+    pack_int_ct,
     quantize_int_group_ct,
-    unpack_int4_ct,
+    unpack_int_ct,
 )
 from ..recipes import LinearScheme
 from . import DynamicActivations, TensorSpec, WeightOnly, register
 
-__all__ = ["CT_GROUP", "CtInt8Codec", "CtIntGroupCodec", "pack_int_ct", "unpack_int_ct"]
+__all__ = ["CT_GROUP", "CtInt8Codec", "CtIntGroupCodec"]
 
 CT_GROUP = 128
 """Group size (inputs per scale) of the W4A16 / W8A16 schemes."""
-
-_SHIFTS8 = (0, 8, 16, 24)
-
-
-def _check_bits(bits: int) -> None:
-    if bits not in (4, 8):
-        raise ValueError(f"only 4- and 8-bit packing is supported, got {bits}")
-
-
-def pack_int_ct(codes: Tensor, bits: int, *, dim: int = -1) -> Tensor:
-    """Pack signed ``bits``-bit codes ``[..., rows, cols]`` into int32 as compressed-tensors does.
-
-    ``dim=-1`` packs along the last dim (``[..., rows, ceil(cols*bits/32)]``), ``dim=-2`` along the
-    rows (zero points). 4-bit is :func:`quantport.formats.integer.pack_int4_ct`; 8-bit stores
-    ``q + 128`` with element ``i`` of each word in bits ``8i..8i+7``.
-    """
-    _check_bits(bits)
-    if bits == 4:
-        return pack_int4_ct(codes, dim=dim)
-    if codes.dim() < 2 or dim not in (-1, -2):
-        raise ValueError("pack_int_ct: expected [..., rows, cols] codes and dim -1 or -2")
-    if codes.numel() and (int(codes.min()) < -128 or int(codes.max()) > 127):
-        raise ValueError("pack_int_ct: 8-bit codes must lie in [-128, 127]")
-    v = codes.to(torch.int64) + 128
-    if dim == -2:
-        v = v.transpose(-1, -2)
-    words = math.ceil(v.shape[-1] / 4)
-    v = torch.nn.functional.pad(v, (0, words * 4 - v.shape[-1]))
-    shifts = torch.tensor(_SHIFTS8, dtype=torch.int64, device=v.device)
-    packed = (v.unflatten(-1, (words, 4)) << shifts).sum(dim=-1)
-    packed = torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
-    return (packed.transpose(-1, -2) if dim == -2 else packed).contiguous()
-
-
-def unpack_int_ct(packed: Tensor, bits: int, length: int, *, dim: int = -1) -> Tensor:
-    """Inverse of :func:`pack_int_ct`: int32 words -> int8 codes, ``length`` long along ``dim``."""
-    _check_bits(bits)
-    if bits == 4:
-        return unpack_int4_ct(packed, length, dim=dim)
-    if packed.dtype != torch.int32:
-        raise TypeError(f"unpack_int_ct: packed must be torch.int32, got {packed.dtype}")
-    w = packed.to(torch.int64) & 0xFFFFFFFF
-    if dim == -2:
-        w = w.transpose(-1, -2)
-    if math.ceil(length / 4) != w.shape[-1]:
-        raise ValueError(f"unpack_int_ct: {w.shape[-1]} words cannot hold {length} 8-bit values")
-    shifts = torch.tensor(_SHIFTS8, dtype=torch.int64, device=w.device)
-    out = (((w.unsqueeze(-1) >> shifts) & 0xFF).flatten(-2)[..., :length] - 128).to(torch.int8)
-    return (out.transpose(-1, -2) if dim == -2 else out).contiguous()
 
 
 @dataclass(frozen=True)
@@ -98,11 +53,7 @@ class CtInt8Codec(DynamicActivations):
     """W8A8 INT8 (compressed-tensors ``int-quantized``): per-channel weights, dynamic per-token inputs."""
 
     scheme: LinearScheme = LinearScheme.INT8
-    modelopt_algo: str | None = None  # ModelOpt's INT8 algorithms use static or SmoothQuant activations
-    input_multiple: int = 1
-    static_input_scale: bool = False
-    shared_weight_amax: bool = False
-    group_size: int | None = None
+    format: NumericFormat = INT8_PER_CHANNEL_DYNAMIC
 
     def weight_specs(
         self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
@@ -131,13 +82,15 @@ class CtIntGroupCodec(WeightOnly):
     """Weight-only INT4 / INT8 with one scale (and zero point, if asymmetric) per 128 inputs."""
 
     scheme: LinearScheme
-    bits: int
-    symmetric: bool
-    modelopt_algo: str | None = None  # ModelOpt's INT4 layout and scales differ: see integer_modelopt.py
-    input_multiple: int = CT_GROUP
-    static_input_scale: bool = False
-    shared_weight_amax: bool = False
-    group_size: int | None = CT_GROUP
+    format: NumericFormat
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.format.element is Element.INT4 else 8
+
+    @property
+    def symmetric(self) -> bool:
+        return self.format.symmetric
 
     def weight_specs(
         self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
@@ -179,7 +132,7 @@ class CtIntGroupCodec(WeightOnly):
 
 
 register(CtInt8Codec())
-register(CtIntGroupCodec(LinearScheme.W4A16, bits=4, symmetric=True))
-register(CtIntGroupCodec(LinearScheme.W4A16_ASYM, bits=4, symmetric=False))
-register(CtIntGroupCodec(LinearScheme.W8A16, bits=8, symmetric=True))
-register(CtIntGroupCodec(LinearScheme.W8A16_ASYM, bits=8, symmetric=False))
+register(CtIntGroupCodec(LinearScheme.W4A16, INT4_G128_WEIGHTS))
+register(CtIntGroupCodec(LinearScheme.W4A16_ASYM, replace(INT4_G128_WEIGHTS, symmetric=False)))
+register(CtIntGroupCodec(LinearScheme.W8A16, INT8_G128_WEIGHTS))
+register(CtIntGroupCodec(LinearScheme.W8A16_ASYM, replace(INT8_G128_WEIGHTS, symmetric=False)))

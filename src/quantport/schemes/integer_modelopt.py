@@ -13,13 +13,13 @@ arithmetic, from :mod:`quantport.formats.integer`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, replace
 
 import torch
 
 from .. import kernels
 from ..formats import integer
+from ..formats.descriptors import NumericFormat, ScaleConvention
 from ..recipes import LinearScheme
 from . import TensorSpec, WeightOnly, register
 
@@ -30,14 +30,10 @@ __all__ = ["ModeloptInt4Codec", "ModeloptInt8WeightCodec"]
 class ModeloptInt4Codec(WeightOnly):
     """INT4 group-128 weights, ModelOpt ``W4A16_AWQ`` layout."""
 
-    stacks: ClassVar[bool] = True  # quantize_weight takes [E, out, in] stacks (quantizes_stacks)
-
     scheme: LinearScheme = LinearScheme.W4A16_MODELOPT
-    modelopt_algo: str | None = "W4A16_AWQ"
-    input_multiple: int = integer.INT4_GROUP
-    static_input_scale: bool = False
-    shared_weight_amax: bool = False
-    group_size: int | None = integer.INT4_GROUP
+    format: NumericFormat = replace(
+        integer.INT4_G128_WEIGHTS, scale_dtype=torch.float32, stacks=True, convention=ScaleConvention.RESTRICTED_FP32
+    )
 
     def weight_specs(
         self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
@@ -62,14 +58,8 @@ class ModeloptInt4Codec(WeightOnly):
 class ModeloptInt8WeightCodec(WeightOnly):
     """INT8 per-channel weights, ModelOpt ``W8A16`` layout."""
 
-    stacks: ClassVar[bool] = True  # quantize_weight takes [E, out, in] stacks (quantizes_stacks)
-
     scheme: LinearScheme = LinearScheme.W8A16_MODELOPT
-    modelopt_algo: str | None = "W8A16"
-    input_multiple: int = 1
-    static_input_scale: bool = False
-    shared_weight_amax: bool = False
-    group_size: int | None = None
+    format: NumericFormat = integer.INT8_PER_CHANNEL_WEIGHTS
 
     def weight_specs(
         self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16

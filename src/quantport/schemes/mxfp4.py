@@ -3,19 +3,17 @@
 The numerics are :mod:`quantport.formats.mx` (nvidia-modelopt's MXFP4 rounding). Every decoded value is
 an E2M1 value times a power of two, so compressed-tensors' decompressor (which decodes the E8M0 scale
 to bfloat16) gives exactly these weights; the way the shared exponent is chosen is ours to pick.
-ModelOpt writes plain MXFP4 as a raw ``"mxfp4"`` algorithm that no engine's ModelOpt reader accepts,
-so this scheme exports to compressed-tensors only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
 from .. import kernels
 from ..formats import mx
+from ..formats.descriptors import NumericFormat
 from ..recipes import LinearScheme
 from . import TensorSpec, WeightOnly, register
 
@@ -27,14 +25,8 @@ class Mxfp4Codec(WeightOnly):
     """``weight_packed`` uint8 ``[out, in/2]`` (two E2M1 codes per byte, even column low), ``weight_scale``
     uint8 E8M0 ``[out, in/32]``; activations unquantized."""
 
-    stacks: ClassVar[bool] = True  # quantize_weight takes [E, out, in] stacks (quantizes_stacks)
-
     scheme: LinearScheme = LinearScheme.MXFP4
-    modelopt_algo: str | None = None
-    input_multiple: int = mx.MX_BLOCK
-    static_input_scale: bool = False
-    shared_weight_amax: bool = False
-    group_size: int | None = mx.MX_BLOCK
+    format: NumericFormat = mx.MXFP4_WEIGHTS
 
     def weight_specs(
         self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
 from ..formats import mx
+from ..formats.descriptors import NumericFormat
 from ..recipes import LinearScheme
 from . import DynamicActivations, TensorSpec, register
 
@@ -16,16 +16,10 @@ __all__ = ["Mxfp8Codec"]
 
 @dataclass(frozen=True)
 class Mxfp8Codec(DynamicActivations):
-    """MXFP8 W8A8 (ModelOpt ``MXFP8``); activations are quantized dynamically per 32-block."""
-
-    stacks: ClassVar[bool] = True  # quantize_weight takes [E, out, in] stacks (quantizes_stacks)
+    """MXFP8 W8A8; activations are quantized dynamically per 32-block."""
 
     scheme: LinearScheme = LinearScheme.MXFP8
-    modelopt_algo: str = "MXFP8"
-    input_multiple: int = mx.MX_BLOCK
-    static_input_scale: bool = False
-    shared_weight_amax: bool = False
-    group_size: int | None = mx.MX_BLOCK
+    format: NumericFormat = mx.MXFP8_DYNAMIC
 
     def weight_specs(
         self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16

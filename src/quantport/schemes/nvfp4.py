@@ -1,32 +1,50 @@
-"""NVFP4 Linear schemes: W4A4 and weight-only W4A16."""
+"""NVFP4 Linear schemes: W4A4 and weight-only W4A16, in both global-scale conventions.
+
+The numerics are :mod:`quantport.formats.nvfp4`, whose ``convention`` parameter picks ModelOpt's
+multiplier (``amax / 2688``) or compressed-tensors' divisor (``2688 / amax``) global scale. A model meant
+for compressed-tensors is quantized with the divisor from the start (the ``nvfp4`` recipe resolves to
+:attr:`~quantport.recipes.LinearScheme.NVFP4_CT` for that dialect): converting afterwards would change
+decoded weights in the last bit.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, replace
 
 import torch
 
 from .. import kernels
 from ..formats import nvfp4
+from ..formats.descriptors import ActivationQuant, NumericFormat, ScaleConvention
 from ..recipes import LinearScheme
-from . import TensorSpec, register
+from . import FormatCapabilities, TensorSpec, register
 
-__all__ = ["Nvfp4Codec"]
+__all__ = ["NVFP4_DIVISOR", "Nvfp4Codec", "Nvfp4CtCodec"]
+
+NVFP4_DIVISOR = replace(nvfp4.NVFP4, convention=ScaleConvention.DIVISOR, stacks=False)
+"""NVFP4 W4A4 with compressed-tensors' divisor global scale."""
+_WEIGHT_ONLY = ActivationQuant.NONE
+
+
+class _Nvfp4Activations(FormatCapabilities):
+    def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
+        """The activation global scale in the format's convention (fp32, same shape as ``input_amax``)."""
+        return nvfp4.nvfp4_global_scale(input_amax, self.format.convention)
+
+    def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
+        if not self.format.needs_calibration:
+            return x
+        if input_scale is None:
+            raise ValueError("NVFP4 activations need the calibrated input global scale")
+        return nvfp4.fake_quantize_nvfp4(x, input_scale, self.format.convention)
 
 
 @dataclass(frozen=True)
-class Nvfp4Codec:
-    """E2M1 weights, FP8 scale per 16 inputs, fp32 ``weight_scale_2``; optional NVFP4 activations."""
-
-    stacks: ClassVar[bool] = True  # quantize_weight takes [E, out, in] stacks (quantizes_stacks)
+class Nvfp4Codec(_Nvfp4Activations):
+    """E2M1 weights, FP8 scale per 16 inputs, fp32 multiplier global scale ``weight_scale_2``."""
 
     scheme: LinearScheme = LinearScheme.NVFP4
-    modelopt_algo: str = "NVFP4"
-    input_multiple: int = nvfp4.NVFP4_BLOCK
-    static_input_scale: bool = True
-    shared_weight_amax: bool = True  # engines fuse q/k/v and gate/up with one weight_scale_2
-    group_size: int | None = nvfp4.NVFP4_BLOCK
+    format: NumericFormat = nvfp4.NVFP4
 
     def weight_specs(
         self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
@@ -46,14 +64,40 @@ class Nvfp4Codec:
     def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return nvfp4.dequantize_nvfp4(tensors["weight"], tensors["weight_scale"], tensors["weight_scale_2"], dtype)
 
-    def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
-        return nvfp4.nvfp4_global_scale(input_amax)
 
-    def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
-        if not self.static_input_scale:
-            return x
-        return nvfp4.fake_quantize_nvfp4(x, input_scale)
+@dataclass(frozen=True)
+class Nvfp4CtCodec(_Nvfp4Activations):
+    """E2M1 weights, FP8 scale per 16 inputs, fp32 divisor global scale ``(1,)``: ``weight_packed``,
+    ``weight_scale``, ``weight_global_scale``; ``input_scale`` is the divisor activation global scale."""
+
+    scheme: LinearScheme = LinearScheme.NVFP4_CT
+    format: NumericFormat = NVFP4_DIVISOR
+
+    def weight_specs(
+        self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
+    ) -> dict[str, TensorSpec]:
+        return {
+            "weight_packed": TensorSpec(torch.uint8, (out_features, in_features // 2)),
+            "weight_scale": TensorSpec(torch.float8_e4m3fn, (out_features, in_features // nvfp4.NVFP4_BLOCK)),
+            "weight_global_scale": TensorSpec(torch.float32, (1,)),
+        }
+
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
+        global_scale = nvfp4.nvfp4_global_scale(weight_amax, ScaleConvention.DIVISOR).reshape(1)
+        packed, block_scale = nvfp4.quantize_nvfp4(weight, global_scale, ScaleConvention.DIVISOR)
+        return {"weight_packed": packed, "weight_scale": block_scale, "weight_global_scale": global_scale}
+
+    def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return nvfp4.dequantize_nvfp4(
+            tensors["weight_packed"],
+            tensors["weight_scale"],
+            tensors["weight_global_scale"],
+            dtype,
+            ScaleConvention.DIVISOR,
+        )
 
 
 register(Nvfp4Codec())
-register(Nvfp4Codec(scheme=LinearScheme.W4A16_NVFP4, modelopt_algo="W4A16_NVFP4", static_input_scale=False))
+register(Nvfp4Codec(LinearScheme.W4A16_NVFP4, replace(nvfp4.NVFP4, activations=_WEIGHT_ONLY)))
+register(Nvfp4CtCodec())
+register(Nvfp4CtCodec(LinearScheme.W4A16_NVFP4_CT, replace(NVFP4_DIVISOR, activations=_WEIGHT_ONLY)))

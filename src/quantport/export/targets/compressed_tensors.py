@@ -1,7 +1,7 @@
 """The compressed-tensors checkpoint format (``quant_method: compressed-tensors``).
 
 Per quantized Linear ``P`` the tensors are the scheme codec's, under compressed-tensors' names and
-shapes (see :mod:`quantport.export.ct_schemes`):
+shapes (see :mod:`quantport.export.targets.ct_schemes`):
 
 ==================  ===========================================================================
 scheme              tensors (``P.`` prefix)
@@ -32,22 +32,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..arch.experts import ExpertIgnore, MoEBlock, find_moe_blocks
-from ..errors import ExportError
-from ..modules.kv_cache import kv_quantizer_of
-from ..modules.quant_experts import experts_quantizer_of
-from ..modules.quant_linear import QuantLinear
-from ..recipes import KVCacheFormat, LinearScheme
-from ..schemes import TensorSpec
-from ..state import QuantizationState
-from .content import CheckpointContent
+from ...arch.experts import ExpertIgnore, MoEBlock, find_moe_blocks
+from ...errors import ExportError
+from ...modules.kv_cache import kv_quantizer_of
+from ...modules.quant_experts import experts_quantizer_of
+from ...modules.quant_linear import QuantLinear
+from ...recipes import KVCacheFormat, LinearScheme
+from ...schemes import TensorSpec
+from ...state import QuantizationState
+from ..content import CheckpointContent
+from ..names import CheckpointNames
+from ..shards import OneSlotCache, PlannedTensor
+from ..unquantized import excluded_modules, unquantized_plan
+from .base import ExportFormat, Target
 from .ct_experts import ct_expert_plan
 from .ct_schemes import CT_SCHEMES, KV_CACHE_ARGS, CtScheme, ct_shape
-from .names import CheckpointNames
-from .shards import OneSlotCache, PlannedTensor
-from .unquantized import excluded_modules, unquantized_plan
 
-__all__ = ["compressed_tensors_content", "ct_ignore", "ct_quantization_config", "ct_scheme", "ct_tensor_plan"]
+__all__ = ["TARGET", "compressed_tensors_content", "ct_ignore", "ct_quantization_config", "ct_scheme", "ct_tensor_plan"]
 
 TARGETS = ["Linear"]
 """Config-group targets: vLLM matches Linear layers (and MoE experts) by this class name."""
@@ -186,3 +187,7 @@ def ct_tensor_plan(model: nn.Module, state: QuantizationState) -> list[PlannedTe
 def compressed_tensors_content(model: nn.Module, state: QuantizationState) -> CheckpointContent:
     """The tensors and ``config.json``'s ``quantization_config``."""
     return CheckpointContent(ct_tensor_plan(model, state), ct_quantization_config(state, ct_ignore(model)))
+
+
+TARGET = Target(ExportFormat.COMPRESSED_TENSORS, frozenset(CT_SCHEMES), compressed_tensors_content)
+"""The compressed-tensors dialect, for :data:`quantport.export.targets.TARGETS`."""

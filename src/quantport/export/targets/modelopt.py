@@ -13,26 +13,33 @@ quantport identifies itself in ``quantport_report.json``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..modules.kv_cache import kv_quantizer_of
-from ..modules.quant_experts import experts_quantizer_of
-from ..modules.quant_linear import QuantLinear
-from ..recipes import KVCacheFormat, LinearScheme
-from ..schemes import SchemeCodec, TensorSpec, codec_for
-from ..state import QuantizationState
-from .content import CheckpointContent
-from .experts import expert_plan, replaced_parameters
-from .names import CheckpointNames
-from .shards import OneSlotCache, PlannedTensor
-from .targets import UnsupportedFormatError
-from .unquantized import excluded_modules, unquantized_plan
+from ...modules.kv_cache import kv_quantizer_of
+from ...modules.quant_experts import experts_quantizer_of
+from ...modules.quant_linear import QuantLinear
+from ...recipes import KVCacheFormat, LinearScheme
+from ...schemes import SchemeCodec, TensorSpec, codec_for
+from ...state import QuantizationState
+from ..content import CheckpointContent
+from ..experts import expert_plan, replaced_parameters
+from ..names import CheckpointNames
+from ..shards import OneSlotCache, PlannedTensor
+from ..unquantized import excluded_modules, unquantized_plan
+from .base import ExportFormat, Target, UnsupportedFormatError
 
 __all__ = [
+    "MODELOPT_ALGOS",
     "MODELOPT_FORMAT_VERSION",
+    "MOE_SCHEMES",
+    "TARGET",
+    "ModeloptAlgo",
+    "quant_algo",
     "excluded_modules",
     "modelopt_configs",
     "modelopt_tensor_plan",
@@ -45,6 +52,41 @@ MODELOPT_FORMAT_VERSION = "0.47.0"
 _PRODUCER = {"name": "modelopt", "version": MODELOPT_FORMAT_VERSION}
 _FP8_SCHEME = {"dynamic": False, "num_bits": 8, "type": "float"}
 _NVFP4_SCHEME = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
+
+
+@dataclass(frozen=True, slots=True)
+class ModeloptAlgo:
+    """How ModelOpt names a scheme.
+
+    Attributes:
+        quant_algo: the ``quant_algo`` string of both config files.
+        config_group: ``group_0`` of the flat config's ``config_groups`` (``targets`` added), or None where
+            ModelOpt writes no ``config_groups``.
+    """
+
+    quant_algo: str
+    config_group: Mapping[str, Mapping[str, Any]] | None = None
+
+
+MODELOPT_ALGOS: dict[LinearScheme, ModeloptAlgo] = {
+    LinearScheme.FP8: ModeloptAlgo("FP8", {"input_activations": _FP8_SCHEME, "weights": _FP8_SCHEME}),
+    LinearScheme.FP8_DYNAMIC: ModeloptAlgo("FP8_PER_CHANNEL_PER_TOKEN"),
+    LinearScheme.FP8_BLOCK: ModeloptAlgo("FP8_PB_WO"),
+    LinearScheme.NVFP4: ModeloptAlgo("NVFP4", {"input_activations": _NVFP4_SCHEME, "weights": _NVFP4_SCHEME}),
+    LinearScheme.W4A16_NVFP4: ModeloptAlgo("W4A16_NVFP4", {"weights": _NVFP4_SCHEME}),
+    LinearScheme.MXFP8: ModeloptAlgo("MXFP8"),
+    LinearScheme.W4A16_MODELOPT: ModeloptAlgo("W4A16_AWQ"),
+    LinearScheme.W8A16_MODELOPT: ModeloptAlgo("W8A16"),
+}
+"""Every scheme with a ModelOpt form, in the order :func:`quantport.loader` resolves ``quant_algo`` strings.
+The others have none an engine reads: the compressed-tensors numerics of NVFP4 and integers, and MXFP4,
+which ModelOpt writes as a raw ``"mxfp4"`` algorithm no engine's ModelOpt reader accepts."""
+
+
+def quant_algo(scheme: LinearScheme) -> str | None:
+    """ModelOpt's ``quant_algo`` of ``scheme``; None when ModelOpt has no form for it."""
+    algo = MODELOPT_ALGOS.get(scheme)
+    return None if algo is None else algo.quant_algo
 
 
 def _linear_entries(prefix: str, module: QuantLinear, cache: OneSlotCache) -> list[PlannedTensor]:
@@ -87,17 +129,11 @@ def modelopt_tensor_plan(model: nn.Module) -> list[PlannedTensor]:
     return plan + unquantized_plan(model, replaced, names, cache)
 
 
-def _config_groups(codec: SchemeCodec) -> dict[str, Any] | None:
-    algo = codec.modelopt_algo
-    if algo == "FP8":
-        group = {"input_activations": dict(_FP8_SCHEME), "weights": dict(_FP8_SCHEME)}
-    elif algo == "NVFP4":
-        group = {"input_activations": dict(_NVFP4_SCHEME), "weights": dict(_NVFP4_SCHEME)}
-    elif algo == "W4A16_NVFP4":
-        group = {"weights": dict(_NVFP4_SCHEME)}
-    else:
-        return None  # ModelOpt writes no config_groups for the other algorithms.
-    return {"group_0": {**group, "targets": ["Linear"]}}
+def _config_groups(scheme: LinearScheme) -> dict[str, Any] | None:
+    group = MODELOPT_ALGOS[scheme].config_group
+    if group is None:
+        return None
+    return {"group_0": {**{key: dict(args) for key, args in group.items()}, "targets": ["Linear"]}}
 
 
 def modelopt_configs(
@@ -105,16 +141,17 @@ def modelopt_configs(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(``config.json["quantization_config"]``, ``hf_quant_config.json``) for this checkpoint."""
     kv_fp8 = state.recipe.kv_cache is KVCacheFormat.FP8 and bool(state.kv_modules)
-    nested: dict[str, Any] = {"quant_algo": codec.modelopt_algo, "kv_cache_quant_algo": "FP8" if kv_fp8 else None}
+    algo = quant_algo(codec.scheme)
+    nested: dict[str, Any] = {"quant_algo": algo, "kv_cache_quant_algo": "FP8" if kv_fp8 else None}
     if codec.group_size is not None:
         nested["group_size"] = codec.group_size
     nested["exclude_modules"] = list(exclude)
     flat: dict[str, Any] = {}
-    groups = _config_groups(codec)
+    groups = _config_groups(codec.scheme)
     if groups is not None:
         flat["config_groups"] = groups
     flat["ignore"] = list(exclude)
-    flat["quant_algo"] = codec.modelopt_algo
+    flat["quant_algo"] = algo
     if codec.group_size is not None:
         flat["group_size"] = codec.group_size
     if kv_fp8:
@@ -145,3 +182,7 @@ def modelopt_content(model: nn.Module, state: QuantizationState) -> CheckpointCo
     exclude = excluded_modules(model)
     flat, nested = modelopt_configs(codec_for(state.recipe.scheme), state, exclude)
     return CheckpointContent(modelopt_tensor_plan(model), flat, {"hf_quant_config.json": nested})
+
+
+TARGET = Target(ExportFormat.MODELOPT, frozenset(MODELOPT_ALGOS), modelopt_content)
+"""The ModelOpt dialect, for :data:`quantport.export.targets.TARGETS`."""

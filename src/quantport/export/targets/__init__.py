@@ -1,26 +1,41 @@
-"""Checkpoint formats, which Linear schemes each one stores exactly, and a recipe's scheme per format.
+"""Checkpoint dialects ("targets"), which Linear schemes each stores exactly, and a recipe's scheme per dialect.
 
-A checkpoint format fixes how a weight is decoded, so a scheme's numerics either survive a format
+A numeric format (:mod:`quantport.formats`) knows no checkpoint vocabulary. A dialect maps its pieces to
+tensor names, shapes, ``quant_algo`` strings and config blocks, one module per dialect:
+
+* :mod:`.modelopt`: NVIDIA ModelOpt unified HF checkpoint;
+* :mod:`.compressed_tensors` (with its scheme table :mod:`.ct_schemes` and experts :mod:`.ct_experts`);
+* :mod:`.mxfp4_native`: gpt-oss's native MXFP4 MoE checkpoint.
+
+:data:`TARGETS` lists them in priority order; the first that accepts a scheme is its default.
+
+A checkpoint dialect fixes how a weight is decoded, so a scheme's numerics either survive a dialect
 bit for bit or they do not: ModelOpt stores NVFP4's global scale as ``amax / 2688`` and
-compressed-tensors as its reciprocal, and the two round differently. Rather than exporting something
-other than what was simulated, a recipe names one scheme per format (:attr:`QuantRecipe.variants`)
-and the format is chosen before quantizing (``--format`` on the command line,
-:func:`recipe_for_format` in the API). Asking for a (recipe, format) pair that does not exist is an
-error that names the formats that do, raised before anything is loaded or written.
+compressed-tensors as its reciprocal, and the two round differently
+(:class:`~quantport.formats.descriptors.ScaleConvention`). Rather than exporting something other than
+what was simulated, a recipe names one scheme per dialect (:attr:`QuantRecipe.variants`) and the dialect
+is chosen before quantizing (``--format`` on the command line, :func:`recipe_for_format` in the API).
+Asking for a (recipe, format) pair that does not exist is an error that names the formats that do,
+raised before anything is loaded or written.
+
+Adding a dialect (5 files): ``export/targets/<dialect>.py`` (names, config blocks, content builder and a
+``TARGET``), its row in :data:`TARGETS` and :class:`ExportFormat` (this package), a reader parser
+(``loader/``), a checker contract (``check/``) and a test (``tests/export/test_<dialect>.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
-from enum import Enum
 
-from ..errors import ExportError
-from ..recipes import LinearScheme, QuantRecipe, get_recipe
-from ..schemes import codec_for
-from .ct_schemes import CT_SCHEMES
+from ...errors import ExportError
+from ...recipes import LinearScheme, QuantRecipe, get_recipe
+from . import compressed_tensors, modelopt, mxfp4_native
+from .base import ExportFormat, Target, UnsupportedFormatError
 
 __all__ = [
+    "TARGETS",
     "ExportFormat",
+    "Target",
     "UnsupportedFormatError",
     "check_exportable",
     "default_format",
@@ -28,26 +43,16 @@ __all__ = [
     "parse_format",
     "recipe_for_format",
     "supports",
+    "target_for",
 ]
 
-
-class ExportFormat(str, Enum):
-    """Checkpoint formats quantport writes."""
-
-    MODELOPT = "modelopt"
-    """NVIDIA ModelOpt unified HF checkpoint (``quant_method: modelopt``): vLLM, SGLang, TensorRT-LLM."""
-    COMPRESSED_TENSORS = "compressed-tensors"
-    """compressed-tensors checkpoint (``quant_method: compressed-tensors``): vLLM, SGLang, transformers."""
-    MXFP4 = "mxfp4"
-    """gpt-oss's native MXFP4 MoE checkpoint (``quant_method: mxfp4``, ``*_blocks`` / ``*_scales``):
-    vLLM, SGLang, transformers. MXFP4 experts only; everything else in the model dtype."""
-
-    def __str__(self) -> str:
-        return self.value
+TARGETS: tuple[Target, ...] = (modelopt.TARGET, compressed_tensors.TARGET, mxfp4_native.TARGET)
+"""Every dialect, in priority order: the first that stores a scheme is its default (ModelOpt first)."""
 
 
-class UnsupportedFormatError(ExportError):
-    """A recipe or scheme has no form in the requested checkpoint format."""
+def target_for(fmt: ExportFormat) -> Target:
+    """The dialect named ``fmt``."""
+    return next(t for t in TARGETS if t.format is fmt)
 
 
 def parse_format(fmt: ExportFormat | str) -> ExportFormat:
@@ -61,16 +66,12 @@ def parse_format(fmt: ExportFormat | str) -> ExportFormat:
 
 def supports(fmt: ExportFormat, scheme: LinearScheme) -> bool:
     """Whether ``fmt`` stores ``scheme``'s numerics exactly and an engine reads them."""
-    if fmt is ExportFormat.MODELOPT:
-        return codec_for(scheme).modelopt_algo is not None
-    if fmt is ExportFormat.MXFP4:
-        return scheme is LinearScheme.MXFP4
-    return scheme in CT_SCHEMES
+    return target_for(fmt).accepts(scheme)
 
 
 def formats_for(scheme: LinearScheme) -> list[ExportFormat]:
-    """The formats that store ``scheme``, in :class:`ExportFormat` order (ModelOpt first)."""
-    return [fmt for fmt in ExportFormat if supports(fmt, scheme)]
+    """The formats that store ``scheme``, in :data:`TARGETS` order (ModelOpt first)."""
+    return [target.format for target in TARGETS if target.accepts(scheme)]
 
 
 def default_format(scheme: LinearScheme) -> ExportFormat:

@@ -15,20 +15,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..formats.mx import MX_BLOCK
-from ..modules.quant_experts import ExpertsQuantizer, experts_quantizer_of
-from ..modules.quant_linear import QuantLinear
-from ..recipes import LinearScheme
-from ..schemes import TensorSpec
-from ..state import QuantizationState
-from .content import CheckpointContent
-from .experts import all_expert_tensors, replaced_parameters
-from .names import CheckpointNames
-from .shards import OneSlotCache, PlannedTensor
-from .targets import UnsupportedFormatError
-from .unquantized import excluded_modules, unquantized_plan
+from ...formats.mx import MX_BLOCK
+from ...modules.quant_experts import ExpertsQuantizer, experts_quantizer_of
+from ...modules.quant_linear import QuantLinear
+from ...recipes import LinearScheme
+from ...schemes import TensorSpec
+from ...state import QuantizationState
+from ..content import CheckpointContent
+from ..experts import all_expert_tensors, replaced_parameters
+from ..names import CheckpointNames
+from ..shards import OneSlotCache, PlannedTensor
+from ..unquantized import excluded_modules, unquantized_plan
+from .base import ExportFormat, Target, UnsupportedFormatError
 
-__all__ = ["check_native_mxfp4", "native_mxfp4_content"]
+__all__ = ["TARGET", "check_native_mxfp4", "native_mxfp4_content"]
 
 
 def check_native_mxfp4(model: nn.Module, state: QuantizationState) -> list[ExpertsQuantizer]:
@@ -102,3 +102,7 @@ def native_mxfp4_content(model: nn.Module, state: QuantizationState) -> Checkpoi
         replaced |= replaced_parameters(quantizer)
     plan.extend(unquantized_plan(model, replaced, names, cache))
     return CheckpointContent(plan, {"quant_method": "mxfp4", "modules_to_not_convert": excluded_modules(model)})
+
+
+TARGET = Target(ExportFormat.MXFP4, frozenset({LinearScheme.MXFP4}), native_mxfp4_content)
+"""The native MXFP4 dialect, for :data:`quantport.export.targets.TARGETS`."""

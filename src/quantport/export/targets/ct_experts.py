@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from ..arch.engines import GPT_OSS_WORKING_FORM
-from ..arch.experts import GateUpSplit
-from ..modules.quant_experts import ExpertsQuantizer
-from ..schemes import TensorSpec
+from ...arch.engines import GPT_OSS_WORKING_FORM
+from ...arch.experts import GateUpSplit
+from ...modules.quant_experts import ExpertsQuantizer
+from ...schemes import TensorSpec
+from ..experts import expert_tensors_lookup, replaced_parameters
+from ..names import CheckpointNames
+from ..shards import OneSlotCache, PlannedTensor
+from .base import UnsupportedFormatError
 from .ct_schemes import CtScheme, ct_shape
-from .experts import expert_tensors_lookup, replaced_parameters
-from .names import CheckpointNames
-from .shards import OneSlotCache, PlannedTensor
-from .targets import UnsupportedFormatError
 
 __all__ = ["ct_expert_plan"]
 

@@ -1,4 +1,5 @@
-"""NVFP4 with compressed-tensors' numerics, and MXFP4, against compressed-tensors' own compressors."""
+"""NVFP4 in the DIVISOR convention (compressed-tensors' numerics), and MXFP4, against compressed-tensors'
+own compressors and decompressors."""
 
 from __future__ import annotations
 
@@ -9,15 +10,36 @@ from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
 from compressed_tensors.quantization import QuantizationArgs, preset_name_to_scheme
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
-from quantport.formats.nvfp4 import E2M1_VALUES
+from quantport.formats.descriptors import ActivationQuant, ScaleConvention
+from quantport.formats.nvfp4 import (
+    E2M1_VALUES,
+    dequantize_nvfp4,
+    fake_quantize_nvfp4,
+    nvfp4_global_scale,
+    quantize_nvfp4,
+)
 from quantport.recipes import LinearScheme
 from quantport.schemes import codec_for
-from quantport.schemes.nvfp4_ct import (
-    ct_nvfp4_global_scale,
-    dequantize_nvfp4_ct,
-    fake_quantize_nvfp4_ct,
-    quantize_nvfp4_ct,
-)
+
+DIVISOR = ScaleConvention.DIVISOR
+
+
+def ct_nvfp4_global_scale(amax: torch.Tensor) -> torch.Tensor:
+    return nvfp4_global_scale(amax, DIVISOR)
+
+
+def quantize_nvfp4_ct(w: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return quantize_nvfp4(w, g, DIVISOR)
+
+
+def dequantize_nvfp4_ct(packed, scale, g, dtype) -> torch.Tensor:
+    return dequantize_nvfp4(packed, scale, g, dtype, DIVISOR)
+
+
+def _ct_decompress(packed: torch.Tensor, scale: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' own decoder of NVFP4 (bf16), independent of quantport's."""
+    tensors = {"weight_packed": packed, "weight_scale": scale, "weight_global_scale": g.reshape(1)}
+    return NVFP4PackedCompressor.decompress(tensors, preset_name_to_scheme("NVFP4A16", ["Linear"]))["weight"]
 
 
 def _weight(out: int = 32, inp: int = 128, seed: int = 0) -> torch.Tensor:
@@ -41,10 +63,11 @@ def test_hand_vector():
     w[0, 16] = 0.3  # block 1: amax 0.3 -> scale fp8(448*0.3/6 = 22.4) = 22, step 22/448
     packed, scale = quantize_nvfp4_ct(w, ct_nvfp4_global_scale(torch.tensor(6.0)))
     assert scale.float().tolist() == [[448.0, 22.0]]
-    values = dequantize_nvfp4_ct(packed, scale, ct_nvfp4_global_scale(torch.tensor(6.0)), torch.float32)
+    values = _ct_decompress(packed, scale, ct_nvfp4_global_scale(torch.tensor(6.0))).float()
     # ties round to even: 0.25 -> 0, 0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, -5 -> -4
     assert values[0, :8].tolist() == [6.0, -6.0, 0.0, 1.0, 1.0, 2.0, 2.0, -4.0]
-    assert values[0, 16].item() == pytest.approx(6.0 * 22 / 448)  # 0.3 / (22/448) = 6.1 saturates to 6
+    # 0.3 / (22/448) = 6.1 saturates to 6; compressed-tensors decodes to bf16
+    assert values[0, 16].item() == torch.tensor(6.0 * 22 / 448).bfloat16().item()
 
 
 def test_zero_block_gets_compressed_tensors_epsilon():
@@ -75,6 +98,8 @@ def test_codec_equals_compressed_tensors(scheme):
     assert torch.equal(tensors["weight_scale"].view(torch.uint8), compressed["weight_scale"].view(torch.uint8))
     decompressed = NVFP4PackedCompressor.decompress(tensors, ct_scheme)["weight"]
     assert torch.equal(codec.dequantize_weight(tensors, torch.bfloat16), decompressed.to(torch.bfloat16))
+    error = (decompressed.float() - w.float()).norm() / w.float().norm()
+    assert 0.02 < error < 0.15  # NVFP4's error on Gaussian weights: decoded independently, not by the codec
 
 
 def test_activation_fake_quant_and_input_scale():
@@ -83,12 +108,13 @@ def test_activation_fake_quant_and_input_scale():
     g = codec.input_scale(torch.tensor(0.2))
     assert g.item() == pytest.approx(2688 / 0.2)
     y = codec.fake_quantize_input(x, g)
-    assert y.dtype == x.dtype and torch.equal(y, fake_quantize_nvfp4_ct(x, g))
+    assert y.dtype == x.dtype and torch.equal(y, fake_quantize_nvfp4(x, g, DIVISOR))
     allowed = {abs(v) for v in E2M1_VALUES}
     packed, scale = quantize_nvfp4_ct(x, g)
+    assert torch.equal(y, _ct_decompress(packed, scale, g).to(x.dtype))
     steps = (scale.float() / g).repeat_interleave(16, dim=-1)
     ratios = (dequantize_nvfp4_ct(packed, scale, g, torch.float32) / steps).abs()
-    assert set(ratios.flatten().tolist()) <= allowed
+    assert ratios.numel() == 256 and set(ratios.flatten().tolist()) <= allowed
     assert codec_for(LinearScheme.W4A16_NVFP4_CT).fake_quantize_input(x, None) is x
 
 
@@ -101,4 +127,6 @@ def test_mxfp4_codec_equals_compressed_tensors_decompression():
     ct_scheme = preset_name_to_scheme("MXFP4A16", ["Linear"])
     decompressed = MXFP4PackedCompressor.decompress(tensors, ct_scheme)["weight"]
     assert torch.equal(codec.dequantize_weight(tensors, torch.bfloat16), decompressed.to(torch.bfloat16))
-    assert codec.modelopt_algo is None and codec.static_input_scale is False
+    assert codec.format.activations is ActivationQuant.NONE and codec.static_input_scale is False
+    error = (decompressed.float() - w.float()).norm() / w.float().norm()
+    assert 0.02 < error < 0.2

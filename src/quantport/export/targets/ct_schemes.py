@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..recipes import LinearScheme
+from ...recipes import LinearScheme
 
 __all__ = ["CT_SCHEMES", "KV_CACHE_ARGS", "CtScheme", "ct_shape"]
 
