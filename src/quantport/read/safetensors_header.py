@@ -13,6 +13,25 @@ plus an optional ``__metadata__`` object of string values. The rules (those of s
   sharing bytes), nothing after the last one.
 
 Only the header is read: the cost is bounded by ``N``, never by the file size.
+
+Why this is not ``safetensors.safe_open`` (measured with safetensors 0.8.0 on the 66 kinds of
+``tests/reliability/hostile.py``; 44 of them change a ``.safetensors`` file, the rest the index or
+configs). The library rejects 37 of the 40 header/file kinds too, but:
+
+* it accepts duplicate keys: ``{"a": F32 [1], "a": U8 [4]}`` over the same 4 bytes opens, and ``a``
+  reads as ``uint8 [0, 0, 128, 63]`` (the last entry wins); a checker must refuse the ambiguity;
+* it blocks forever on a FIFO named ``model.safetensors`` or named as a shard (2 kinds; still waiting
+  after 10 s), so ``check``, ``inspect`` and ``load`` would hang; ``open_regular`` refuses them;
+* its errors do not map to one clear line or to the checker's rules: all are ``SafetensorError``
+  strings, and ``truncated-data``, ``trailing-bytes`` and ``header-empty-object-with-data`` all read
+  "incomplete metadata, file not fully covered" (``shards.truncated`` vs ``shards.unreadable``); gap,
+  overlap, alias and begin-after-end all read "invalid offset for tensor X"; a directory gives "No such
+  device (os error 19)" and a symlink loop ``FileNotFoundError``.
+
+Cost per file (median, 2 shared CPU cores): 0.22 ms here vs 0.05-0.09 ms for ``safe_open`` + ``keys()``
+on a 49-tensor header (5 KB); 40-100 ms vs 5.5-20 ms on 6,144 tensors (649 KB header), of which
+Python's own JSON parse with the duplicate-key hook is 14-22 ms. Per shard of a real checkpoint that
+is well under a second of a run that reads gigabytes, so the strictness is kept.
 """
 
 from __future__ import annotations
