@@ -86,6 +86,15 @@ def test_dead_experts_are_red_counted_and_named():
     assert "layer 0: 1 dead: 1" in text and "layer 2: 2 dead: 0, 1" in text
 
 
+def test_no_dead_experts_says_none_and_lists_nothing():
+    coverage = ExpertCoverage("per-expert", "all-experts", [LayerCoverage("model.layers.0.mlp", (3, 4, 5))])
+    figure = build_coverage_figure(coverage, CONTEXT)
+    counts = next(ax for ax in figure.axes if ax.get_title().startswith("experts with"))
+    assert [t.get_text() for t in counts.texts] == ["none"]
+    assert "saw no calibration token" not in _texts(figure)
+    assert "per-expert input scales (0-token experts take the layer max)" in figure._suptitle.get_text()
+
+
 def test_many_dead_layers_are_truncated_with_a_pointer_to_the_report():
     coverage = synthetic_coverage(experts=8, layers=48, dead_per_layer=4.0, seed=1)
     text = _texts(build_coverage_figure(coverage, CONTEXT, max_text_rows=5))

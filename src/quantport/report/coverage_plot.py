@@ -191,6 +191,8 @@ def _draw_dead_counts(ax: Axes, coverage: ExpertCoverage) -> None:
     ax.xaxis.get_major_locator().set_params(integer=True, nbins=3)
     ax.tick_params(labelsize=_FONT, labelleft=False)
     ax.grid(axis="x", color="#cccccc", linewidth=0.5)
+    if not any(counts):
+        ax.text(0.5, 0.5, "none", transform=ax.transAxes, ha="center", va="center", fontsize=_FONT + 1)
 
 
 def _draw_spread(ax: Axes, coverage: ExpertCoverage) -> None:
