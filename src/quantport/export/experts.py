@@ -67,6 +67,11 @@ def _per_expert_plan(quantizer: ExpertsQuantizer, names: CheckpointNames, cache:
     expert_tensors = expert_tensors_lookup(quantizer, cache)
 
     plan = []
+    names.prefetch(
+        f"{quantizer.block.experts_name}.{e}.{leaf}"
+        for e in range(quantizer.block.num_experts)
+        for leaf in quantizer.layout.leaf_names
+    )
     for expert in range(quantizer.block.num_experts):
         for projection, leaf in zip(_PROJECTIONS, quantizer.layout.leaf_names, strict=True):
             prefix = names.module(f"{quantizer.block.experts_name}.{expert}.{leaf}")

@@ -86,6 +86,9 @@ def _unquantized_experts_entries(names: CheckpointNames, block: MoEBlock) -> lis
     experts = names.module(block.experts_name)
     if block.layout.ct_ignore is ExpertIgnore.PATTERN:
         return [f"re:{re.escape(experts)}\\..*"]
+    names.prefetch(
+        f"{block.experts_name}.{e}.{leaf}" for e in range(block.num_experts) for leaf in block.layout.leaf_names
+    )
     return [
         names.module(f"{block.experts_name}.{e}.{leaf}")
         for e in range(block.num_experts)

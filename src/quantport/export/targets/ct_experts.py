@@ -58,6 +58,11 @@ def ct_expert_plan(
 
     specs = {projection: _specs(quantizer, projection) for projection in _PROJECTIONS}
     plan = []
+    names.prefetch(
+        f"{quantizer.block.experts_name}.{e}.{leaf}"
+        for e in range(quantizer.block.num_experts)
+        for leaf in quantizer.layout.leaf_names
+    )
     for expert in range(quantizer.block.num_experts):
         for projection, leaf in zip(_PROJECTIONS, quantizer.layout.leaf_names, strict=True):
             prefix = names.module(f"{quantizer.block.experts_name}.{expert}.{leaf}")
