@@ -113,6 +113,40 @@ def disk_floor(directory: Path, nbytes: int) -> dict:
     return out
 
 
+class StageTimes:
+    """Wall time of the export's stages: functions of ``quantport.export`` wrapped while the export runs."""
+
+    STAGES = ("write_sharded_safetensors", "check_written")
+
+    def __init__(self) -> None:
+        import quantport.export as export_module
+
+        self.module = export_module
+        self.seconds: dict[str, float] = {}
+        self.originals: dict[str, object] = {}
+
+    def __enter__(self) -> StageTimes:
+        for name in self.STAGES:
+            original = getattr(self.module, name, None)
+            if original is None:
+                continue
+            self.originals[name] = original
+
+            def timed(*args, _original=original, _name=name, **kwargs):
+                start = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    self.seconds[_name] = self.seconds.get(_name, 0.0) + time.perf_counter() - start
+
+            setattr(self.module, name, timed)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self.originals.items():
+            setattr(self.module, name, original)
+
+
 class ThreadBusy:
     """Sums the time spent in CheckpointFile.write (writer thread) and _write_at (I/O threads)."""
 
@@ -156,7 +190,7 @@ def run_quantport(model, recipe: str, calib, out: Path, device, profile: bool) -
     result = {"calibrate_s": time.perf_counter() - start}
     torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
     profiler = cProfile.Profile() if profile else None
-    with ThreadBusy() as busy:
+    with ThreadBusy() as busy, StageTimes() as stages:
         start = time.perf_counter()
         if profiler:
             profiler.enable()
@@ -165,6 +199,7 @@ def run_quantport(model, recipe: str, calib, out: Path, device, profile: bool) -
             profiler.disable()
         result["export_s"] = time.perf_counter() - start
     result["thread_busy_s"] = dict(busy.seconds)
+    result["stage_s"] = dict(stages.seconds)
     result["checkpoint_bytes"] = directory_bytes(out)
     result["export_gb_per_s"] = result["checkpoint_bytes"] / result["export_s"] / 1e9
     if device.type == "cuda":
