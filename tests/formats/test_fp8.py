@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from formats.reference_decoders import decode_fp8
 from quantport.formats import fp8
 from quantport.formats.fp8 import (
     FP8_E4M3_MAX,
@@ -157,18 +158,34 @@ def test_round_trip_error_bounds(dtype: torch.dtype) -> None:
     wf = w.float()
     # fp8 e4m3 keeps 3 mantissa bits: relative error <= 2^-4 in the normal range, absolute error
     # <= scale * 2^-10 in the subnormal range; bf16 intermediates/outputs add < 2^-8 relative.
+    # Decoded by compressed-tensors (an independent reader), never by the encoder's own module; our decoder
+    # must agree with it bit for bit, so a 1% error in dequantize_fp8 fails here.
     tol_rel = 2.0**-4 + 2.0**-7
     scale_t = fp8_scale_from_amax(w.abs().amax())
-    deq = dequantize_fp8(quantize_fp8_per_tensor(w, scale_t), scale_t, torch.float32)
+    codes_t = quantize_fp8_per_tensor(w, scale_t)
+    deq = decode_fp8(codes_t, scale_t)
+    assert torch.equal(dequantize_fp8(codes_t, scale_t, torch.float32), deq)
     assert ((deq - wf).abs() <= tol_rel * wf.abs() + scale_t * 2.0**-10).all()
     scale_c = fp8_scale_from_amax(w.abs().amax(dim=1))
-    deq = dequantize_fp8(quantize_fp8_per_channel(w, scale_c), scale_c, torch.float32)
+    codes_c = quantize_fp8_per_channel(w, scale_c)
+    deq = decode_fp8(codes_c, scale_c)
+    assert torch.equal(dequantize_fp8(codes_c, scale_c, torch.float32), deq)
     assert ((deq - wf).abs() <= tol_rel * wf.abs() + scale_c[:, None] * 2.0**-10).all()
     codes, scale_b = quantize_fp8_block(w)
-    deq = dequantize_fp8(codes, scale_b, torch.float32)
+    deq = decode_fp8(codes, scale_b)
+    assert torch.equal(dequantize_fp8(codes, scale_b, torch.float32), deq)
     assert ((deq - wf).abs() <= tol_rel * wf.abs() + scale_b.max() * 2.0**-10).all()
     rel = ((deq - wf).norm() / wf.norm()).item()
-    assert rel < 0.04
+    assert 0.005 < rel < 0.04  # e4m3 keeps 3 mantissa bits: ~2% RMS on Gaussian weights
+
+
+def test_a_one_percent_decoding_error_is_caught() -> None:
+    """The round trip above compares with the independent reader exactly: a decoder 1% off never passes."""
+    w = (torch.randn(8, 256, generator=torch.Generator().manual_seed(3)) * 0.02).to(torch.bfloat16)
+    scale = fp8_scale_from_amax(w.abs().amax())
+    codes = quantize_fp8_per_tensor(w, scale)
+    wrong = dequantize_fp8(codes, scale * 1.01, torch.float32)
+    assert not torch.equal(wrong, decode_fp8(codes, scale))
 
 
 def test_fake_quantize_equals_dequantize_of_quantize() -> None:

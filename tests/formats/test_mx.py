@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from formats.reference_decoders import decode_mxfp4, decode_mxfp8
 from quantport.formats.mx import (
     E4M3_MAX,
     MX_BLOCK,
@@ -189,7 +190,8 @@ def test_mxfp4_all_bytes_decode_and_reencode() -> None:
 def test_mxfp8_round_trip_error_bound(dtype: torch.dtype) -> None:
     w = (torch.randn(32, 512, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
     codes, scale = quantize_mxfp8(w)
-    deq = dequantize_mxfp8(codes, scale, torch.float32)
+    deq = decode_mxfp8(codes, scale)  # the OCP MX definition by hand, not quantport's decoder
+    assert torch.equal(dequantize_mxfp8(codes, scale, torch.float32), deq)
     step = e8m0_to_float(scale).repeat_interleave(MX_BLOCK, dim=-1)
     # e4m3: relative half-ulp 2**-4 for normals, absolute half-step 2**-10 * scale for subnormals
     bound = w.float().abs() * 2.0**-4 + step * 2.0**-10
@@ -200,7 +202,8 @@ def test_mxfp8_round_trip_error_bound(dtype: torch.dtype) -> None:
 def test_mxfp4_round_trip_error_bound(dtype: torch.dtype) -> None:
     w = torch.randn(32, 512, generator=torch.Generator().manual_seed(2)).to(dtype)
     packed, scale = quantize_mxfp4(w)
-    deq = dequantize_mxfp4(packed, scale, torch.float32)
+    deq = decode_mxfp4(packed, scale).float()  # compressed-tensors' decompressor (bf16)
+    assert torch.equal(dequantize_mxfp4(packed, scale, torch.bfloat16).float(), deq)
     step = e8m0_to_float(scale).repeat_interleave(MX_BLOCK, dim=-1)
     # largest E2M1 gap is 2 (between 4 and 6) -> |error| <= 1 * scale
     assert bool(((deq - w.float()).abs() <= step).all())

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from formats.reference_decoders import decode_nvfp4_multiplier
 from quantport.formats import nvfp4
 from quantport.formats.nvfp4 import (
     E2M1_VALUES,
@@ -151,12 +152,14 @@ def test_round_trip_error_bounds(dtype: torch.dtype) -> None:
     w = torch.randn(64, 512, generator=torch.Generator().manual_seed(2)).to(dtype)
     gs = nvfp4_global_scale(w.abs().amax())
     packed, scale = quantize_nvfp4(w, gs)
-    deq = dequantize_nvfp4(packed, scale, gs, torch.float32)
+    deq = decode_nvfp4_multiplier(packed, scale, gs).float()  # compressed-tensors' decompressor, bf16
+    # ours agrees to within bf16's last bit (the reader divides by 1/gs): a 1% error fails
+    torch.testing.assert_close(dequantize_nvfp4(packed, scale, gs, torch.bfloat16).float(), deq, rtol=2**-8, atol=0)
     step = (scale.float() * gs).repeat_interleave(NVFP4_BLOCK, dim=-1)
     # half the largest E2M1 gap (4 -> 6) is one block-scale step; fp8 rounding of the block scale can
     # push the scaled block max to ~6.4 (saturation error 0.4 step); bf16 adds 2^-8 relative.
     wf = w.float()
-    assert ((deq - wf).abs() <= step * 1.0 + wf.abs() * 2.0**-8).all()
+    assert ((deq - wf).abs() <= step * 1.0 + wf.abs() * 2.0**-7).all()
     assert ((deq - wf).norm() / wf.norm()).item() < 0.12
 
 

@@ -18,9 +18,9 @@ is chosen before quantizing (``--format`` on the command line, :func:`recipe_for
 Asking for a (recipe, format) pair that does not exist is an error that names the formats that do,
 raised before anything is loaded or written.
 
-Adding a dialect (5 files): ``export/targets/<dialect>.py`` (names, config blocks, content builder and a
-``TARGET``), its row in :data:`TARGETS` and :class:`ExportFormat` (this package), a reader parser
-(``loader/``), a checker contract (``check/``) and a test (``tests/export/test_<dialect>.py``).
+Adding a dialect (6 files, listed in :mod:`quantport.formats`): ``export/targets/<dialect>.py`` (names,
+config blocks, content builder and a ``TARGET``), the :class:`ExportFormat` member (``base.py``), its row in
+:data:`TARGETS` (this package), a reader parser (``loader/``), a checker contract (``check/``) and a test.
 """
 
 from __future__ import annotations
