@@ -135,3 +135,53 @@ def test_unknown_recipe_is_a_quantport_error():
 
     with pytest.raises(QuantportError, match="unknown recipe 'int3'"):
         get_recipe("int3")
+
+
+def _calib_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+_TINY = ["quantize", "bundled:tiny-llama", "--recipe", "fp8", "--device", "cpu", "--quiet"]
+
+
+def _quantize(out, *extra):
+    return main([*_TINY[:2], str(out), *_TINY[2:], "--calib-samples", "4", "--calib-seq-len", "32", *extra])
+
+
+def test_quantize_on_a_local_jsonl_dataset(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    texts = [{"text": f"Sentence {i} of the calibration set talks about rivers and mountains."} for i in range(200)]
+    data = _calib_jsonl(tmp_path / "calib.jsonl", texts)
+    weight_args = ["--calib-weight", "3", "--calib-dataset", data, "--calib-weight", "1", "--calib-seed", "5"]
+    assert _quantize(tmp_path / "out", "--calib-dataset", data, *weight_args) == 0
+    assert "calibration      : 128 tokens" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "quantport_report.json").read_text())
+    assert report["calibration_tokens"] == 128
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--calib-dataset", "missing.jsonl"], "calibration data set missing.jsonl does not exist"),
+        (["--calib-weight", "1"], "--calib-weight applies to --calib-dataset only"),
+        (["--calib-dataset", "{data}", "--calib-weight", "1", "--calib-weight", "2"], "2 --calib-weight for 1"),
+        (["--calib-dataset", "{data}", "--calib-text", "{data}"], "exclude each other"),
+        (["--calib-dataset", "{data}", "--calib-weight", "0"], "expected a positive number"),
+        (["--calib-dataset", "{chats}"], "has no chat template"),
+        (["--calib-dataset", "{data}", "--calib-text-field", "body"], "no field 'body' (its fields: text)"),
+        (["--calib-dataset", "{data}", "--calib-samples", "20"], "has 400 tokens in 100 rows, fewer than the 640"),
+    ],
+)
+def test_calibration_dataset_errors_are_one_line(tmp_path, capsys, monkeypatch, extra, message):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    data = _calib_jsonl(tmp_path / "calib.jsonl", [{"text": "one two three"}] * 100)
+    chats = _calib_jsonl(tmp_path / "chats.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}] * 10)
+    extra = [arg.format(data=data, chats=chats) for arg in extra]
+    assert _quantize(tmp_path / "out", *extra) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists()

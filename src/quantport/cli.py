@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from .errors import InterruptedBySignal, InvalidArgumentError, QuantportError
 from .loading import resolve_model_dir
 from .moe_options import MoECalibration, MoEInputScales
-from .quantize_args import EXPORT_FORMATS, check_quantize_args, device_name, positive_int, shard_size
+from .quantize_args import (
+    EXPORT_FORMATS,
+    add_dataset_arguments,
+    calibration_data,
+    check_quantize_args,
+    device_name,
+    positive_int,
+    shard_size,
+)
 from .recipes import PRESETS, KVCacheFormat, QuantRecipe
 
 if TYPE_CHECKING:
@@ -71,6 +79,7 @@ def _parser(*, quantize_only: bool = False) -> argparse.ArgumentParser:
         help="sequences per forward, or auto (default: from free GPU memory on CUDA, 8 on the CPU)",
     )
     q.add_argument("--calib-text", type=Path, help="UTF-8 text file for calibration (default: bundled English)")
+    add_dataset_arguments(q)
     q.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     q.add_argument(
         "--exclude",
@@ -139,6 +148,7 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
     quantize(
         model,
         recipe,
+        calibration_data(args),
         exclude=args.exclude,
         kv_cache=args.kv_cache,
         calib_text=args.calib_text,

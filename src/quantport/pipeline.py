@@ -142,7 +142,9 @@ def _check_plan(
 
 
 def _calibration_data(model: nn.Module, calib_data: Iterable[Any] | None, options: dict[str, Any]) -> Iterable[Any]:
-    if calib_data is not None:
+    from .calibration_sources import CalibrationData
+
+    if calib_data is not None and not isinstance(calib_data, CalibrationData):
         return calib_data
     tokenizer = options.get("tokenizer")
     if tokenizer is None:
@@ -160,6 +162,11 @@ def _calibration_data(model: nn.Module, calib_data: Iterable[Any] | None, option
     batch_size = options.get("batch_size", 8)
     if batch_size == "auto":  # fill the GPU: measured on one probe forward (8 on the CPU)
         batch_size = auto_batch_size(model, seq_len)
+    if isinstance(calib_data, CalibrationData):  # data sets, mixed and shuffled (calibrate/mixing.py)
+        from .calibrate.mixing import dataset_batches
+
+        samples = options.get("calib_samples", 64)
+        return dataset_batches(tokenizer, calib_data, samples=samples, seq_len=seq_len, batch_size=batch_size)
     return calibration_batches(
         tokenizer,
         text_path=options.get("calib_text"),
@@ -239,9 +246,10 @@ def quantize(
     Args:
         model: a Hugging Face causal LM (transformers 5).
         recipe: a preset name (see :data:`quantport.PRESETS`) or a :class:`QuantRecipe`.
-        calib_data: iterable of ``input_ids`` tensors ``[B, T]`` or dicts of model inputs. When None
-            and the recipe needs calibration, the bundled English text is tokenized with the model's
-            tokenizer.
+        calib_data: iterable of ``input_ids`` tensors ``[B, T]`` or dicts of model inputs, or a
+            :class:`quantport.calibration_sources.CalibrationData` (data sets, read with the model's
+            tokenizer and chat template). When None and the recipe needs calibration, the bundled
+            English text is tokenized with the model's tokenizer.
         **options: ``exclude`` (extra patterns), ``kv_cache`` ("fp8"), ``tokenizer``, ``calib_text``
             (path), ``calib_samples`` (64), ``calib_seq_len`` (512), ``batch_size`` (8, or "auto":
             as many sequences as fill the free GPU memory),

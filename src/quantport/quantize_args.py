@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .calibration_sources import CalibrationData, CalibrationSource, locate, require_datasets
 from .errors import AlreadyQuantizedError, CalibrationDataError, InvalidArgumentError
 from .loading import read_model_config, resolve_model_dir
 from .recipes import QuantRecipe, get_recipe
@@ -25,10 +26,15 @@ __all__ = [
     "EXPORT_FORMATS",
     "MOE_CONFIG_KEYS",
     "QuantizeInputs",
+    "add_dataset_arguments",
+    "calibration_data",
+    "check_calib_datasets",
     "check_calib_text",
     "check_quantize_args",
     "device_name",
     "is_moe_config",
+    "non_negative_int",
+    "positive_float",
     "positive_int",
     "shard_size",
 ]
@@ -52,6 +58,28 @@ def positive_int(value: str) -> int:
         number = 0
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def non_negative_int(value: str) -> int:
+    """``argparse`` type: an integer >= 0."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    """``argparse`` type: a finite number > 0."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not (0 < number < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
     return number
 
 
@@ -117,6 +145,89 @@ def check_calib_text(path: Path, option: str = "--calib-text") -> None:
         raise CalibrationDataError(f"{option} {path} is a binary file (it holds NUL bytes); give a UTF-8 text file")
 
 
+_DATASET_OPTIONS = {
+    "calib_weight": "--calib-weight",
+    "calib_split": "--calib-split",
+    "calib_text_field": "--calib-text-field",
+    "calib_messages_field": "--calib-messages-field",
+    "calib_seed": "--calib-seed",
+}
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``quantport quantize`` that calibrate on data sets (see :mod:`quantport.calibration_sources`)."""
+    parser.add_argument(
+        "--calib-dataset",
+        action="append",
+        metavar="SOURCE",
+        help="calibrate on a data set instead of the bundled text: a local .jsonl/.json/.parquet/.csv/.txt file, "
+        "a directory of such files, or a Hugging Face Hub id (streamed; needs quantport[datasets]). Repeat to mix "
+        "several. Rows are text (--calib-text-field) or chats, a 'messages' list of {role, content} rendered "
+        "with the model's chat template",
+    )
+    parser.add_argument(
+        "--calib-weight",
+        action="append",
+        type=positive_float,
+        metavar="W",
+        help="share of the calibration sequences for each --calib-dataset, in the same order: none (equal "
+        "shares) or one per data set, e.g. --calib-dataset a.jsonl --calib-weight 0.7 --calib-dataset "
+        "b.parquet --calib-weight 0.3 (weights are relative: 7 and 3 mean the same)",
+    )
+    parser.add_argument("--calib-split", help="split of the data sets to read (default train)")
+    parser.add_argument("--calib-text-field", metavar="FIELD", help="field holding plain text (default text)")
+    parser.add_argument(
+        "--calib-messages-field",
+        metavar="FIELD",
+        help="field holding a chat (default: messages, when the rows have it)",
+    )
+    parser.add_argument(
+        "--calib-seed",
+        type=non_negative_int,
+        help="seed of the shuffles of the data sets' files, rows and sequences (default 0: the same data every run)",
+    )
+
+
+def check_calib_datasets(args: argparse.Namespace) -> None:
+    """The data set options agree with each other, local sources exist, and ``datasets`` is installed."""
+    datasets = args.calib_dataset or []
+    if not datasets:
+        given = [flag for key, flag in _DATASET_OPTIONS.items() if getattr(args, key) is not None]
+        if given:
+            raise InvalidArgumentError(f"{given[0]} applies to --calib-dataset only; add --calib-dataset SOURCE")
+        return
+    if args.calib_text is not None:
+        raise InvalidArgumentError("--calib-text and --calib-dataset exclude each other; give one of them")
+    weights = args.calib_weight or []
+    if weights and len(weights) != len(datasets):
+        raise InvalidArgumentError(
+            f"{len(weights)} --calib-weight for {len(datasets)} --calib-dataset; give one weight per data set, "
+            "in the same order, or none for equal shares"
+        )
+    data = calibration_data(args)
+    for source in data.sources if data is not None else ():
+        locate(source)
+    require_datasets()
+
+
+def calibration_data(args: argparse.Namespace) -> CalibrationData | None:
+    """The :class:`CalibrationData` that the command line asks for, or None (the bundled or --calib-text text)."""
+    if not args.calib_dataset:
+        return None
+    weights = args.calib_weight or [1.0] * len(args.calib_dataset)
+    sources = tuple(
+        CalibrationSource(
+            name,
+            weight=weight,
+            split=args.calib_split or "train",
+            text_field=args.calib_text_field,
+            messages_field=args.calib_messages_field,
+        )
+        for name, weight in zip(args.calib_dataset, weights, strict=True)
+    )
+    return CalibrationData(sources, seed=args.calib_seed or 0)
+
+
 def _check_coverage_png(path: Path, config: dict[str, Any], model: str) -> None:
     if not is_moe_config(config):
         raise InvalidArgumentError(
@@ -169,6 +280,7 @@ def check_quantize_args(args: argparse.Namespace) -> QuantizeInputs:
     recipe = get_recipe(args.recipe)
     if args.calib_text is not None:
         check_calib_text(args.calib_text)
+    check_calib_datasets(args)
     directory = resolve_model_dir(args.model)
     config = read_model_config(directory)
     _check_not_quantized(config, directory)
