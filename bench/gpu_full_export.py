@@ -119,9 +119,9 @@ class StageTimes:
     STAGES = ("write_sharded_safetensors", "check_written")
 
     def __init__(self) -> None:
-        import quantport.export as export_module
+        import importlib
 
-        self.module = export_module
+        self.module = importlib.import_module("quantport.export")  # the module (quantport.export is also a function)
         self.seconds: dict[str, float] = {}
         self.originals: dict[str, object] = {}
 
