@@ -24,6 +24,7 @@ __all__ = [
     "ExpertLayout",
     "ExpertIgnore",
     "ExpertNaming",
+    "ExpertScales",
     "ForwardContract",
     "GateUpSplit",
     "MoEBlock",
@@ -53,8 +54,21 @@ class ForwardContract(str, Enum):
     its router score (0 for experts the token is not routed to); batched with ``bmm`` (Llama 4)."""
 
 
+class ExpertScales(str, Enum):
+    """How the serving engine reads the experts' scales: a numeric fact, whatever the names on disk."""
+
+    PER_EXPERT = "per_expert"
+    """A weight scale (and an input scale) per expert; each expert is quantized from the model's dtype,
+    like a Linear."""
+    ONE_PER_PROJECTION = "one_per_projection"
+    """One weight scale and one input scale per projection (gate_up, down) for all experts of a layer, as
+    ModelOpt's single quantizer of a 3-D experts tensor: the per-expert weight amax are unified to their
+    max and the weights are quantized from fp32 (one rounding of ``w / scale``). The user's input-scale
+    policy must then be ``shared``; ``per-expert`` is refused, never replaced."""
+
+
 class ExpertNaming(str, Enum):
-    """How experts are named in an exported ModelOpt checkpoint."""
+    """How experts are named in an exported ModelOpt checkpoint (names only: numerics follow :class:`ExpertScales`)."""
 
     PER_EXPERT = "per_expert"
     """2-D tensors per expert: ``<block>.experts.{e}.<gate|up|down leaf>.{weight, weight_scale, ...}``."""
@@ -90,6 +104,7 @@ class ExpertLayout:
         router: attribute of the MoE block holding the router (left in full precision).
         leaf_names: per-expert checkpoint names of the gate, up and down projections.
         naming: how the exporter names the experts on disk.
+        scales: how the engine reads the experts' scales (the numerics; independent of ``naming``).
         no_block_scales: Linear-name patterns that must not get 2-D block scales in this family
             (vLLM permutes Llama 4's q/k weights and scales for rotary, which block scales break).
         native_mxfp4: the family has a native MXFP4 checkpoint format (``quant_method: mxfp4``,
@@ -106,6 +121,7 @@ class ExpertLayout:
     router: str = "gate"
     leaf_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     naming: ExpertNaming = ExpertNaming.PER_EXPERT
+    scales: ExpertScales = ExpertScales.PER_EXPERT
     no_block_scales: tuple[str, ...] = ()
     native_mxfp4: bool = False
     ct_ignore: ExpertIgnore = ExpertIgnore.PER_EXPERT
@@ -170,6 +186,7 @@ LAYOUTS: tuple[ExpertLayout, ...] = (
         transposed=True,
         router="router",
         naming=ExpertNaming.FUSED,
+        scales=ExpertScales.ONE_PER_PROJECTION,
         no_block_scales=("*.q_proj", "*.k_proj"),
     ),
     ExpertLayout(
@@ -180,6 +197,7 @@ LAYOUTS: tuple[ExpertLayout, ...] = (
         has_bias=True,
         router="router",
         naming=ExpertNaming.FUSED,
+        scales=ExpertScales.ONE_PER_PROJECTION,
         native_mxfp4=True,
         ct_ignore=ExpertIgnore.PATTERN,
     ),

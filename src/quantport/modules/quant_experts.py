@@ -1,126 +1,121 @@
-"""ExpertsQuantizer: calibration statistics and simulation for one fused experts module.
+"""ExpertsQuantizer: the quantization record of one fused experts module, attached to it.
 
-The quantizer replaces the experts module's ``forward`` on the instance (the class and the
-parameters are untouched) with a forward generic over its :class:`ExpertLayout`:
+The record holds what quantization decided for the module (codec, weight amax, the input amax the
+uncalibrated-expert policy chose) and routes the module's forward by mode to one of two single-role
+objects:
 
-* ``TOP_K`` layouts (transformers-5 ``@use_experts_implementation``): tokens are sorted by expert and
-  both projections run as one grouped GEMM each (transformers' grouped-mm kernel), as the model's own
-  ``grouped_mm`` implementation does. Per-expert token counts and input amax of both projections come
-  from one segmented reduction (``scatter_reduce``) over the sorted rows: no loop over experts.
-* ``DENSE_ROUTED`` layouts (Llama 4): every expert gets every token pre-scaled by its router score,
-  computed with ``bmm``; per-expert amax is a reduction over the token dimension.
+* calibrate: :class:`~quantport.modules.expert_calibration.ExpertsCalibrator` (statistics);
+* simulate: :class:`~quantport.modules.expert_simulation.ExpertsSimulator` (fake quantization from the
+  dequantized weights and the input scales).
 
-Gating and activation are the module's own (``_apply_gate`` / ``act_fn``), so GPT-OSS's clamped,
-interleaved SwiGLU needs no special case here.
+Weight quantization of a range of experts (:meth:`ExpertsQuantizer.quantized_experts`, in chunks of
+:meth:`~ExpertsQuantizer.expert_chunks`) is what both the simulation's weights and the exporters'
+tensors come from, so the two decode to the same numbers. Numerics follow the layout's
+:class:`~quantport.arch.experts.ExpertScales`, never its on-disk naming.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..arch.experts import ExpertLayout, ExpertNaming, ForwardContract, MoEBlock
+from ..arch.experts import ExpertLayout, ExpertScales, MoEBlock
 from ..schemes import SchemeCodec, quantizes_stacks
+from .attach import attach_forward, class_forward, detach_forward
+from .expert_calibration import ExpertsCalibrator
+from .expert_simulation import PROJECTIONS, ExpertsSimulator
 from .quant_linear import QuantMode
 
-__all__ = ["ExpertsQuantizer", "expert_weight_amax", "experts_quantizer_of", "install_experts_quantizer"]
+__all__ = [
+    "PROJECTIONS",
+    "ExpertsQuantizer",
+    "expert_weight_amax",
+    "experts_quantizer_of",
+    "install_experts_quantizer",
+    "uninstall_experts_quantizer",
+]
 
-_ATTR = "_quantport_experts"
 STACK_BYTES = 64 << 20  # fp32 bytes of expert weights quantized in one call on the CPU
 STACK_BYTES_CUDA = 1 << 30  # and on a GPU
-PROJECTIONS = ("gate_up", "down")
-
-
-def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor, bias, transposed: bool):
-    from transformers.integrations.moe import _grouped_linear as transformers_grouped_linear
-
-    return transformers_grouped_linear(x, weight, offsets, bias=bias, is_transposed=transposed)
-
-
-def _row_amax(x: torch.Tensor) -> torch.Tensor:
-    """fp32 [rows]: max |x| over the last dim, in one pass over ``x`` (no |x| temporary)."""
-    return torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=-1).float()
-
-
-def _expert_offsets(sorted_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """int32 counts [E] and end offsets [E] of ids sorted ascending, without a host sync
-    (``bincount`` on CUDA reads the largest id back to the host)."""
-    bounds = torch.arange(1, num_experts + 1, device=sorted_ids.device, dtype=sorted_ids.dtype)
-    ends = torch.searchsorted(sorted_ids, bounds, out_int32=True)
-    return torch.diff(ends, prepend=ends.new_zeros(1)), ends
 
 
 def expert_weight_amax(block: MoEBlock) -> dict[str, torch.Tensor]:
     """Projection -> fp32 [E] per-expert weight amax, from the weights themselves (valid with or
     without calibration tokens; NaN or inf when the weights hold them).
 
-    Gate and up share one amax per expert (engines fuse them); layouts exported fused share one
-    amax per projection across all experts, as ModelOpt's single quantizer does.
+    Gate and up share one amax per expert (engines fuse them); a layout whose engine reads one scale
+    per projection (:attr:`ExpertScales.ONE_PER_PROJECTION`) shares one amax across all experts.
     """
     experts = block.experts
     amax = {
         "gate_up": experts.gate_up_proj.detach().abs().amax(dim=(-1, -2)).float(),
         "down": experts.down_proj.detach().abs().amax(dim=(-1, -2)).float(),
     }
-    if block.layout.naming is ExpertNaming.FUSED:
+    if block.layout.scales is ExpertScales.ONE_PER_PROJECTION:
         amax = {p: a.amax().expand_as(a).clone() for p, a in amax.items()}
     return amax
 
 
 class ExpertsQuantizer:
-    """Statistics and simulation state of one experts module.
+    """Quantization record of one experts module.
 
     Attributes:
         block: the MoE block (names, experts module, layout).
         codec: the Linear scheme's codec, applied to each expert's 2-D projections.
-        tokens: int64 [E] calibration tokens routed to each expert.
-        input_amax: projection -> fp32 [E] max |input| per expert, as observed.
+        calibrator: the module's calibration statistics (``tokens``, ``input_amax``).
         export_input_amax: projection -> fp32 [E] amax used for ``input_scale`` after the
             uncalibrated-expert policy (set by :func:`quantport.calibrate.moe_policy.apply_input_policy`).
         weight_amax: projection -> fp32 [E] per-tensor weight amax per expert (gate and up share one).
         mode: current :class:`QuantMode`.
     """
 
-    def __init__(
-        self,
-        block: MoEBlock,
-        codec: SchemeCodec,
-        original_forward: Callable[..., Any],
-        weight_amax: dict[str, torch.Tensor] | None = None,
-    ) -> None:
+    def __init__(self, block: MoEBlock, codec: SchemeCodec, weight_amax: dict[str, torch.Tensor] | None = None) -> None:
         self.block = block
         self.codec = codec
-        self.original_forward = original_forward
-        experts = block.num_experts
-        device = block.experts.down_proj.device
-        self.tokens = torch.zeros(experts, dtype=torch.int64, device=device)
-        self.input_amax = {p: torch.zeros(experts, dtype=torch.float32, device=device) for p in PROJECTIONS}
+        self.calibrator = ExpertsCalibrator(block)
         self.export_input_amax: dict[str, torch.Tensor] | None = None
         self.weight_amax = expert_weight_amax(block) if weight_amax is None else weight_amax
         self.mode = QuantMode.OFF
-        self.all_experts_statistics = False
-        self._simulated: dict[str, torch.Tensor] | None = None
+        self._simulator: ExpertsSimulator | None = None
+        self._simulated_weights: dict[str, torch.Tensor] | None = None
         self._stored_input_scales: dict[str, torch.Tensor] | None = None
 
     @property
     def layout(self) -> ExpertLayout:
         return self.block.layout
 
+    @property
+    def tokens(self) -> torch.Tensor:
+        """int64 [E] calibration tokens routed to each expert."""
+        return self.calibrator.tokens
+
+    @property
+    def input_amax(self) -> dict[str, torch.Tensor]:
+        """projection -> fp32 [E] max |input| per expert, as observed."""
+        return self.calibrator.input_amax
+
+    @property
+    def all_experts_statistics(self) -> bool:
+        return self.calibrator.all_experts
+
+    @all_experts_statistics.setter
+    def all_experts_statistics(self, value: bool) -> None:
+        self.calibrator.all_experts = value
+
     # --- weights -------------------------------------------------------------------------------------------
 
     def expert_weights(self, expert: int | slice) -> dict[str, torch.Tensor]:
         """``[out, in]`` weights of expert ``expert`` (``[n, out, in]`` for a slice): gate, up, down.
 
-        Experts exported fused are quantized from fp32 (one rounding of ``w / scale``), as ModelOpt
-        quantizes its fused 3-D experts; per-expert exports quantize in the model dtype like a Linear.
+        Layouts with one scale per projection are quantized from fp32 (one rounding of ``w / scale``), as
+        ModelOpt quantizes its fused 3-D experts; per-expert scales quantize in the model dtype like a Linear.
         """
         experts, layout = self.block.experts, self.layout
         gate_up = experts.gate_up_proj[expert].detach()
         down = experts.down_proj[expert].detach()
-        if layout.naming is ExpertNaming.FUSED:
+        if layout.scales is ExpertScales.ONE_PER_PROJECTION:
             gate_up, down = gate_up.float(), down.float()
         return {"gate": layout.gate(gate_up), "up": layout.up(gate_up), "down": layout.down(down)}
 
@@ -159,12 +154,6 @@ class ExpertsQuantizer:
                 out[i][name] = {k: v[i] for k, v in tensors.items()} if len(experts) > 1 else tensors
         return out
 
-    def use_stored(self, input_scales: dict[str, torch.Tensor] | None) -> None:
-        """Simulate a loaded checkpoint: the module's parameters already are the dequantized weights and
-        ``input_scales`` (projection -> fp32 [E]) are the stored ones."""
-        self._simulated = {"gate_up": self.block.experts.gate_up_proj, "down": self.block.experts.down_proj}
-        self._stored_input_scales = input_scales
-
     def input_scale(self, projection: str) -> torch.Tensor | None:
         """fp32 [E] ``input_scale`` per expert (None for weight-only / dynamic schemes)."""
         if not self.codec.static_input_scale:
@@ -175,10 +164,20 @@ class ExpertsQuantizer:
             raise RuntimeError(f"{self.block.experts_name}: no calibrated input amax; run calibration first")
         return self.codec.input_scale(self.export_input_amax[projection])
 
+    def _input_scales(self) -> dict[str, torch.Tensor] | None:
+        if not self.codec.static_input_scale:
+            return None
+        return {projection: self.input_scale(projection) for projection in PROJECTIONS}  # type: ignore[misc]
+
     def simulated_parameters(self) -> dict[str, torch.Tensor]:
         """``gate_up_proj`` and ``down_proj`` as dequantize(quantize(.)) in the model's own layout."""
-        if self._simulated is not None:
-            return self._simulated
+        if self._simulator is not None:
+            return self._simulator.weights
+        if self._simulated_weights is None:
+            self._simulated_weights = self._dequantized_weights()
+        return self._simulated_weights
+
+    def _dequantized_weights(self) -> dict[str, torch.Tensor]:
         dtype = self.block.experts.down_proj.dtype
         gates, ups, downs = [], [], []
         for tensors in (t for chunk in self.expert_chunks() for t in self.quantized_experts(chunk)):
@@ -186,125 +185,31 @@ class ExpertsQuantizer:
             ups.append(self.codec.dequantize_weight(tensors["up"], dtype))
             downs.append(self.codec.dequantize_weight(tensors["down"], dtype))
         layout = self.layout
-        simulated = {
+        return {
             "gate_up": layout.fuse(torch.stack(gates), torch.stack(ups)).contiguous(),
             "down": layout.unorient_down(torch.stack(downs)).contiguous(),
         }
-        self._simulated = simulated
-        return simulated
 
-    def drop_simulation_cache(self) -> None:
-        self._simulated = None
+    def simulator(self) -> ExpertsSimulator:
+        """The module's :class:`ExpertsSimulator` (built on first use, then kept)."""
+        if self._simulator is None:
+            weights = self.simulated_parameters()
+            self._simulator = ExpertsSimulator(self.block, self.codec, weights, self._input_scales())
+        return self._simulator
 
-    # --- activations ---------------------------------------------------------------------------------------
-
-    def _fake_quant_rows(self, x: torch.Tensor, counts: torch.Tensor, projection: str) -> torch.Tensor:
-        """Fake-quantize rows sorted by expert with each expert's input scale."""
-        scales = self.input_scale(projection)
-        if scales is None or bool((scales == scales[0]).all()):
-            return self.codec.fake_quantize_input(x, None if scales is None else scales[0])
-        pieces = torch.split(x, counts.tolist())
-        return torch.cat([self.codec.fake_quantize_input(p, scales[e]) for e, p in enumerate(pieces)])
-
-    def _observe(self, projection: str, row_amax: torch.Tensor, expert_ids: torch.Tensor) -> None:
-        """Running per-expert amax: one segmented max of the rows' amax into the statistics, in place."""
-        self.input_amax[projection].scatter_reduce_(0, expert_ids, row_amax, reduce="amax", include_self=True)
-
-    # --- forward contracts --------------------------------------------------------------------------------
-
-    def _parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
-        experts = self.block.experts
-        if self.mode is QuantMode.SIMULATE:
-            simulated = self.simulated_parameters()
-            return simulated["gate_up"], simulated["down"]
-        return experts.gate_up_proj, experts.down_proj
-
-    def top_k_forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        """Grouped forward of a ``TOP_K`` experts module; returns ``[T, H]``."""
-        experts, layout = self.block.experts, self.layout
-        num_experts, top_k = self.block.num_experts, top_k_index.shape[-1]
-        expert_ids = top_k_index.reshape(-1)
-        sorted_ids, order = torch.sort(expert_ids, stable=True)
-        token_of_row = order // top_k
-        rows = hidden[token_of_row]
-        counts, offsets = _expert_offsets(sorted_ids, num_experts)
-        gate_up_w, down_w = self._parameters()
-        gate_up_b = experts.gate_up_proj_bias[sorted_ids] if layout.has_bias else None
-        down_b = experts.down_proj_bias[sorted_ids] if layout.has_bias else None
-        if self.mode is QuantMode.CALIBRATE:
-            self.tokens += counts
-            if not self.all_experts_statistics:  # a row's amax is its token's: reduce T rows, not T*K
-                self._observe("gate_up", _row_amax(hidden)[token_of_row], sorted_ids)
-        elif self.mode is QuantMode.SIMULATE:
-            rows = self._fake_quant_rows(rows, counts, "gate_up")
-        h = experts._apply_gate(_grouped_linear(rows, gate_up_w, offsets, gate_up_b, layout.transposed))
-        if self.mode is QuantMode.CALIBRATE and not self.all_experts_statistics:
-            self._observe("down", _row_amax(h), sorted_ids)
-        elif self.mode is QuantMode.SIMULATE:
-            h = self._fake_quant_rows(h, counts, "down")
-        out = _grouped_linear(h, down_w, offsets, down_b, layout.transposed)
-        weighted = out * top_k_weights.reshape(-1)[order].unsqueeze(-1)  # promotes like transformers' kernel
-        unsorted = torch.empty_like(weighted)
-        unsorted[order] = weighted
-        if self.mode is QuantMode.CALIBRATE and self.all_experts_statistics:
-            self._observe_all_experts(hidden)
-        return unsorted.view(hidden.shape[0], top_k, -1).sum(dim=1).to(hidden.dtype)
-
-    def _observe_all_experts(self, hidden: torch.Tensor, chunk_tokens: int = 1024) -> None:
-        """Statistics of every token through every expert (the output keeps the real routing).
-
-        Costs one extra dense pass of all experts over the batch, in chunks of ``chunk_tokens``
-        tokens so that memory stays at ``chunk_tokens x E x 2I`` activations.
-        """
-        experts, layout = self.block.experts, self.layout
-        num_experts = self.block.num_experts
-        gate_up_w = experts.gate_up_proj if layout.transposed else experts.gate_up_proj.transpose(-1, -2)
-        token_amax = hidden.detach().abs().amax().float()
-        self.input_amax["gate_up"] = torch.maximum(self.input_amax["gate_up"], token_amax.expand(num_experts))
-        for chunk in hidden.split(chunk_tokens):
-            x = chunk.unsqueeze(0).expand(num_experts, -1, -1)
-            h = torch.bmm(x, gate_up_w)
-            if layout.has_bias:
-                h = h + experts.gate_up_proj_bias.unsqueeze(1)
-            h = experts._apply_gate(h)
-            amax = h.detach().abs().amax(dim=(1, 2)).float()
-            self.input_amax["down"] = torch.maximum(self.input_amax["down"], amax)
-
-    def dense_routed_forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Batched forward of a ``DENSE_ROUTED`` experts module (Llama 4); returns ``[E*T, H]``."""
-        experts = self.block.experts
-        num_experts = self.block.num_experts
-        x = hidden.view(num_experts, -1, hidden.shape[-1])
-        gate_up_w, down_w = self._parameters()
-        if self.mode is QuantMode.CALIBRATE:
-            routed = (x != 0).any(dim=-1)
-            self.tokens += routed.sum(dim=1)
-            self.input_amax["gate_up"] = torch.maximum(
-                self.input_amax["gate_up"], x.detach().abs().amax(dim=(1, 2)).float()
-            )
-        elif self.mode is QuantMode.SIMULATE:
-            x = self._fake_quant_experts(x, "gate_up")
-        gate_up = torch.bmm(x, gate_up_w)
-        gate, up = gate_up.chunk(2, dim=-1)
-        h = up * experts.act_fn(gate)
-        if self.mode is QuantMode.CALIBRATE:
-            self.input_amax["down"] = torch.maximum(self.input_amax["down"], h.detach().abs().amax(dim=(1, 2)).float())
-        elif self.mode is QuantMode.SIMULATE:
-            h = self._fake_quant_experts(h, "down")
-        return torch.bmm(h, down_w).view(-1, hidden.shape[-1])
-
-    def _fake_quant_experts(self, x: torch.Tensor, projection: str) -> torch.Tensor:
-        scales = self.input_scale(projection)
-        if scales is None or bool((scales == scales[0]).all()):
-            return self.codec.fake_quantize_input(x, None if scales is None else scales[0])
-        return torch.stack([self.codec.fake_quantize_input(x[e], scales[e]) for e in range(x.shape[0])])
+    def use_stored(self, input_scales: dict[str, torch.Tensor] | None) -> None:
+        """Simulate a loaded checkpoint: the module's parameters already are the dequantized weights and
+        ``input_scales`` (projection -> fp32 [E]) are the stored ones. Prefer
+        :func:`quantport.modules.expert_simulation.attach_experts_simulator`."""
+        self._stored_input_scales = input_scales
+        self._simulator = ExpertsSimulator.from_parameters(self.block, self.codec, self._input_scales())
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.mode is QuantMode.OFF:
-            return self.original_forward(*args, **kwargs)
-        if self.layout.contract is ForwardContract.DENSE_ROUTED:
-            return self.dense_routed_forward(*args, **kwargs)
-        return self.top_k_forward(*args, **kwargs)
+        if self.mode is QuantMode.CALIBRATE:
+            return self.calibrator.forward(*args, **kwargs)
+        if self.mode is QuantMode.SIMULATE:
+            return self.simulator().forward(*args, **kwargs)
+        return class_forward(self.block.experts)(*args, **kwargs)
 
 
 def install_experts_quantizer(
@@ -314,16 +219,24 @@ def install_experts_quantizer(
 
     ``weight_amax``: :func:`expert_weight_amax` of the block when the caller already computed it.
     """
-    experts = block.experts
-    existing = experts.__dict__.get(_ATTR)
+    existing = experts_quantizer_of(block.experts)
     if existing is not None:
         return existing
-    quantizer = ExpertsQuantizer(block, codec, experts.forward, weight_amax)
-    experts.__dict__[_ATTR] = quantizer
-    experts.forward = quantizer.forward
+    quantizer = ExpertsQuantizer(block, codec, weight_amax)
+    attach_forward(block.experts, quantizer.forward)
+    block.experts.__dict__[_RECORD] = quantizer
     return quantizer
+
+
+_RECORD = "_quantport_experts"
 
 
 def experts_quantizer_of(module: nn.Module) -> ExpertsQuantizer | None:
     """The experts module's quantizer, if one is installed."""
-    return module.__dict__.get(_ATTR)
+    return module.__dict__.get(_RECORD)
+
+
+def uninstall_experts_quantizer(module: nn.Module) -> None:
+    """Drop the experts module's quantizer and give the module its own forward back."""
+    if module.__dict__.pop(_RECORD, None) is not None:
+        detach_forward(module)
