@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+from quantport.formats.descriptors import ScaleConvention
 from quantport.formats.integer import (
     INT4_GROUP,
     dequantize_int4,
@@ -17,6 +18,7 @@ from quantport.formats.integer import (
     int4_scale_from_amax,
     int8_scale_from_amax,
     int_group_qparams,
+    int_weight_scale,
     pack_int4_ct,
     pack_int4_modelopt,
     quantize_int4,
@@ -468,3 +470,20 @@ def test_ct_qparams_quantize_dequantize_match(ct, dtype: torch.dtype, symmetric:
         quantize_int_group_ct(w, s8, z8, bits=8, group=64),
         ct["quantize"](w, rs8, rz8, args8, dtype=torch.int8),
     )
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_int_weight_scale_in_both_conventions(bits: int, dtype: torch.dtype) -> None:
+    w = hard_weight(dtype, rows=8, cols=256)
+    w[0, :128] = 0  # an all-zero group
+    group_amax = w.unflatten(-1, (2, 128)).abs().amax(dim=-1)
+    ct_scale, _ = int_group_qparams(w, bits=bits, group=128, symmetric=True)
+    half_step = int_weight_scale(group_amax, bits, ScaleConvention.HALF_STEP_MODEL_DTYPE)
+    assert half_step.dtype == dtype and torch.equal(half_step, ct_scale)
+    restricted = int_weight_scale(group_amax, bits, ScaleConvention.RESTRICTED_FP32)
+    expected = int4_scale_from_amax(group_amax) if bits == 4 else int8_scale_from_amax(group_amax)
+    assert restricted.dtype == torch.float32 and torch.equal(restricted, expected)
+    assert restricted[0, 0].item() == 1.0  # zero amax -> maxbound -> scale 1
+    with pytest.raises(ValueError, match="RESTRICTED_FP32 or HALF_STEP"):
+        int_weight_scale(group_amax, bits, ScaleConvention.DIVISOR)

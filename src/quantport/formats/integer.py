@@ -58,6 +58,7 @@ __all__ = [
     "dequantize_int8",
     "fake_quantize_int8_per_token",
     "int4_scale_from_amax",
+    "int_weight_scale",
     "int4_group_scales",
     "quantize_int4",
     "dequantize_int4",
@@ -210,6 +211,24 @@ def fake_quantize_int8_per_token(x: torch.Tensor, *, narrow_range: bool = False)
 def int4_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """INT4 scale ``amax / 7`` (fp32, same shape as ``amax``), sanitized as in modelopt's export."""
     return divide(_sanitize_amax(amax, _INT4_MAXBOUND).float(), _INT4_MAXBOUND)
+
+
+def int_weight_scale(amax: torch.Tensor, bits: int, convention: ScaleConvention) -> torch.Tensor:
+    """Symmetric ``bits``-bit weight scale from ``amax`` (same shape) in a dialect's convention.
+
+    RESTRICTED_FP32 (ModelOpt): fp32 ``amax / (2**(bits-1) - 1)``, sanitized as :func:`int8_scale_from_amax`.
+    HALF_STEP_MODEL_DTYPE (compressed-tensors): ``amax / ((2**bits - 1) / 2)`` in amax's dtype (pass the
+    weight's), a scale of 0 becomes ``finfo.eps``, as :func:`int_group_qparams` computes it.
+    """
+    if bits not in (4, 8):
+        raise ValueError(f"int_weight_scale: bits must be 4 or 8, got {bits}")
+    if convention is ScaleConvention.RESTRICTED_FP32:
+        maxbound = 2 ** (bits - 1) - 1
+        return divide(_sanitize_amax(amax, maxbound).float(), maxbound)
+    if convention is ScaleConvention.HALF_STEP_MODEL_DTYPE:
+        scale = amax / (torch.tensor(2.0**bits - 1, device=amax.device).to(amax.dtype) / 2)
+        return torch.where(scale == 0, torch.tensor(torch.finfo(scale.dtype).eps, dtype=scale.dtype), scale)
+    raise ValueError(f"integer scales are RESTRICTED_FP32 or HALF_STEP_MODEL_DTYPE, got {convention!r}")
 
 
 def int4_group_scales(w: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
