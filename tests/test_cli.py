@@ -185,3 +185,30 @@ def test_calibration_dataset_errors_are_one_line(tmp_path, capsys, monkeypatch, 
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_calibration_data_from_the_command_line():
+    from quantport.calibration_sources import CalibrationData, CalibrationSource
+    from quantport.cli import _parser
+    from quantport.quantize_args import calibration_data
+
+    head = ["quantize", "m", "o", "--recipe", "fp8"]
+    both = ["--calib-dataset", r"C:\data\a.jsonl", "--calib-weight", "0.7", "--calib-dataset", "org/b"]
+    options = ["--calib-weight", "0.3", "--calib-split", "test", "--calib-messages-field", "conv", "--calib-seed", "3"]
+    data = calibration_data(_parser(quantize_only=True).parse_args([*head, *both, *options]))
+    a = CalibrationSource(r"C:\data\a.jsonl", weight=0.7, split="test", messages_field="conv")
+    b = CalibrationSource("org/b", weight=0.3, split="test", messages_field="conv")
+    assert data == CalibrationData((a, b), seed=3)
+    assert calibration_data(_parser(quantize_only=True).parse_args(head)) is None
+
+
+def test_calibration_dataset_needs_the_datasets_library(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "datasets" else real_find_spec(name, *a)
+    )
+    data = _calib_jsonl(tmp_path / "calib.jsonl", [{"text": "one two three"}] * 100)
+    assert _quantize(tmp_path / "out", "--calib-dataset", data) == 2
+    assert "install it with pip install 'quantport[datasets]'" in capsys.readouterr().err

@@ -163,7 +163,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
         help="calibrate on a data set instead of the bundled text: a local .jsonl/.json/.parquet/.csv/.txt file, "
         "a directory of such files, or a Hugging Face Hub id (streamed; needs quantport[datasets]). Repeat to mix "
         "several. Rows are text (--calib-text-field) or chats, a 'messages' list of {role, content} rendered "
-        "with the model's chat template",
+        "with the model's chat template and tokenized as the model sees them when served; rows are packed into "
+        "--calib-seq-len sequences and read only as far as --calib-samples needs",
     )
     parser.add_argument(
         "--calib-weight",
@@ -172,9 +173,10 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="W",
         help="share of the calibration sequences for each --calib-dataset, in the same order: none (equal "
         "shares) or one per data set, e.g. --calib-dataset a.jsonl --calib-weight 0.7 --calib-dataset "
-        "b.parquet --calib-weight 0.3 (weights are relative: 7 and 3 mean the same)",
+        "b.parquet --calib-weight 0.3 (weights are relative: 7 and 3 mean the same). A weight is its own "
+        "option, not a suffix of SOURCE, so paths and ids may hold ':' (C:\\data\\a.jsonl)",
     )
-    parser.add_argument("--calib-split", help="split of the data sets to read (default train)")
+    parser.add_argument("--calib-split", metavar="SPLIT", help="split of the data sets to read (default train)")
     parser.add_argument("--calib-text-field", metavar="FIELD", help="field holding plain text (default text)")
     parser.add_argument(
         "--calib-messages-field",
@@ -184,6 +186,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calib-seed",
         type=non_negative_int,
+        metavar="SEED",
         help="seed of the shuffles of the data sets' files, rows and sequences (default 0: the same data every run)",
     )
 
