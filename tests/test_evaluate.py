@@ -19,7 +19,8 @@ from quantport.evaluate import EvalDataError, EvalResult, bundled_eval_text, eva
 from quantport.loader import load
 from quantport.loading import resolve_model_dir
 
-TRAINED = Path("/work/shared/models")
+TRAINED = Path(__file__).resolve().parents[2] / "shared" / "models"
+"""Trained test models in ``../shared/models`` next to the repository (tests using them skip without it)."""
 
 
 def _quantized_tiny_llama(tmp_path, recipe: str = "fp8", kv_cache: str | None = "fp8"):

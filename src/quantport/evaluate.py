@@ -24,10 +24,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .errors import QuantportError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["EvalDataError", "EvalResult", "bundled_eval_text", "eval_batches", "evaluate"]
+__all__ = [
+    "ARCHITECTURE_KEYS",
+    "EvalDataError",
+    "EvalResult",
+    "ModelMismatchError",
+    "bundled_eval_text",
+    "check_same_model",
+    "eval_batches",
+    "evaluate",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +46,31 @@ EVAL_TEXT = "eval_en.txt"
 """The bundled held-out text (English Wikipedia, CC BY-SA 4.0; see ``data/SOURCES.md``)."""
 
 
-class EvalDataError(ValueError):
+ARCHITECTURE_KEYS = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
+"""``config.json`` keys a quantized checkpoint shares with the model it was quantized from."""
+
+
+class EvalDataError(QuantportError, ValueError):
     """The evaluation text or batches cannot be used as given."""
+
+
+class ModelMismatchError(EvalDataError):
+    """The quantized checkpoint was not made from the base model it is compared with."""
+
+
+def check_same_model(base_config: dict[str, Any], quant_config: dict[str, Any]) -> None:
+    """Raise :class:`ModelMismatchError` when two ``config.json`` dicts differ in an :data:`ARCHITECTURE_KEYS`
+    key both have."""
+    differ = [
+        f"{key} {base_config[key]!r} vs {quant_config[key]!r}"
+        for key in ARCHITECTURE_KEYS
+        if key in base_config and key in quant_config and base_config[key] != quant_config[key]
+    ]
+    if differ:
+        raise ModelMismatchError(
+            f"BASE and QUANT are different models ({'; '.join(differ)}); "
+            "give the model QUANT was quantized from as BASE"
+        )
 
 
 @dataclass(frozen=True)
@@ -153,7 +187,7 @@ def evaluate(
         ids = _check_batch(batch)
         base_logits, quant_logits = _logits(base_model, ids), _logits(quant_model, ids)
         if base_logits.shape[-1] != quant_logits.shape[-1]:
-            raise EvalDataError(
+            raise ModelMismatchError(
                 f"the models have different vocabularies ({base_logits.shape[-1]} vs {quant_logits.shape[-1]})"
             )
         for row in range(ids.shape[0]):
