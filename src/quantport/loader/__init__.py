@@ -6,14 +6,23 @@ quantport wrote decodes to exactly the weights its simulation used), MoE experts
 the model's 3-D parameters as their :class:`~quantport.arch.experts.ExpertLayout` says, and everything
 else is copied as stored. With ``simulate_activations=True`` the dense Linear layers also see their
 input as the engine quantizes it (stored ``input_scale`` or dynamic), and an FP8 KV cache is simulated
-with the stored ``k_scale`` / ``v_scale``.
+with the stored ``k_scale`` / ``v_scale``; quantized MoE experts compute as the engine does through
+the experts simulator (:mod:`quantport.modules.expert_simulation`) with their stored per-expert input
+scales.
 
-Reads ModelOpt unified checkpoints (``quant_method: modelopt``), written by quantport or by
-nvidia-modelopt 0.47, with any ``quant_algo`` a scheme codec declares (``FP8``,
-``FP8_PER_CHANNEL_PER_TOKEN``, ``FP8_PB_WO``, ``NVFP4``, ``W4A16_NVFP4``, ``MXFP8``, ``W4A16_AWQ``, ``W8A16``),
-also per layer in ``MIXED_PRECISION``; and unquantized checkpoints. Simulating the activations of
-quantized MoE experts is not implemented yet (``NotImplementedError``); their per-expert input scales
-are in the :class:`LoadReport`.
+The dialect is detected by :func:`quantport.read.dialect.detect_dialect` (the same function ``check``
+and ``inspect`` use), and each dialect has its reader here:
+
+* ModelOpt unified checkpoints (``quant_method: modelopt``, :mod:`.modelopt`), written by quantport or
+  nvidia-modelopt 0.47: ``FP8``, ``FP8_PER_CHANNEL_PER_TOKEN``, ``FP8_PB_WO``, ``NVFP4``, ``W4A16_NVFP4``,
+  ``MXFP8``, ``W4A16_AWQ``, ``W8A16``, also per layer in ``MIXED_PRECISION``; fused or per-expert experts;
+* compressed-tensors (:mod:`.compressed_tensors`), written by quantport or llm-compressor: FP8
+  (tensor, channel, 128x128 block), NVFP4, MXFP4, INT8 W8A8, INT4/INT8 group-128 (symmetric or not),
+  experts stored per expert;
+* gpt-oss's native MXFP4 experts (``quant_method: mxfp4``, :mod:`.mxfp4_native`);
+* unquantized checkpoints.
+
+Anything else is a :class:`CheckpointError` naming what is unsupported.
 """
 
 from __future__ import annotations
@@ -29,19 +38,20 @@ from torch import nn
 
 from ..arch.experts import MoEBlock, find_moe_blocks
 from ..arch.fused_groups import find_attention_modules
-from ..export.names import CheckpointNames
-from ..export.targets.modelopt import quant_algo
 from ..formats.finite import all_finite
 from ..loading import resolve_device
-from ..modules.quant_experts import install_experts_quantizer
-from ..modules.quant_linear import QuantMode
-from ..schemes import SchemeCodec
-from .checkpoint import CheckpointError, QuantSettings, TensorStore, read_config, read_quant_settings
+from ..modules.expert_simulation import attach_experts_simulator
+from ..read.dialect import CheckpointDialect, ModuleRole, QuantizedModule
+from ..read.quant_config import Dialect
+from .checkpoint import CheckpointError, TensorStore, read_config, read_dialect
+from .compressed_tensors import CtDecoder
 from .experts import ExpertsRecord, load_experts
-from .modelopt import codec_for_algo, dequantize_linear, quantizes_activations
+from .hub_names import HubNames
+from .linear import DecodedLinear, LinearDecoder
+from .modelopt import ModelOptDecoder, quantizes_activations
 from .simulate import install_input_fake_quant, install_kv_scales
 
-__all__ = ["CheckpointError", "ExpertsRecord", "LoadReport", "QuantSettings", "load", "load_report", "validate_files"]
+__all__ = ["CheckpointError", "ExpertsRecord", "LoadReport", "load", "load_report", "validate_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +67,10 @@ class LoadReport:
 
     Attributes:
         directory: the checkpoint directory.
-        settings: the quantization the checkpoint declares.
+        dialect: the checkpoint's dialect, quantization config and quantized modules.
         dtype: the model dtype (the stored one).
-        dequantized: in-memory module name -> ``quant_algo`` of every dequantized Linear.
+        dequantized: in-memory module name -> scheme (ModelOpt ``quant_algo`` or quantport scheme) of
+            every dequantized Linear.
         experts: how each MoE experts module was stored, with its per-expert input scales.
         activations_simulated: Linear layers whose input is fake-quantized.
         kv_simulated: attention modules with a simulated FP8 KV cache.
@@ -67,7 +78,7 @@ class LoadReport:
     """
 
     directory: Path
-    settings: QuantSettings
+    dialect: CheckpointDialect
     dtype: torch.dtype
     dequantized: dict[str, str] = field(default_factory=dict)
     experts: list[ExpertsRecord] = field(default_factory=list)
@@ -76,45 +87,56 @@ class LoadReport:
     unused_tensors: list[str] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class _StoredLinear:
-    codec: SchemeCodec
-    input_scale: torch.Tensor | None
+class _NoQuantizedLinears:
+    """The decoder of native MXFP4 checkpoints, whose Linear layers are all stored unquantized."""
+
+    def decode(
+        self, store: TensorStore, module: QuantizedModule, shape: tuple[int, int], dtype: torch.dtype
+    ) -> DecodedLinear:
+        raise CheckpointError(
+            f"{module.name} has quantization tensors, but a native MXFP4 (quant_method mxfp4) checkpoint "
+            "quantizes only the gpt-oss experts"
+        )
+
+
+_DECODERS: dict[Dialect, LinearDecoder] = {
+    Dialect.MODELOPT: ModelOptDecoder(),
+    Dialect.COMPRESSED_TENSORS: CtDecoder(),
+    Dialect.MXFP4: _NoQuantizedLinears(),
+    Dialect.NONE: _NoQuantizedLinears(),
+}
+"""The Linear decoder of each dialect :func:`load` reads."""
 
 
 @dataclass
 class _Reader:
     model: nn.Module
-    names: CheckpointNames
+    names: HubNames
     store: TensorStore
     report: LoadReport
 
-    def candidates(self, module: str) -> tuple[str, ...]:
-        """Checkpoint prefixes of ``module``: its saved (hub) name, then its in-memory name."""
-        return tuple(dict.fromkeys((self.names.module(module), module)))
+    @property
+    def decoder(self) -> LinearDecoder:
+        return _DECODERS[self.report.dialect.dialect]
 
-    def quantized_weight(self, module: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, _StoredLinear] | None:
-        prefix = self.store.first([f"{p}.weight_scale" for p in self.candidates(module)])
-        if prefix is None:
+    def quantized_weight(self, module: str, shape: tuple[int, ...]) -> DecodedLinear | None:
+        modules = self.report.dialect.modules
+        stored = next((modules[p] for p in self.names.candidates(module) if p in modules), None)
+        if stored is None or stored.role is not ModuleRole.LINEAR:
             return None
-        prefix = prefix.rsplit(".", 1)[0]
-        algo = self.report.settings.algo_for(prefix)
-        if algo is None:
-            raise CheckpointError(f"{prefix} has scale tensors, but the checkpoint config names no quant_algo for it")
         if len(shape) != 2:
-            raise CheckpointError(f"{prefix} is quantized, but {module}.weight is not a 2-D matrix")
-        codec = codec_for_algo(algo)
-        dense = dequantize_linear(self.store, prefix, codec, (shape[0], shape[1]), self.report.dtype)
-        self.report.dequantized[module] = algo
-        return dense.weight, _StoredLinear(codec, dense.input_scale)
+            raise CheckpointError(f"{stored.name} is quantized, but {module}.weight is not a 2-D matrix")
+        decoded = self.decoder.decode(self.store, stored, (shape[0], shape[1]), self.report.dtype)
+        self.report.dequantized[module] = decoded.scheme
+        return decoded
 
-    def value(self, key: str, target: torch.Tensor) -> tuple[torch.Tensor, _StoredLinear | None] | None:
+    def value(self, key: str, target: torch.Tensor) -> tuple[torch.Tensor, DecodedLinear | None] | None:
         """The dense value of state-dict entry ``key`` (None when the checkpoint lacks it)."""
         module, _, leaf = key.rpartition(".")
         if leaf == "weight":
             quantized = self.quantized_weight(module, tuple(target.shape))
             if quantized is not None:
-                return quantized
+                return quantized.weight, quantized
         name = self.store.first(tuple(dict.fromkeys((self.names.tensor(key), key))))
         if name is None:
             return None
@@ -189,7 +211,7 @@ def _require_finite(name: str, tensor: torch.Tensor) -> None:
         )
 
 
-def _fill_tensors(reader: _Reader, skip: set[str]) -> dict[str, _StoredLinear]:
+def _fill_tensors(reader: _Reader, skip: set[str]) -> dict[str, DecodedLinear]:
     """Fill every parameter and persistent buffer not in ``skip``; return the quantized Linears."""
     model = reader.model
     parameters = {name for name, _ in model.named_parameters(remove_duplicate=False)}
@@ -197,7 +219,7 @@ def _fill_tensors(reader: _Reader, skip: set[str]) -> dict[str, _StoredLinear]:
     for key, tensor in model.state_dict(keep_vars=True).items():
         if key not in skip:
             tied.setdefault(id(tensor), []).append((key, tensor))
-    quantized: dict[str, _StoredLinear] = {}
+    quantized: dict[str, DecodedLinear] = {}
     missing: list[str] = []
     for members in tied.values():
         found = next(((k, t, v) for k, t in members if (v := reader.value(k, t)) is not None), None)
@@ -221,11 +243,12 @@ def _fill_tensors(reader: _Reader, skip: set[str]) -> dict[str, _StoredLinear]:
 
 
 def _load_kv_scales(reader: _Reader, simulate: bool) -> None:
-    kv_algo = reader.report.settings.kv_algo
+    kv_algo = reader.report.dialect.config.kv_cache
     for name, attention in find_attention_modules(reader.model):
         scales = []
         for projection, leaf in (("k_proj", "k_scale"), ("v_proj", "v_scale")):
-            stored = reader.store.first([f"{p}.{leaf}" for p in reader.candidates(f"{name}.{projection}")])
+            holders = (*reader.names.candidates(f"{name}.{projection}"), *reader.names.candidates(name))
+            stored = reader.store.first([f"{p}.{leaf}" for p in holders])
             scales.append(reader.store.get(stored) if stored is not None else None)
         if not simulate or kv_algo is None:
             continue
@@ -241,7 +264,8 @@ def _load_kv_scales(reader: _Reader, simulate: bool) -> None:
 
 
 def _simulate_experts(block: MoEBlock, record: ExpertsRecord) -> None:
-    """Route the experts through the exporter's own simulation, with the stored weights and scales."""
+    """Make the experts compute as the engine does: the simulator quantize's simulation uses, fed with the
+    dequantized weights (already the module's parameters) and the stored per-expert input scales."""
     if record.codec is None or not quantizes_activations(record.codec):
         return
     scales = None
@@ -252,19 +276,22 @@ def _simulate_experts(block: MoEBlock, record: ExpertsRecord) -> None:
                 "cannot be simulated; load with simulate_activations=False"
             )
         scales = {"gate_up": record.gate_up_input_scale, "down": record.down_input_scale}
-    quantizer = install_experts_quantizer(block, record.codec)
-    quantizer.use_stored(scales)
-    quantizer.mode = QuantMode.SIMULATE
+    attach_experts_simulator(block, record.codec, scales)
 
 
-def _simulate_linear_inputs(model: nn.Module, quantized: dict[str, _StoredLinear], report: LoadReport) -> None:
+def _simulate_linear_inputs(model: nn.Module, quantized: dict[str, DecodedLinear], report: LoadReport) -> None:
     modules = dict(model.named_modules())
     for name, stored in quantized.items():
         if not quantizes_activations(stored.codec):
             continue
+        if not stored.activations_known:
+            raise NotImplementedError(
+                f"{name}: the checkpoint's activation quantization differs from every {stored.scheme} scheme "
+                "quantport simulates; load with simulate_activations=False (the weights decode exactly)"
+            )
         if stored.codec.static_input_scale and stored.input_scale is None:
             raise CheckpointError(
-                f"{name} ({quant_algo(stored.codec.scheme)}) has no input_scale in the checkpoint, so its "
+                f"{name} ({stored.scheme}) has no input_scale in the checkpoint, so its "
                 "activations cannot be simulated; load with simulate_activations=False"
             )
         install_input_fake_quant(modules[name], stored.codec, stored.input_scale)
@@ -289,8 +316,8 @@ def load(directory: str | Path, simulate_activations: bool = False, device: str 
         CheckpointError: (a :class:`~quantport.errors.QuantportError`) unknown quantization method or
             algorithm; missing, malformed or non-finite tensors; a corrupt, truncated or non-regular
             file, a broken index or config (each named in the message).
-        NotImplementedError: ``simulate_activations`` for MoE experts with quantized activations or a
-            non-FP8 KV cache.
+        NotImplementedError: ``simulate_activations`` with a non-FP8 KV cache, or with activation
+            arguments no quantport scheme has (the weights alone load).
     """
     directory = Path(directory)
     try:
@@ -302,16 +329,16 @@ def load(directory: str | Path, simulate_activations: bool = False, device: str 
 
 def _load(directory: Path, simulate_activations: bool, device: str | torch.device) -> nn.Module:
     config = read_config(directory)
-    settings = read_quant_settings(directory, config)
     target = device if isinstance(device, torch.device) else resolve_device(device)
     store = TensorStore(directory, target)
+    dialect = read_dialect(directory, config, store.names())
     dtype = store.most_common_dtype() or torch.float32
     model = _build_model(directory, dtype, target, store.stored_bytes())
-    report = LoadReport(directory, settings, dtype)
-    reader = _Reader(model, CheckpointNames(model), store, report)
+    report = LoadReport(directory, dialect, dtype)
+    reader = _Reader(model, HubNames(model), store, report)
     skip: set[str] = set()
     for block in find_moe_blocks(model):
-        record = load_experts(block, reader.names, store, settings, dtype)
+        record = load_experts(block, reader.names, store, dialect, reader.decoder, dtype)
         for param in ("gate_up_proj", "down_proj"):
             _require_finite(f"{block.experts_name}.{param}", getattr(block.experts, param))
         if simulate_activations:
@@ -344,8 +371,8 @@ def validate_files(directory: str | Path) -> None:
     and raise its :class:`CheckpointError` now, before anything expensive is loaded (``quantport eval``)."""
     directory = Path(directory)
     try:
-        read_quant_settings(directory, read_config(directory))
-        TensorStore(directory, torch.device("cpu"))
+        config = read_config(directory)
+        read_dialect(directory, config, TensorStore(directory, torch.device("cpu")).names())
     except OSError as exc:
         raise CheckpointError(f"{exc.filename or directory}: cannot be read: {exc.strerror or exc}") from None
 

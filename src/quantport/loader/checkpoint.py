@@ -1,10 +1,10 @@
-"""Reading a checkpoint directory: its config, its quantization settings and its tensors (lazily)."""
+"""Reading a checkpoint directory: its config, its dialect (:mod:`quantport.read.dialect`) and its tensors (lazily)."""
 
 from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,56 +20,16 @@ from ..read import (
     read_header,
     read_json_object,
 )
+from ..read.dialect import CheckpointDialect, detect_dialect
+from ..read.quant_config import HF_QUANT_CONFIG_FILE, Dialect, config_quant_block
 
-__all__ = ["CheckpointError", "QuantSettings", "TensorStore", "read_config", "read_quant_settings"]
+__all__ = ["CheckpointError", "TensorStore", "read_config", "read_dialect"]
 
 INDEX_FILE = "model.safetensors.index.json"
 
 
 class CheckpointError(ModelLoadError):
     """The checkpoint cannot be read back: unknown format or algorithm, missing or malformed tensors."""
-
-
-@dataclass(frozen=True)
-class QuantSettings:
-    """The quantization a checkpoint declares.
-
-    Attributes:
-        method: ``quant_method`` (``"modelopt"``), or None for an unquantized checkpoint.
-        algo: the checkpoint-wide ``quant_algo`` (upper case), or None.
-        kv_algo: ``kv_cache_quant_algo`` (``"FP8"``) or None.
-        layer_algos: per-module ``quant_algo`` of a ``MIXED_PRECISION`` checkpoint.
-    """
-
-    method: str | None = None
-    algo: str | None = None
-    kv_algo: str | None = None
-    layer_algos: dict[str, str] = field(default_factory=dict)
-
-    def algo_for(self, module: str) -> str | None:
-        """The ``quant_algo`` of the module stored under ``module``."""
-        if module in self.layer_algos:
-            return self.layer_algos[module]
-        return None if self.algo == "MIXED_PRECISION" else self.algo
-
-
-def _upper(value: Any) -> str | None:
-    return value.upper() if isinstance(value, str) else None
-
-
-def _kv_algo(block: dict[str, Any]) -> str | None:
-    if "kv_cache_quant_algo" in block:
-        return _upper(block["kv_cache_quant_algo"])
-    scheme = block.get("kv_cache_scheme")
-    if isinstance(scheme, dict):  # flat form: {"num_bits": 8, "type": "float", ...}
-        return "FP8" if scheme.get("num_bits") == 8 and scheme.get("type") == "float" else "UNKNOWN"
-    return _upper(scheme)
-
-
-def _dict(value: Any, what: str, directory: Path) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{directory}/{what} is {str(value)[:60]!r}, not a JSON object")
-    return value
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -93,38 +53,31 @@ def read_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def read_quant_settings(directory: Path, config: dict[str, Any]) -> QuantSettings:
-    """The checkpoint's :class:`QuantSettings`, from ``config.json`` or ``hf_quant_config.json``."""
-    block = config.get("quantization_config")
-    nested_path = directory / "hf_quant_config.json"
-    if block is None and os.path.lexists(nested_path):
-        nested = _dict(_read_json(nested_path).get("quantization", {}), "hf_quant_config.json: quantization", directory)
-        block = {**nested, "quant_method": "modelopt"}
-    if block is None:
-        return QuantSettings()
-    source = "config.json" if config.get("quantization_config") is not None else "hf_quant_config.json"
-    block = _dict(block, "config.json: quantization_config", directory)
-    if not block:
-        return QuantSettings()
-    method = block.get("quant_method")
-    method = method.lower() if isinstance(method, str) else None
-    if method != "modelopt":
+def read_dialect(directory: Path, config: dict[str, Any], tensor_names: Iterable[str]) -> CheckpointDialect:
+    """The checkpoint's dialect and quantized modules; a :class:`CheckpointError` for a dialect load cannot read."""
+    nested_path = directory / HF_QUANT_CONFIG_FILE
+    nested = _read_json(nested_path) if os.path.lexists(nested_path) else None
+    if nested is not None and not isinstance(nested.get("quantization", {}), dict):
+        raise CheckpointError(f"{nested_path}: 'quantization' is not a JSON object")
+    if "quantization_config" in config and not isinstance(config["quantization_config"], dict | None):
+        shown = str(config["quantization_config"])[:60]
+        raise CheckpointError(f"{directory}/config.json: quantization_config is {shown!r}, not a JSON object")
+    block = config_quant_block(config)
+    if block is not None and not block:
+        return detect_dialect({}, None, ())  # an empty quantization_config: unquantized
+    found = detect_dialect(config, nested, tensor_names)
+    source = directory / (found.config.source or "config.json")
+    if found.dialect is Dialect.UNKNOWN:
         raise CheckpointError(
-            f"{directory / source}: quant_method {method!r}; quantport.load reads ModelOpt "
-            "checkpoints (quant_method 'modelopt') and unquantized ones"
+            f"{source}: quant_method {found.config.quant_method!r} is not supported; quantport.load reads "
+            "ModelOpt (modelopt), compressed-tensors and native MXFP4 (mxfp4) checkpoints and unquantized ones"
         )
-    layers = _dict(block.get("quantized_layers") or {}, f"{source}: quantized_layers", directory)
-    layer_algos = {}
-    for name, spec in layers.items():
-        algo = spec.get("quant_algo") if isinstance(spec, dict) else None
-        if not isinstance(algo, str):
-            raise CheckpointError(
-                f"{directory / source}: quantized_layers[{name!r}] has no quant_algo string: {str(spec)[:60]}"
-            )
-        layer_algos[name] = algo.upper()
-    return QuantSettings(
-        method=method, algo=_upper(block.get("quant_algo")), kv_algo=_kv_algo(block), layer_algos=layer_algos
-    )
+    if found.dialect is Dialect.MODELOPT:
+        for name, spec in found.config.quantized_layers.items():
+            if not isinstance(spec, dict) or not isinstance(spec.get("quant_algo"), str):
+                shown = str(spec)[:60]
+                raise CheckpointError(f"{source}: quantized_layers[{name!r}] has no quant_algo string: {shown}")
+    return found
 
 
 _FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
@@ -206,6 +159,10 @@ class TensorStore:
                 counts[info.dtype] += info.numel
         ranked = [dtype for dtype, _ in counts.most_common() if dtype in _FLOAT_DTYPES]
         return _FLOAT_DTYPES[ranked[0]] if ranked else None
+
+    def names(self) -> list[str]:
+        """Every tensor name of the checkpoint."""
+        return list(self._where)
 
     def unused(self) -> list[str]:
         """Tensors that were never read, sorted."""

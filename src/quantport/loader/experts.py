@@ -1,8 +1,10 @@
 """Reading MoE experts back into the model's fused 3-D ``gate_up_proj`` / ``down_proj`` parameters.
 
-Experts may be stored fused (ModelOpt's names for Llama 4 and GPT-OSS, or an unquantized in-memory
-``experts.gate_up_proj``) or one 2-D tensor per expert and projection (``experts.{e}.gate_proj``, or
-Mixtral's ``w1``/``w3``/``w2``). Every fact about a family (orientation, gate/up halves or interleaved,
+Experts may be stored fused (ModelOpt's names for Llama 4 and GPT-OSS, gpt-oss's native MXFP4
+``gate_up_proj_blocks``, or an unquantized in-memory ``experts.gate_up_proj``) or one 2-D tensor per
+expert and projection (``experts.{e}.gate_proj``, or Mixtral's ``w1``/``w3``/``w2``), each projection
+decoded by the checkpoint dialect's :class:`~quantport.loader.linear.LinearDecoder` (ModelOpt or
+compressed-tensors). Every fact about a family (orientation, gate/up halves or interleaved,
 leaf names) comes from its :class:`~quantport.arch.experts.ExpertLayout`.
 """
 
@@ -13,10 +15,13 @@ from dataclasses import dataclass
 import torch
 
 from ..arch.experts import MoEBlock
-from ..export.names import CheckpointNames
+from ..read.dialect import CheckpointDialect
 from ..schemes import SchemeCodec
-from .checkpoint import CheckpointError, QuantSettings, TensorStore
-from .modelopt import DenseWeight, codec_for_algo, dequantize_fused, dequantize_linear
+from .checkpoint import CheckpointError, TensorStore
+from .hub_names import HubNames
+from .linear import LinearDecoder
+from .modelopt import DenseWeight, codec_for_algo, dequantize_fused
+from .mxfp4_native import dequantize_native_mxfp4, has_native_mxfp4
 
 __all__ = ["ExpertsRecord", "load_experts"]
 
@@ -45,7 +50,8 @@ class ExpertsRecord:
 @dataclass
 class _Context:
     store: TensorStore
-    settings: QuantSettings
+    dialect: CheckpointDialect
+    decoder: LinearDecoder
     dtype: torch.dtype
 
 
@@ -57,18 +63,16 @@ def _stacked_scale(scales: list[torch.Tensor | None]) -> torch.Tensor | None:
 
 def _expert_projection(ctx: _Context, prefix: str, shape: tuple[int, int]) -> tuple[DenseWeight, SchemeCodec | None]:
     """One expert's 2-D projection stored under ``prefix`` (quantized or not)."""
-    if f"{prefix}.weight_scale" not in ctx.store:
+    module = ctx.dialect.modules.get(prefix)
+    if module is None:
         weight = ctx.store.get(f"{prefix}.weight")
         if weight.dtype in (torch.uint8, torch.float8_e4m3fn):
             raise CheckpointError(f"{prefix}.weight is stored as {weight.dtype} but has no weight_scale")
         if tuple(weight.shape) != shape:
             raise CheckpointError(f"{prefix}.weight has shape {tuple(weight.shape)}, the model expects {shape}")
         return DenseWeight(weight.to(ctx.dtype), None), None
-    algo = ctx.settings.algo_for(prefix)
-    if algo is None:
-        raise CheckpointError(f"{prefix} has scale tensors but the checkpoint config names no quant_algo for it")
-    codec = codec_for_algo(algo)
-    return dequantize_linear(ctx.store, prefix, codec, shape, ctx.dtype), codec
+    decoded = ctx.decoder.decode(ctx.store, module, shape, ctx.dtype)
+    return DenseWeight(decoded.weight, decoded.input_scale), decoded.codec
 
 
 def _load_per_expert(ctx: _Context, block: MoEBlock, prefix: str) -> ExpertsRecord:
@@ -109,7 +113,8 @@ def _fused_param(ctx: _Context, block: MoEBlock, prefix: str, param: str) -> tup
                 f"the model expects {shape}"
             )
         return DenseWeight(weight.to(ctx.dtype), None), None
-    algo = ctx.settings.algo_for(f"{prefix}.{param}") or ctx.settings.algo_for(prefix)
+    module = ctx.dialect.modules.get(prefix)
+    algo = ctx.dialect.config.modelopt_algo_for(f"{prefix}.{param}") or (module.scheme if module else None)
     if algo is None:
         raise CheckpointError(f"{prefix}.{param} has scale tensors but the checkpoint config names no quant_algo")
     codec = codec_for_algo(algo)
@@ -117,9 +122,20 @@ def _fused_param(ctx: _Context, block: MoEBlock, prefix: str, param: str) -> tup
     return dense, codec
 
 
+def _native_param(ctx: _Context, block: MoEBlock, prefix: str, param: str) -> tuple[DenseWeight, SchemeCodec]:
+    target: torch.Tensor = getattr(block.experts, param)
+    transposed = block.layout.transposed
+    experts, a, b = target.shape
+    rows, codec = dequantize_native_mxfp4(
+        ctx.store, prefix, param, (experts, b, a) if transposed else (experts, a, b), ctx.dtype
+    )
+    return DenseWeight(rows.transpose(-1, -2) if transposed else rows, None), codec
+
+
 def _load_fused(ctx: _Context, block: MoEBlock, prefix: str) -> ExpertsRecord:
-    gate_up, codec = _fused_param(ctx, block, prefix, "gate_up_proj")
-    down, down_codec = _fused_param(ctx, block, prefix, "down_proj")
+    read = _native_param if has_native_mxfp4(ctx.store, prefix) else _fused_param
+    gate_up, codec = read(ctx, block, prefix, "gate_up_proj")
+    down, down_codec = read(ctx, block, prefix, "down_proj")
     if codec is not down_codec:
         raise CheckpointError(f"experts under {prefix}: gate_up_proj and down_proj use different formats")
     with torch.no_grad():
@@ -129,19 +145,24 @@ def _load_fused(ctx: _Context, block: MoEBlock, prefix: str) -> ExpertsRecord:
 
 
 def load_experts(
-    block: MoEBlock, names: CheckpointNames, store: TensorStore, settings: QuantSettings, dtype: torch.dtype
+    block: MoEBlock,
+    names: HubNames,
+    store: TensorStore,
+    dialect: CheckpointDialect,
+    decoder: LinearDecoder,
+    dtype: torch.dtype,
 ) -> ExpertsRecord:
     """Fill ``block``'s fused expert parameters from the checkpoint; return how they were stored.
 
     The experts are looked up under their saved (hub) name first, then their in-memory name.
     """
-    ctx = _Context(store, settings, dtype)
+    ctx = _Context(store, dialect, decoder, dtype)
     gate_leaf = block.layout.leaf_names[0]
-    prefixes = tuple(dict.fromkeys((names.module(block.experts_name), block.experts_name)))
+    prefixes = names.candidates(block.experts_name)
     for prefix in prefixes:
-        if f"{prefix}.gate_up_proj" in store:
+        if f"{prefix}.gate_up_proj" in store or has_native_mxfp4(store, prefix):
             return _load_fused(ctx, block, prefix)
-        if f"{prefix}.0.{gate_leaf}.weight" in store:
+        if store.first([f"{prefix}.0.{gate_leaf}.weight", f"{prefix}.0.{gate_leaf}.weight_packed"]):
             return _load_per_expert(ctx, block, prefix)
     looked = ", ".join(f"{p}.gate_up_proj, {p}.0.{gate_leaf}.weight" for p in prefixes)
     raise CheckpointError(f"the experts of {block.experts_name} are not in the checkpoint (looked for {looked})")
