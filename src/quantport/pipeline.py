@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -14,7 +15,7 @@ from .arch.experts import ForwardContract, MoEBlock, find_moe_blocks
 from .arch.fused_groups import find_attention_modules, find_shared_input_groups
 from .calibrate import calibration_batches, run_calibration
 from .calibrate.loop import auto_batch_size
-from .calibrate.moe_policy import MoECalibration, MoEInputScales, apply_input_policy
+from .calibrate.moe_policy import MoECalibration, MoEInputScales, apply_input_policy, check_input_policy
 from .errors import CalibrationDataError, InvalidArgumentError, InvalidWeightsError
 from .input_checks import check_exclude_patterns, check_finite_statistics, refuse_quantized
 from .memory.mapped_weights import MappedWeights
@@ -220,9 +221,11 @@ def _install_experts(
     weight_amax: dict[str, dict[str, torch.Tensor]],
 ) -> list[ExpertsQuantizer]:
     calibration = MoECalibration(options.get("moe_calib", MoECalibration.ROUTED))
-    MoEInputScales(options.get("moe_input_scales", MoEInputScales.SHARED))  # validate early
+    policy = MoEInputScales(options.get("moe_input_scales", MoEInputScales.SHARED))  # validate early
     quantizers = []
     for block in blocks:
+        if codec.static_input_scale:
+            check_input_policy(block.layout, policy)
         quantizer = install_experts_quantizer(block, codec, weight_amax[block.experts_name])
         if calibration is MoECalibration.ALL_EXPERTS:
             if block.layout.contract is not ForwardContract.TOP_K:
@@ -336,15 +339,12 @@ def quantize(
     return model
 
 
-class simulate:  # noqa: N801  (used as a context manager verb)
-    """Context manager: forward passes compute what the engine computes (fake quantization)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-
-    def __enter__(self) -> nn.Module:
-        set_mode(self.model, QuantMode.SIMULATE)
-        return self.model
-
-    def __exit__(self, *exc: object) -> None:
-        set_mode(self.model, QuantMode.OFF)
+@contextmanager
+def simulate(model: nn.Module) -> Iterator[nn.Module]:
+    """Within ``with quantport.simulate(model):``, forward passes compute what the engine computes
+    (fake-quantized weights, activations and KV cache); the model is back to full precision after."""
+    set_mode(model, QuantMode.SIMULATE)
+    try:
+        yield model
+    finally:
+        set_mode(model, QuantMode.OFF)

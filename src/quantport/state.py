@@ -10,6 +10,7 @@ from torch import nn
 from .arch.fused_groups import SharedInputGroup
 from .errors import ExportError
 from .modules.kv_cache import KVCacheQuantizer, kv_quantizer_of
+from .modules.observe import SharedInputAmax
 from .modules.quant_experts import ExpertsQuantizer, experts_quantizer_of
 from .modules.quant_linear import QuantLinear, QuantMode
 from .recipes import QuantRecipe
@@ -67,7 +68,14 @@ def iter_quant_modules(model: nn.Module) -> Iterator[QuantLinear | KVCacheQuanti
 
 
 def set_mode(model: nn.Module, mode: QuantMode | str) -> None:
-    """Put every quantized module of ``model`` in ``mode`` (off, calibrate, simulate)."""
+    """Put every quantized module of ``model`` in ``mode`` (off, calibrate, simulate).
+
+    Calibration mode starts a run: the model's Linear layers share one fresh :class:`SharedInputAmax`
+    (sibling projections read their common input once), which any other mode drops.
+    """
     mode = QuantMode(mode)
+    memo = SharedInputAmax() if mode is QuantMode.CALIBRATE else None
     for module in iter_quant_modules(model):
         module.mode = mode
+        if isinstance(module, QuantLinear):
+            module.input_memo = memo

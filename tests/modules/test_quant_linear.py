@@ -80,6 +80,7 @@ def test_siblings_share_one_amax_pass_over_the_same_input(monkeypatch):
     codec = codec_for(LinearScheme.FP8)
     q, k = (QuantLinear.convert(_linear(seed=s), codec) for s in (1, 2))
     q.mode = k.mode = QuantMode.CALIBRATE
+    q.input_memo = k.input_memo = observe.SharedInputAmax()  # what set_mode(model, CALIBRATE) gives a run
     x = torch.randn(4, 64, dtype=torch.bfloat16)
     q(x)
     k(x)

@@ -11,7 +11,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import CalibrationDataError
-from ..modules.observe import forget_last_input
 
 __all__ = ["auto_batch_size", "run_calibration"]
 
@@ -51,14 +50,11 @@ def run_calibration(model: nn.Module, batches: Iterable[Any], *, progress: bool 
     target = language_model if isinstance(language_model, nn.Module) else model
     total = len(batches) if hasattr(batches, "__len__") else None
     tokens = 0
-    try:
-        for batch in tqdm(batches, total=total, desc="calibrating", unit="batch", disable=not progress):
-            inputs = _model_inputs(batch, device)
-            target(**inputs, use_cache=False)
-            ids = inputs.get("input_ids")
-            tokens += int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
-    finally:
-        forget_last_input()
+    for batch in tqdm(batches, total=total, desc="calibrating", unit="batch", disable=not progress):
+        inputs = _model_inputs(batch, device)
+        target(**inputs, use_cache=False)
+        ids = inputs.get("input_ids")
+        tokens += int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
     if tokens == 0 and total == 0:
         raise CalibrationDataError("calibration data is empty")
     logger.info("calibrated on %d tokens", tokens)

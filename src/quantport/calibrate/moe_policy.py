@@ -9,8 +9,9 @@ Policies (``MoEInputScales``):
 * ``per-expert``: each expert keeps its own input scale; an expert that saw no tokens takes the max
   over its calibrated siblings. For engines that use per-expert scales.
 
-Layouts exported with ModelOpt's fused names (Llama 4 multimodal, GPT-OSS) have one input scale per
-projection on disk, so they always use ``shared``.
+Families whose engine reads one input scale per projection for all experts
+(:attr:`~quantport.arch.experts.ExpertScales.ONE_PER_PROJECTION`: Llama 4 multimodal, GPT-OSS) can
+only use ``shared``; asking for ``per-expert`` there is an error, never silently replaced.
 
 How statistics are gathered (``MoECalibration``): ``routed`` (default) records what the router
 sends to each expert; ``all-experts`` records every token through every expert while the model's
@@ -19,29 +20,28 @@ output keeps the real routing (one extra dense pass over all experts per MoE lay
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from ..arch.experts import ExpertNaming
-from ..errors import CalibrationDataError
+from ..arch.experts import ExpertLayout, ExpertScales
+from ..errors import CalibrationDataError, InvalidArgumentError
 from ..modules.quant_experts import PROJECTIONS, ExpertsQuantizer
 from ..moe_options import MoECalibration, MoEInputScales
 
-__all__ = ["MoECalibration", "MoEInputScales", "apply_input_policy"]
+__all__ = ["MoECalibration", "MoEInputScales", "apply_input_policy", "check_input_policy"]
 
-logger = logging.getLogger(__name__)
+
+def check_input_policy(layout: ExpertLayout, policy: MoEInputScales) -> None:
+    """Refuse a policy the family's engine cannot represent (before any calibration work)."""
+    if layout.scales is ExpertScales.ONE_PER_PROJECTION and policy is MoEInputScales.PER_EXPERT:
+        raise InvalidArgumentError(
+            f"--moe-input-scales per-expert is not possible for {layout.family} experts: their engine reads one "
+            "input scale per projection for all experts; use --moe-input-scales shared (the default)"
+        )
 
 
 def apply_input_policy(quantizer: ExpertsQuantizer, policy: MoEInputScales) -> MoEInputScales:
-    """Set ``quantizer.export_input_amax`` from its statistics; returns the policy actually used."""
-    if quantizer.layout.naming is ExpertNaming.FUSED and policy is MoEInputScales.PER_EXPERT:
-        logger.warning(
-            "%s: %s experts are exported with one input scale per projection; using the shared policy",
-            quantizer.block.experts_name,
-            quantizer.layout.family,
-        )
-        policy = MoEInputScales.SHARED
+    """Set ``quantizer.export_input_amax`` from its statistics with ``policy``; returns it."""
+    check_input_policy(quantizer.layout, policy)
     result: dict[str, torch.Tensor] = {}
     for projection in PROJECTIONS:
         amax = quantizer.input_amax[projection]

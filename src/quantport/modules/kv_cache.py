@@ -2,9 +2,10 @@
 
 transformers 5 attention modules compute q/k/v, apply RoPE, update the cache and then call the
 function registered under ``config._attn_implementation``. quantport registers one more attention
-function, ``quantport_kv``: it hands keys and values (after RoPE, before the GQA repeat) to the
-module's :class:`KVCacheQuantizer`, then calls the model's original attention function. No model
-code is patched.
+function per original implementation, ``quantport_kv_<original>`` (e.g. ``quantport_kv_sdpa``): it
+hands keys and values (after RoPE, before the GQA repeat) to the module's :class:`KVCacheQuantizer`,
+then calls the model's original attention function. The original implementation is part of the
+name the config holds, so nothing about a model is kept outside it, and no model code is patched.
 """
 
 from __future__ import annotations
@@ -18,15 +19,16 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from ..errors import InvalidArgumentError
 from ..formats import fp8
 from .observe import update_amax
 from .quant_linear import QuantMode
 
-__all__ = ["ATTENTION_KEY", "KVCacheQuantizer", "install_kv_quantizer"]
+__all__ = ["ATTENTION_KEY", "KVCacheQuantizer", "install_kv_quantizer", "kv_quantizer_of", "original_implementation"]
 
 ATTENTION_KEY = "quantport_kv"
+"""Prefix of the attention implementations quantport registers (``quantport_kv_<original>``)."""
 _ATTR = "_quantport_kv"
-_ORIGINAL_IMPLEMENTATION: dict[int, str] = {}  # id(config) -> implementation before quantport's
 
 
 class KVCacheQuantizer:
@@ -60,7 +62,10 @@ def _quantport_attention(module: nn.Module, query, key, value, attention_mask, *
     return quantizer.delegate(module, query, key, value, attention_mask, **kwargs)
 
 
-AttentionInterface.register(ATTENTION_KEY, _quantport_attention)
+def original_implementation(implementation: str) -> str:
+    """The model's own attention implementation behind a (possibly quantport) ``_attn_implementation``."""
+    prefix = f"{ATTENTION_KEY}_"
+    return implementation[len(prefix) :] if implementation.startswith(prefix) else implementation
 
 
 def _original_attention(module: nn.Module, implementation: str) -> Callable[..., Any]:
@@ -68,7 +73,7 @@ def _original_attention(module: nn.Module, implementation: str) -> Callable[...,
         return ALL_ATTENTION_FUNCTIONS[implementation]
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if eager is None:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"attention implementation {implementation!r} of {type(module).__name__} cannot be wrapped for "
             "KV-cache quantization; load the model with attn_implementation='sdpa' or 'eager'"
         )
@@ -79,17 +84,19 @@ def install_kv_quantizer(module: nn.Module) -> KVCacheQuantizer:
     """Attach a :class:`KVCacheQuantizer` to an attention module and route its attention through it."""
     config = getattr(module, "config", None)
     if config is None:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"attention module {type(module).__name__} has no `config`; KV-cache quantization needs a "
             "transformers-5 attention module"
         )
     existing = getattr(module, _ATTR, None)
     if existing is not None:
         return existing
-    implementation = _ORIGINAL_IMPLEMENTATION.setdefault(id(config), config._attn_implementation)
+    implementation = original_implementation(config._attn_implementation or "eager")
     quantizer = KVCacheQuantizer(_original_attention(module, implementation))
     setattr(module, _ATTR, quantizer)
-    config._attn_implementation = ATTENTION_KEY
+    key = f"{ATTENTION_KEY}_{implementation}"
+    AttentionInterface.register(key, _quantport_attention)  # idempotent: the same function for every model
+    config._attn_implementation = key
     return quantizer
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["forget_last_input", "update_amax", "update_shared_input_amax"]
+__all__ = ["SharedInputAmax", "update_amax"]
 
 
 def update_amax(running: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
@@ -14,30 +14,32 @@ def update_amax(running: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     return amax if running is None else torch.maximum(running, amax)
 
 
-class _LastInput:
-    """The amax of the last activation observed, kept with a reference to that very tensor.
+class SharedInputAmax:
+    """Per-run memo of the amax of the last Linear input: sibling projections share one pass over it.
 
     Sibling projections (q/k/v, gate/up) are called one after the other on the same input tensor; the
-    reference keeps that tensor alive, so an identity check (plus its version counter, for in-place
-    changes) is exact: the siblings share one pass over the activations instead of one each.
+    memo keeps that tensor alive, so an identity check (plus its version counter, for in-place changes)
+    is exact. One memo belongs to one calibration run of one model (``set_mode(model, CALIBRATE)``
+    makes it and ``set_mode(model, OFF)`` drops it): nothing is shared between models or kept after
+    the run.
     """
 
-    tensor: torch.Tensor | None = None
-    version: int = -1
-    amax: torch.Tensor | None = None
+    def __init__(self) -> None:
+        self._tensor: torch.Tensor | None = None
+        self._version = -1
+        self._amax: torch.Tensor | None = None
 
+    def update(self, running: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        """:func:`update_amax` for a Linear input, computing max|x| once per input tensor."""
+        if x.is_inference():  # no version counter: nothing proves the tensor is unchanged
+            return update_amax(running, x)
+        if self._tensor is not x or self._version != x._version:
+            self._tensor, self._version = x, x._version
+            self._amax = update_amax(None, x)
+        amax = self._amax
+        assert amax is not None
+        return amax if running is None else torch.maximum(running, amax)
 
-def update_shared_input_amax(running: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
-    """:func:`update_amax` for Linear inputs, computing max|x| once per input tensor."""
-    if x.is_inference():  # no version counter: nothing proves the tensor is unchanged
-        return update_amax(running, x)
-    if _LastInput.tensor is not x or _LastInput.version != x._version:
-        _LastInput.tensor, _LastInput.version = x, x._version
-        _LastInput.amax = update_amax(None, x)
-    amax = _LastInput.amax
-    return amax if running is None else torch.maximum(running, amax)
-
-
-def forget_last_input() -> None:
-    """Drop the reference to the last observed activation (call when calibration ends)."""
-    _LastInput.tensor, _LastInput.version, _LastInput.amax = None, -1, None
+    def clear(self) -> None:
+        """Drop the reference to the last observed activation."""
+        self._tensor, self._version, self._amax = None, -1, None

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..schemes import SchemeCodec
-from .observe import update_amax, update_shared_input_amax
+from .observe import SharedInputAmax, update_amax
 
 __all__ = ["QuantLinear", "QuantMode"]
 
@@ -37,12 +37,14 @@ class QuantLinear(nn.Linear):
         input_amax: fp32 0-d max |input| seen in calibration (group-unified), or None.
         shared_weight_amax: fp32 0-d weight amax shared by the layer's fused group, or None.
         mode: current :class:`QuantMode`.
+        input_memo: the calibration run's :class:`SharedInputAmax` (set with the mode), or None.
     """
 
     codec: SchemeCodec
     input_amax: torch.Tensor | None
     shared_weight_amax: torch.Tensor | None
     mode: QuantMode
+    input_memo: SharedInputAmax | None
 
     @classmethod
     def convert(cls, linear: nn.Linear, codec: SchemeCodec, weight_amax: torch.Tensor | None = None) -> QuantLinear:
@@ -59,12 +61,21 @@ class QuantLinear(nn.Linear):
         linear.shared_weight_amax = None
         linear._own_weight_amax = weight_amax
         linear.mode = QuantMode.OFF
+        linear.input_memo = None
         linear._simulated_weight = None
         return linear  # type: ignore[return-value]
 
     def revert(self) -> nn.Linear:
         """Back to a plain ``nn.Linear`` (statistics are dropped)."""
-        for attr in ("codec", "input_amax", "shared_weight_amax", "_own_weight_amax", "mode", "_simulated_weight"):
+        for attr in (
+            "codec",
+            "input_amax",
+            "shared_weight_amax",
+            "_own_weight_amax",
+            "mode",
+            "input_memo",
+            "_simulated_weight",
+        ):
             self.__dict__.pop(attr, None)
         self.__class__ = nn.Linear
         return self
@@ -109,7 +120,8 @@ class QuantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode is QuantMode.CALIBRATE:
             if self.codec.static_input_scale:
-                self.input_amax = update_shared_input_amax(self.input_amax, x)
+                memo = self.input_memo
+                self.input_amax = update_amax(self.input_amax, x) if memo is None else memo.update(self.input_amax, x)
             return F.linear(x, self.weight, self.bias)
         if self.mode is QuantMode.SIMULATE:
             x = self.codec.fake_quantize_input(x, self.input_scale())
