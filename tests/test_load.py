@@ -17,6 +17,7 @@ from quantport.arch.experts import find_moe_blocks
 from quantport.errors import ModelLoadError
 from quantport.formats import fp8, nvfp4
 from quantport.loader import CheckpointError, load, load_report
+from quantport.modules.quant_experts import experts_quantizer_of
 from quantport.modules.quant_linear import QuantLinear
 from tiny_models import make_calibration_batches
 
@@ -171,14 +172,13 @@ MOE_CASES.append(("llama4", "nvfp4"))  # the multimodal model is slow to build: 
 @pytest.mark.parametrize(("family", "recipe"), MOE_CASES, ids=[f"{f}-{r}" for f, r in MOE_CASES])
 def test_quantport_moe_round_trip_weights(tmp_path, family, recipe):
     """Experts decode to exactly the weights the experts simulation uses, fused or per expert."""
-    quant_experts = pytest.importorskip("quantport.modules.quant_experts")
     model, out = _quantized_moe(tmp_path, family, recipe)
     loaded = dict(load(out).named_modules())
     blocks = list(find_moe_blocks(model))
+    assert blocks
     for block in blocks:
-        quantizer = quant_experts.experts_quantizer_of(block.experts)
-        if quantizer is None:
-            pytest.skip("quantize() does not quantize MoE experts yet")
+        quantizer = experts_quantizer_of(block.experts)
+        assert quantizer is not None, block.experts_name
         simulated = quantizer.simulated_parameters()
         assert torch.equal(loaded[block.experts_name].gate_up_proj, simulated["gate_up"]), block.experts_name
         assert torch.equal(loaded[block.experts_name].down_proj, simulated["down"]), block.experts_name

@@ -15,10 +15,11 @@ from typing import Any
 
 from .check.checkpoint import CONFIG_FILE, INDEX_FILE, Checkpoint, TensorInfo
 from .check.findings import Engine
-from .check.qconfig import Format, QuantConfig, model_facts, parse_quant_config
-from .check.rules.tensors import ct_group_for
+from .check.qconfig import QuantConfig, model_facts
 from .check.structure import Context, fused_expert_param, is_quantized
 from .read import model_field_problems
+from .read.dialect import CheckpointDialect, detect_dialect
+from .read.quant_config import Dialect
 
 __all__ = ["CheckpointSummary", "FormatGroup", "format_summary", "inspect_checkpoint"]
 
@@ -105,19 +106,20 @@ def _logical_params(ctx: Context, module: str, params: dict[str, TensorInfo]) ->
     return total
 
 
-def _format_label(ctx: Context, module: str, params: dict[str, TensorInfo]) -> str:
+def _format_label(ctx: Context, dialect: CheckpointDialect, module: str, params: dict[str, TensorInfo]) -> str:
     q = ctx.qcfg
     fused = any(fused_expert_param(p) for p in params)
     suffix = " (fused experts)" if fused else ""
     if not is_quantized(params):
         dtypes = sorted({i.dtype for n, i in params.items() if n == "weight" or fused_expert_param(n)})
         return f"unquantized {'/'.join(dtypes) or '?'}{suffix}"
-    if q.format is Format.MODELOPT:
+    if q.format is Dialect.MODELOPT:
         return f"{ctx.modelopt_algo(module) or 'unknown algo'}{suffix}"
-    if q.format is Format.MXFP4:
+    if q.format is Dialect.MXFP4:
         return "mxfp4 (native GPT-OSS)"
-    if q.format is Format.COMPRESSED_TENSORS:
-        group = ct_group_for(ctx, module)
+    if q.format is Dialect.COMPRESSED_TENSORS:
+        stored = dialect.modules.get(module)
+        group = None if stored is None else stored.ct_group
         if group is None or group.weights is None:
             return "compressed-tensors (no matching group)"
         w = group.weights
@@ -135,10 +137,11 @@ def _leaf(ctx: Context, module: str) -> str:
     return module.rsplit(".", 1)[-1]
 
 
-def _formats(ctx: Context) -> list[FormatGroup]:
+def _formats(ctx: Context, dialect: CheckpointDialect) -> list[FormatGroup]:
     groups: dict[str, FormatGroup] = {}
     for module, params in sorted(ctx.weight_modules.items()):
-        group = groups.setdefault(_format_label(ctx, module, params), FormatGroup(_format_label(ctx, module, params)))
+        label = _format_label(ctx, dialect, module, params)
+        group = groups.setdefault(label, FormatGroup(label))
         group.layers += 1
         leaf = _leaf(ctx, module)
         group.leaves[leaf] = group.leaves.get(leaf, 0) + 1
@@ -188,13 +191,13 @@ def _coverage(report: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _producer(ckpt: Checkpoint, q: QuantConfig) -> dict[str, Any] | None:
-    holders = (q.raw, ckpt.hf_quant_config or {}) if q.format is Format.MODELOPT else (q.raw,)
+    holders = (q.raw, ckpt.hf_quant_config or {}) if q.format is Dialect.MODELOPT else (q.raw,)
     for holder in holders:
         producer = holder.get("producer") if isinstance(holder, dict) else None
         if isinstance(producer, dict):
             return producer
     version = q.raw.get("version")
-    return {"name": "compressed-tensors", "version": version} if q.format is Format.COMPRESSED_TENSORS else None
+    return {"name": "compressed-tensors", "version": version} if q.format is Dialect.COMPRESSED_TENSORS else None
 
 
 def _recipe(report: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -219,10 +222,11 @@ def inspect_checkpoint(path: str | Path) -> CheckpointSummary:
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist or is not a directory")
     ckpt = Checkpoint.open(path)
-    q = parse_quant_config(ckpt)
+    dialect = detect_dialect(ckpt.config, ckpt.hf_quant_config, ckpt.tensors)
+    q = dialect.config
     facts = model_facts(ckpt.config)
     ctx = Context(ckpt, Engine.VLLM, q, facts)
-    formats = _formats(ctx)
+    formats = _formats(ctx, dialect)
     kv_scales = sum(1 for n in ckpt.tensors if n.rsplit(".", 1)[-1] in ("k_scale", "v_scale"))
     summary = CheckpointSummary(
         path=str(path),
