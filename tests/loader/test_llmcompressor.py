@@ -4,13 +4,15 @@ as transformers runs it (``CompressedTensorsConfig(run_compressed=False)``)."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
-from quantport.loader import load, load_report
+from quantport.loader import CheckpointError, load, load_report
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "llmcompressor"
 EXPECTED_SCHEMES = {
@@ -66,3 +68,13 @@ def test_activation_simulation_runs_with_the_stored_scales(name):
 def test_fixtures_stay_small():
     total = sum(f.stat().st_size for f in FIXTURES.rglob("*") if f.is_file())
     assert total < 3_000_000
+
+
+def test_unsupported_arguments_are_a_checkpoint_error_naming_them(tmp_path):
+    directory = tmp_path / "w4a16-g64"
+    shutil.copytree(FIXTURES / "llama-w4a16", directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 64
+    (directory / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"int4 group weights group 64 are not supported by quantport\.load"):
+        load(directory)
