@@ -17,6 +17,7 @@ __all__ = [
     "OutputPathError",
     "OutputWriteError",
     "QuantportError",
+    "UnsupportedExpertsError",
 ]
 
 
@@ -80,3 +81,8 @@ class AlreadyQuantizedError(QuantportError):
 
 class InvalidActivationsError(QuantportError):
     """Calibration produced NaN or infinite activation statistics."""
+
+
+class UnsupportedExpertsError(QuantportError):
+    """An experts module that no :class:`~quantport.arch.experts.ExpertLayout` describes and structural
+    detection cannot classify."""

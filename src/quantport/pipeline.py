@@ -6,12 +6,14 @@ import fnmatch
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .arch.experts import ForwardContract, MoEBlock, find_moe_blocks
+from .arch.family import MTP_PREFIXES, is_vision_module
 from .arch.fused_groups import find_attention_modules, find_shared_input_groups
 from .calibrate import calibration_batches, run_calibration
 from .calibrate.loop import auto_batch_size
@@ -33,14 +35,32 @@ __all__ = ["quantize", "simulate"]
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class _FamilyRules:
+    """What the model's family rows say about its Linear layers."""
+
+    routers: frozenset[str]
+    no_block_scales: tuple[str, ...]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _FamilyRules:
+        blocks = list(find_moe_blocks(model))
+        routers = frozenset(f"{b.name}.{b.layout.router}" if b.name else b.layout.router for b in blocks)
+        return cls(routers, tuple(p for b in blocks for p in b.layout.no_block_scales))
+
+
 def _exclusion_reason(
-    name: str, module: nn.Linear, recipe: QuantRecipe, codec: SchemeCodec, no_block_scales: tuple[str, ...]
+    name: str, module: nn.Linear, recipe: QuantRecipe, codec: SchemeCodec, family: _FamilyRules
 ) -> str | None:
     if recipe.is_excluded(name):
         return "matches an exclusion pattern"
     if not recipe.linears:
         return f"recipe {recipe.name} quantizes MoE experts only"
-    if codec.scheme is LinearScheme.FP8_BLOCK and any(fnmatch.fnmatchcase(name, p) for p in no_block_scales):
+    if name in family.routers:
+        return "the MoE router, which engines run in full precision (model family rule)"
+    if is_vision_module(name) or name.startswith(MTP_PREFIXES):
+        return "a vision tower or multi-token-prediction module, which engines load unquantized (model family rule)"
+    if codec.scheme is LinearScheme.FP8_BLOCK and any(fnmatch.fnmatchcase(name, p) for p in family.no_block_scales):
         return "the engine permutes this layer's scales for rotary; 2-D block scales would break (model family rule)"
     if type(module) is not nn.Linear:
         return f"{type(module).__name__} is not a plain nn.Linear"
@@ -54,9 +74,9 @@ def _exclusion_reason(
 
 def _plan_layers(model: nn.Module, recipe: QuantRecipe, codec: SchemeCodec, state: QuantizationState) -> list[str]:
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    no_block_scales = tuple(p for block in find_moe_blocks(model) for p in block.layout.no_block_scales)
+    family = _FamilyRules.of(model)
     for name, module in linears.items():
-        reason = _exclusion_reason(name, module, recipe, codec, no_block_scales)
+        reason = _exclusion_reason(name, module, recipe, codec, family)
         if reason is not None:
             state.excluded[name] = reason
     for group in find_shared_input_groups(model):
@@ -229,7 +249,7 @@ def _install_experts(
         quantizer = install_experts_quantizer(block, codec, weight_amax[block.experts_name])
         if calibration is MoECalibration.ALL_EXPERTS:
             if block.layout.contract is not ForwardContract.TOP_K:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"--moe-calib all-experts is not available for {block.layout.family} experts (their module "
                     "only sees router-scaled inputs); use the default routed calibration"
                 )
@@ -317,7 +337,10 @@ def quantize(
             install_kv_quantizer(attention)
             state.kv_modules.append(name)
         if not state.kv_modules:
-            raise ValueError("--kv-cache fp8 was asked for, but the model has no attention with k_proj/v_proj")
+            raise InvalidArgumentError(
+                "--kv-cache fp8 was asked for, but the model has no attention with k_proj/v_proj; quantize without "
+                "--kv-cache"
+            )
     # Weight-only recipes need no forward, except to report expert coverage when data was given.
     if codec.static_input_scale or state.kv_modules or (experts and calib_data is not None):
         batches = _calibration_data(model, calib_data, options)

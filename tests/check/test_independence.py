@@ -10,6 +10,7 @@ import quantport.check
 ALLOWED_OUTSIDE = (
     "quantport.formats",
     "quantport.arch.experts",
+    "quantport.arch.family",
     "quantport.arch.engines",
     "quantport.check",
     "quantport.read",

@@ -12,6 +12,7 @@ from checkpoint_files import load_tensors
 from moe_models import EXPERTS, FAMILIES, silence_expert, tiny_moe
 from quantport.arch.experts import ExpertNaming, UnsupportedExpertsError, find_moe_blocks, layout_for
 from quantport.check import check_checkpoint
+from quantport.errors import InvalidArgumentError
 from quantport.modules.quant_experts import experts_quantizer_of
 from quantport.modules.quant_linear import QuantMode
 from quantport.state import set_mode, state_of
@@ -163,7 +164,7 @@ def test_all_experts_calibration_sees_every_expert_and_keeps_the_output(family, 
 
 
 def test_all_experts_is_refused_for_llama4():
-    with pytest.raises(ValueError, match="all-experts is not available for llama4_text"):
+    with pytest.raises(InvalidArgumentError, match="all-experts is not available for llama4_text"):
         quantport.quantize(tiny_moe("llama4_text"), "fp8", BATCHES, moe_calib="all-experts", progress=False)
 
 

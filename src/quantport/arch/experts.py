@@ -19,6 +19,8 @@ from enum import Enum
 import torch
 from torch import nn
 
+from ..errors import UnsupportedExpertsError
+
 __all__ = [
     "LAYOUTS",
     "ExpertLayout",
@@ -203,10 +205,6 @@ LAYOUTS: tuple[ExpertLayout, ...] = (
     ),
 )
 """The known expert families."""
-
-
-class UnsupportedExpertsError(ValueError):
-    """An experts module that no layout describes and structural detection cannot classify."""
 
 
 def _is_experts_module(module: nn.Module) -> bool:

@@ -5,7 +5,8 @@ Serving engines fuse sibling projections that read the same input into one GEMM 
 GEMM has one activation scale and, for NVFP4, one global weight scale, so the members of a group
 must agree on them (engine-contract.md §2). The groups are a fact about checkpoint names, which is
 exactly how the engines find them, so they are found from the names of sibling modules here rather
-than from a dummy forward pass.
+than from a dummy forward pass. The table is :data:`quantport.arch.family.FUSED_SIBLINGS`, which the
+checker reads too.
 """
 
 from __future__ import annotations
@@ -15,15 +16,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["FUSED_SIBLINGS", "SharedInputGroup", "find_attention_modules", "find_shared_input_groups"]
+from .family import FUSED_SIBLINGS
 
-FUSED_SIBLINGS: dict[str, tuple[str, ...]] = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-    "w13": ("w1", "w3"),
-    "fused_qkv_a_proj": ("q_a_proj", "kv_a_proj_with_mqa"),  # DeepSeek MLA down-projections
-}
-"""Fused engine name -> the sibling child names that an engine fuses into it."""
+__all__ = ["FUSED_SIBLINGS", "SharedInputGroup", "find_attention_modules", "find_shared_input_groups"]
 
 KV_PROJECTIONS: tuple[str, str] = ("k_proj", "v_proj")
 """Children that mark a module as an attention block whose keys/values the engine caches."""
@@ -47,17 +42,17 @@ def _join(prefix: str, name: str) -> str:
 
 
 def find_shared_input_groups(model: nn.Module) -> list[SharedInputGroup]:
-    """Every group of sibling ``nn.Linear`` children listed in :data:`FUSED_SIBLINGS`.
+    """Every group of sibling ``nn.Linear`` children listed in :data:`~quantport.arch.family.FUSED_SIBLINGS`.
 
     A group is reported only when all its members exist and are Linear layers.
     """
     groups: list[SharedInputGroup] = []
     for parent_name, parent in model.named_modules():
         children = dict(parent.named_children())
-        for fused, siblings in FUSED_SIBLINGS.items():
-            if all(isinstance(children.get(s), nn.Linear) for s in siblings):
-                members = tuple(_join(parent_name, s) for s in siblings)
-                groups.append(SharedInputGroup(_join(parent_name, fused), members))
+        for siblings in FUSED_SIBLINGS:
+            if all(isinstance(children.get(s), nn.Linear) for s in siblings.members):
+                members = tuple(_join(parent_name, s) for s in siblings.members)
+                groups.append(SharedInputGroup(_join(parent_name, siblings.fused), members))
     return groups
 
 

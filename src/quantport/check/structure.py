@@ -3,11 +3,13 @@
 The checker has no model object, only names, so it rebuilds what it needs from them:
 
 * a *module* is a tensor name without its last component (``...q_proj.weight`` -> ``...q_proj``);
-* a *fused group* is a set of sibling modules an engine runs as one GEMM (q/k/v -> ``qkv_proj``,
-  gate/up -> ``gate_up_proj``, DeepSeek's q_a/kv_a -> ``fused_qkv_a_proj_with_mqa``, and each
-  expert's gate/up);
-* a *MoE block* holds the experts of one layer, per expert (``experts.{e}.gate_proj``) or fused
-  (``experts.gate_up_proj``); its expert naming comes from :data:`quantport.arch.experts.LAYOUTS`.
+* a *fused group* is a set of sibling modules an engine runs as one GEMM, from the table the quantizer
+  reads too (:data:`quantport.arch.family.FUSED_SIBLINGS`: q/k/v -> ``qkv_proj``, gate/up ->
+  ``gate_up_proj``, w1/w3 -> ``w13``, DeepSeek's q_a/kv_a -> ``fused_qkv_a_proj``), and each expert's
+  gate/up;
+* an *experts layer* (:class:`StoredExperts`) holds the experts of one layer, per expert
+  (``experts.{e}.gate_proj``) or fused (``experts.gate_up_proj``); its expert naming comes from
+  :data:`quantport.arch.experts.LAYOUTS`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 
 from quantport.arch.experts import LAYOUTS, ExpertLayout
+from quantport.arch.family import FUSED_SIBLINGS, is_vision_module
 
 from .checkpoint import Checkpoint, TensorInfo
 from .findings import Engine
@@ -27,18 +30,14 @@ __all__ = [
     "QPARAMS",
     "Context",
     "FusedGroup",
-    "MoEBlock",
+    "StoredExperts",
     "fused_expert_param",
     "is_quantized",
     "layout_of",
 ]
 
-ENGINE_FUSED: dict[str, tuple[str, ...]] = {
-    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
-    "gate_up_proj": ("gate_proj", "up_proj"),
-    "fused_qkv_a_proj_with_mqa": ("q_a_proj", "kv_a_proj_with_mqa"),
-}
-"""Engine (vLLM/SGLang) name of a fused Linear -> the checkpoint modules it is loaded from."""
+ENGINE_FUSED: dict[str, tuple[str, ...]] = {group.fused: group.members for group in FUSED_SIBLINGS}
+"""Engine (vLLM) name of a fused Linear -> the checkpoint modules it is loaded from."""
 
 QPARAMS: frozenset[str] = frozenset({
     "weight_scale", "weight_scale_2", "input_scale", "weight_global_scale", "input_global_scale",
@@ -46,9 +45,9 @@ QPARAMS: frozenset[str] = frozenset({
 })  # fmt: skip
 """Parameters that only a quantized Linear carries (ModelOpt and compressed-tensors names)."""
 
+_TABLE_MEMBERS = frozenset(group.members for group in FUSED_SIBLINGS)
 FUSED_EXPERT_PROJ = ("gate_up_proj", "down_proj")
 _FUSED_QSUFFIX = ("_weight_scale", "_weight_scale_2", "_input_scale", "_blocks", "_scales")
-_VISION = ("vision_tower", "vision_model", "vit_large_projector")
 _PER_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<leaf>[^.]+)$")
 
 
@@ -92,8 +91,8 @@ class FusedGroup:
 
 
 @dataclass
-class MoEBlock:
-    """The experts of one MoE layer.
+class StoredExperts:
+    """The experts of one MoE layer, as the checkpoint stores them.
 
     Attributes:
         prefix: the experts module, e.g. ``model.layers.1.mlp.experts``.
@@ -139,7 +138,7 @@ class Context:
         return layout_of(self.facts)
 
     def is_vision(self, module: str) -> bool:
-        return any(v in module for v in _VISION)
+        return is_vision_module(module)
 
     @cached_property
     def weight_modules(self) -> dict[str, dict[str, TensorInfo]]:
@@ -156,15 +155,15 @@ class Context:
         return out
 
     @cached_property
-    def moe_blocks(self) -> dict[str, MoEBlock]:
+    def moe_blocks(self) -> dict[str, StoredExperts]:
         """experts prefix -> block, for per-expert and fused layouts."""
-        blocks: dict[str, MoEBlock] = {}
+        blocks: dict[str, StoredExperts] = {}
         fused: list[str] = []
         for module, params in self.modules.items():
             match = _PER_EXPERT.match(module)
             if match:
                 prefix = f"{match['block']}.experts"
-                block = blocks.setdefault(prefix, MoEBlock(prefix, fused=False))
+                block = blocks.setdefault(prefix, StoredExperts(prefix, fused=False))
                 block.experts.setdefault(int(match["e"]), {})[match["leaf"]] = module
             elif module.endswith("experts") and any(fused_expert_param(p) for p in params):
                 fused.append(module)
@@ -172,13 +171,13 @@ class Context:
             if module in blocks:
                 blocks[module].also_fused = True
             else:
-                blocks[module] = MoEBlock(module, fused=True)
+                blocks[module] = StoredExperts(module, fused=True)
         for block in blocks.values():
             if not block.fused:
                 block.leaves = self._leaves(block)
         return blocks
 
-    def _leaves(self, block: MoEBlock) -> tuple[str, ...]:
+    def _leaves(self, block: StoredExperts) -> tuple[str, ...]:
         seen = {leaf for leaves in block.experts.values() for leaf in leaves}
         if self.layout is not None and set(self.layout.leaf_names) >= seen:
             return tuple(self.layout.leaf_names)
@@ -205,8 +204,8 @@ class Context:
                     engine_name = self.expert_of.get(members[0], f"{parent}.{fused}")
                     groups.append(FusedGroup(engine_name, members))
         for block in self.moe_blocks.values():
-            if block.fused or len(block.leaves) != 3 or block.leaves[0] == "gate_proj":
-                continue  # gate_proj/up_proj experts were found above
+            if block.fused or len(block.leaves) != 3 or tuple(block.leaves[:2]) in _TABLE_MEMBERS:
+                continue  # experts with table names (gate_proj/up_proj, w1/w3) were found above
             for leaves in block.experts.values():
                 members = tuple(leaves.get(leaf, "") for leaf in block.leaves[:2])
                 if all(members):

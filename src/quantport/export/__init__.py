@@ -11,9 +11,9 @@ from typing import Any
 
 from torch import nn
 
-from .. import __version__
 from ..memory.mapped_weights import MappedWeights
 from ..state import QuantizationState, state_of
+from ..version import __version__
 from .content import CheckpointContent
 from .output_dir import OutputTarget, claim_output
 from .self_check import check_written, refuse_known_failure

@@ -111,11 +111,9 @@ def _header(entries: list[PlannedTensor]) -> bytes:
 
 def _tensor_bytes(tensor: torch.Tensor, entry: PlannedTensor) -> torch.Tensor:
     """The tensor's raw little-endian bytes as a flat uint8 CPU tensor (a view where possible)."""
-    if tensor.dtype != entry.spec.dtype or tuple(tensor.shape) != entry.spec.shape:
-        raise AssertionError(
-            f"{entry.name}: computed {tensor.dtype} {tuple(tensor.shape)}, planned "
-            f"{entry.spec.dtype} {entry.spec.shape}"
-        )
+    assert tensor.dtype == entry.spec.dtype and tuple(tensor.shape) == entry.spec.shape, (
+        f"{entry.name}: computed {tensor.dtype} {tuple(tensor.shape)}, planned {entry.spec.dtype} {entry.spec.shape}"
+    )
     return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
 
 
@@ -206,8 +204,7 @@ def write_sharded_safetensors(
     """
     plan = sorted(plan, key=lambda e: natural_order(e.name))
     names = [e.name for e in plan]
-    if len(set(names)) != len(names):
-        raise AssertionError("duplicate tensor names in export plan")
+    assert len(set(names)) == len(names), "duplicate tensor names in export plan"
     shards = _split(plan, parse_size(max_shard_size))
     files = (
         [SINGLE_FILE]

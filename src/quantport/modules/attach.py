@@ -20,8 +20,7 @@ _ATTR = "_quantport_forward"
 
 def attach_forward(module: nn.Module, handler: Callable[..., Any]) -> None:
     """Route ``module``'s forward through ``handler`` (called with the module's own arguments)."""
-    if _ATTR in module.__dict__:
-        raise ValueError(f"{type(module).__name__} already has a quantport forward attached")
+    assert _ATTR not in module.__dict__, f"{type(module).__name__} already has a quantport forward attached"
     module.__dict__[_ATTR] = handler
     module.__dict__["forward"] = handler
 

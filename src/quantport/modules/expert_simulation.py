@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..arch.experts import ExpertLayout, ForwardContract
+from ..errors import InvalidArgumentError
 from .attach import attach_forward, attached_forward
 
 if TYPE_CHECKING:
@@ -214,7 +215,9 @@ class ExpertsSimulator:
         input_scales: Mapping[str, torch.Tensor] | None,
     ) -> None:
         if codec.static_input_scale and input_scales is None:
-            raise ValueError(f"{block.experts_name}: simulating {codec.scheme.value} experts needs their input scales")
+            raise InvalidArgumentError(
+                f"{block.experts_name}: simulating {codec.scheme.value} experts needs their input scales"
+            )
         self.block = block
         self.codec = codec
         self.weights = dict(weights)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..errors import QuantportError
 from .files import UnreadableFileError, open_regular
 
 __all__ = ["MAX_JSON_BYTES", "JSONFileError", "StrictJSONError", "loads_strict", "read_json_object"]
@@ -18,7 +19,7 @@ class JSONFileError(UnreadableFileError):
     """A JSON file of the checkpoint that cannot be read, or is not a JSON object."""
 
 
-class StrictJSONError(ValueError):
+class StrictJSONError(QuantportError, ValueError):
     """Text that is not JSON, nests too deeply, repeats a key, or uses NaN / Infinity."""
 
 

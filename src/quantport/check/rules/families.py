@@ -12,7 +12,7 @@ from quantport.formats.mx import MX_BLOCK
 from ..findings import Engine, Finding, Rule, Severity
 from ..qconfig import Format
 from ..specs import Spec
-from ..structure import Context, MoEBlock, is_quantized
+from ..structure import Context, StoredExperts, is_quantized
 from .tensors import ct_group_for
 
 __all__ = ["check"]
@@ -70,7 +70,7 @@ def _llama4(ctx: Context) -> Iterator[Finding]:
             yield LLAMA4_QK.finding(module, f"{module} has per-block weight scales")
 
 
-def _mxfp4_block(ctx: Context, block: MoEBlock) -> Iterator[Finding]:
+def _mxfp4_block(ctx: Context, block: StoredExperts) -> Iterator[Finding]:
     params = ctx.modules.get(block.prefix, {})
     count = ctx.facts.num_experts
     hidden = ctx.facts.hidden_size

@@ -19,7 +19,7 @@ from ..findings import Finding
 from ..qconfig import Format
 from ..specs import SCALAR, Spec
 from ..structure import Context, is_quantized
-from .moe import EXPERT_INCOMPLETE, FUSED_SHAPE
+from .moe_rules import EXPERT_INCOMPLETE, FUSED_SHAPE
 
 __all__ = ["fused_findings"]
 

@@ -11,55 +11,23 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterator
 
-from ..findings import Finding, Rule, Severity
+from ..findings import Finding, Severity
 from ..qconfig import Format
-from ..structure import QPARAMS, Context, MoEBlock, is_quantized
+from ..structure import QPARAMS, Context, StoredExperts, is_quantized
+from .fused_experts import fused_findings
+from .moe_rules import (
+    COUNT_UNKNOWN,
+    EXPERT_INCOMPLETE,
+    EXPERT_MISSING,
+    EXPERT_UNEXPECTED,
+    FUSED_NAMING,
+    FUSED_SHAPE,
+    OUTLIER,
+    SCHEME,
+)
 from .tensors import ct_group_for, spec_for
 
 __all__ = ["EXPERT_INCOMPLETE", "FUSED_SHAPE", "check"]
-
-EXPERT_MISSING = Rule(
-    "moe.expert-missing",
-    "an expert (or a projection of it) of a MoE layer is not stored",
-    "export every expert, calibrated or not (an uncalibrated expert needs fallback scales)",
-)
-EXPERT_INCOMPLETE = Rule(
-    "moe.expert-incomplete",
-    "an expert lacks a tensor that its siblings or its format have",
-    "export the tensor for every expert; vLLM silently keeps 1.0 or uninitialised memory",
-)
-EXPERT_UNEXPECTED = Rule(
-    "moe.expert-unexpected",
-    "an expert index is not below the configured expert count",
-    "drop the extra experts or fix num_experts in config.json",
-)
-COUNT_UNKNOWN = Rule(
-    "moe.expert-count-unknown",
-    "config.json gives no expert count",
-    "set num_experts / num_local_experts / n_routed_experts in config.json",
-    Severity.WARNING,
-)
-OUTLIER = Rule(
-    "moe.input-scale-outlier",
-    "an expert's input scale is over 10x the layer median",
-    "check that expert's calibration; engines take the max over experts, so it sets the scale of the whole layer",
-    Severity.WARNING,
-)
-SCHEME = Rule(
-    "moe.scheme-unsupported",
-    "the engine has no MoE kernel for this expert scheme",
-    "use per-tensor FP8 or NVFP4 for experts (or MIXED_PRECISION / compressed-tensors for block FP8)",
-)
-FUSED_NAMING = Rule(
-    "moe.fused-naming",
-    "fused 3-D expert names for a family the engines load per expert",
-    "write experts as experts.{e}.<gate|up|down leaf>.* 2-D tensors",
-)
-FUSED_SHAPE = Rule(
-    "moe.fused-shape",
-    "a fused expert tensor has the wrong dtype or shape",
-    "write fused experts in the model's layout ([E, H, 2I] / [E, I, H], NVFP4 packed along H)",
-)
 
 _OUTLIER_FACTOR = 10.0
 _CT_STATIC = {("tensor", "tensor"), ("tensor", None), ("channel", "token"), ("block", "group"), ("block", "token")}
@@ -69,7 +37,7 @@ def _weight(params: dict) -> bool:
     return "weight" in params or "weight_packed" in params
 
 
-def _per_expert_findings(ctx: Context, block: MoEBlock, count: int) -> Iterator[Finding]:
+def _per_expert_findings(ctx: Context, block: StoredExperts, count: int) -> Iterator[Finding]:
     for e in range(count):
         leaves = block.experts.get(e, {})
         missing = [leaf for leaf in block.leaves if not _weight(ctx.modules.get(leaves.get(leaf, ""), {}))]
@@ -115,7 +83,7 @@ def _outliers(ctx: Context, modules: list[str]) -> Iterator[Finding]:
             )
 
 
-def _scheme_findings(ctx: Context, block: MoEBlock) -> Iterator[Finding]:
+def _scheme_findings(ctx: Context, block: StoredExperts) -> Iterator[Finding]:
     modules = block.modules() if not block.fused else [block.prefix]
     if not modules or not is_quantized(ctx.modules.get(modules[0], {})):
         return
@@ -143,7 +111,7 @@ def _scheme_findings(ctx: Context, block: MoEBlock) -> Iterator[Finding]:
                 )
 
 
-def _fused_findings(ctx: Context, block: MoEBlock, count: int | None) -> Iterator[Finding]:
+def _fused_findings(ctx: Context, block: StoredExperts, count: int | None) -> Iterator[Finding]:
     layout = ctx.layout
     params = ctx.modules.get(block.prefix, {})
     if layout is None or not layout.transposed:
@@ -158,8 +126,6 @@ def _fused_findings(ctx: Context, block: MoEBlock, count: int | None) -> Iterato
         return
     if ctx.qcfg.format is Format.MXFP4:
         return  # the native GPT-OSS layout is checked by the family rules
-    from .fused_experts import fused_findings
-
     yield from fused_findings(ctx, block.prefix, params, layout, count)
 
 
