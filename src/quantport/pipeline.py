@@ -21,9 +21,10 @@ from .calibrate.moe_policy import MoECalibration, MoEInputScales, apply_input_po
 from .errors import CalibrationDataError, InvalidArgumentError, InvalidWeightsError
 from .input_checks import check_exclude_patterns, check_finite_statistics, refuse_quantized
 from .memory.mapped_weights import MappedWeights
+from .modules.expert_weights import expert_weight_amax
 from .modules.kv_cache import install_kv_quantizer
 from .modules.observe import update_amax
-from .modules.quant_experts import ExpertsQuantizer, expert_weight_amax, install_experts_quantizer
+from .modules.quant_experts import ExpertsQuantizer, install_experts_quantizer
 from .modules.quant_linear import QuantLinear, QuantMode
 from .recipes import KVCacheFormat, LinearScheme, QuantRecipe, get_recipe
 from .report.coverage import ExpertCoverage, LayerCoverage

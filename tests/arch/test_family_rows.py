@@ -13,6 +13,7 @@ from moe_models import tiny_moe
 from quantport.arch import experts as experts_module
 from quantport.arch.experts import ExpertNaming, ExpertScales, find_moe_blocks
 from quantport.arch.family import FUSED_SIBLINGS
+from quantport.export import expert_tensors
 from quantport.modules.quant_experts import experts_quantizer_of
 from tiny_models import make_calibration_batches
 
@@ -33,7 +34,8 @@ def _quantized(family: str):
     for block in find_moe_blocks(model):
         quantizer = experts_quantizer_of(block.experts)
         tensors += [quantizer.weight_amax, quantizer.export_input_amax]
-        tensors += [t for chunk in quantizer.expert_chunks() for t in quantizer.quantized_experts(chunk)]
+        chunks = expert_tensors.expert_chunks(quantizer)
+        tensors += [t for chunk in chunks for t in expert_tensors.quantized_experts(quantizer, chunk)]
     return logits, tensors
 
 

@@ -225,7 +225,8 @@ def test_modelopt_format_refuses_experts_engines_cannot_read(tmp_path, family):
 @pytest.mark.parametrize("recipe", ["fp8", "nvfp4"])
 def test_expert_chunks_do_not_change_the_checkpoint(tmp_path, monkeypatch, family, recipe):
     """Experts quantized in one stack, in stacks of two, or one by one: the same bytes on disk."""
-    from quantport.modules import quant_experts
+    from quantport.export import expert_tensors
+    from quantport.modules import expert_weights
 
     model = tiny_moe(family)
     quantport.quantize(model, recipe, make_calibration_batches(vocab_size=256, n=2), progress=False)
@@ -233,8 +234,8 @@ def test_expert_chunks_do_not_change_the_checkpoint(tmp_path, monkeypatch, famil
     per_expert_fp32 = 4 * (block.experts.gate_up_proj[0].numel() + block.experts.down_proj[0].numel())
     outputs = {}
     for label, budget in (("all", 1 << 40), ("two", 2 * per_expert_fp32), ("one", 1)):
-        monkeypatch.setattr(quant_experts, "STACK_BYTES", budget)
-        chunks = experts_quantizer_of(block.experts).expert_chunks()
+        monkeypatch.setattr(expert_weights, "STACK_BYTES", budget)
+        chunks = expert_tensors.expert_chunks(experts_quantizer_of(block.experts))
         assert len(chunks) == {"all": 1, "two": EXPERTS // 2, "one": EXPERTS}[label]
         written = quantport.export(model, tmp_path / label, progress=False, allow_check_errors=family == "gpt_oss")
         outputs[label] = load_tensors(written)
@@ -250,7 +251,7 @@ def test_each_expert_chunk_is_quantized_once_per_export(tmp_path, monkeypatch):
     change of expert in the file's tensor order (``experts.1``, ``experts.10``, ``experts.11``, ...)."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    from quantport.modules import quant_experts
+    from quantport.modules import expert_weights
 
     torch.manual_seed(0)
     config = Qwen3MoeConfig(
@@ -269,15 +270,15 @@ def test_each_expert_chunk_is_quantized_once_per_export(tmp_path, monkeypatch):
     quantport.quantize(model, "fp8", make_calibration_batches(vocab_size=256, n=1), progress=False)
     block = next(iter(find_moe_blocks(model)))
     per_expert_fp32 = 4 * (block.experts.gate_up_proj[0].numel() + block.experts.down_proj[0].numel())
-    monkeypatch.setattr(quant_experts, "STACK_BYTES", 5 * per_expert_fp32)
+    monkeypatch.setattr(expert_weights, "STACK_BYTES", 5 * per_expert_fp32)
     calls = []
-    original = quant_experts.ExpertsQuantizer.quantized_experts
+    original = expert_weights.quantize_expert_range
 
-    def counted(self, experts, device=None):
-        calls.append((self.block.experts_name, experts))
-        return original(self, experts, device)
+    def counted(block, codec, weight_amax, experts, *args):
+        calls.append((block.experts_name, experts))
+        return original(block, codec, weight_amax, experts, *args)
 
-    monkeypatch.setattr(quant_experts.ExpertsQuantizer, "quantized_experts", counted)
+    monkeypatch.setattr(expert_weights, "quantize_expert_range", counted)
     quantport.export(model, tmp_path / "out", progress=False)
     chunks = (range(0, 5), range(5, 10), range(10, 12))
     expected = [(f"model.layers.{layer}.mlp.experts", chunk) for layer in range(2) for chunk in chunks]

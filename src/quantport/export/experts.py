@@ -20,6 +20,7 @@ import torch
 from ..arch.experts import ExpertNaming
 from ..modules.quant_experts import ExpertsQuantizer
 from ..schemes import TensorSpec
+from .expert_tensors import expert_chunks, quantized_experts
 from .names import CheckpointNames
 from .shards import OneSlotCache, PlannedTensor
 
@@ -47,12 +48,12 @@ def expert_tensors_lookup(
     quantizer: ExpertsQuantizer, cache: OneSlotCache
 ) -> Callable[[int], dict[str, dict[str, torch.Tensor]]]:
     """expert -> its exported tensors on the CPU, quantized a chunk of experts at a time
-    (:meth:`ExpertsQuantizer.expert_chunks`) and kept in ``cache`` while the chunk is written."""
-    chunk_of = {expert: chunk for chunk in quantizer.expert_chunks() for expert in chunk}
+    (:func:`~quantport.export.expert_tensors.expert_chunks`) and kept in ``cache`` while the chunk is written."""
+    chunk_of = {expert: chunk for chunk in expert_chunks(quantizer) for expert in chunk}
 
     def expert_tensors(expert: int) -> dict[str, dict[str, torch.Tensor]]:
         chunk = chunk_of[expert]
-        tensors = cache.get((quantizer, chunk.start), lambda: quantizer.quantized_experts(chunk, device="cpu"))
+        tensors = cache.get((quantizer, chunk.start), lambda: quantized_experts(quantizer, chunk, device="cpu"))
         return tensors[expert - chunk.start]
 
     return expert_tensors
@@ -60,7 +61,8 @@ def expert_tensors_lookup(
 
 def all_expert_tensors(quantizer: ExpertsQuantizer) -> list[dict[str, dict[str, torch.Tensor]]]:
     """Every expert's exported tensors, in expert order, quantized a chunk at a time."""
-    return [t for chunk in quantizer.expert_chunks() for t in quantizer.quantized_experts(chunk)]
+    chunks = expert_chunks(quantizer)
+    return [t for chunk in chunks for t in quantized_experts(quantizer, chunk)]
 
 
 def _per_expert_plan(quantizer: ExpertsQuantizer, names: CheckpointNames, cache: OneSlotCache) -> list[PlannedTensor]:

@@ -15,6 +15,7 @@ import torch
 
 from ...arch.engines import GPT_OSS_WORKING_FORM
 from ...arch.experts import GateUpSplit
+from ...modules.expert_weights import oriented_expert_weights
 from ...modules.quant_experts import ExpertsQuantizer
 from ...schemes import TensorSpec
 from ..experts import expert_tensors_lookup, replaced_parameters
@@ -39,7 +40,7 @@ def _check_layout(quantizer: ExpertsQuantizer) -> None:
 
 
 def _specs(quantizer: ExpertsQuantizer, projection: str) -> dict[str, TensorSpec]:
-    down = quantizer.expert_weights(0)["down"]  # [H, I], in the dtype the experts are quantized from
+    down = oriented_expert_weights(quantizer.block, 0)["down"]  # [H, I], in the dtype the experts are quantized from
     hidden, inter = down.shape
     out_features, in_features = (hidden, inter) if projection == "down" else (inter, hidden)
     specs = quantizer.codec.weight_specs(out_features, in_features, down.dtype)
