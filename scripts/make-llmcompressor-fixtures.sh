@@ -5,7 +5,7 @@
 # project's .venv. torch is shared: .venv-llmc sees .venv's site-packages through a .pth file (listed
 # after its own packages), so only llm-compressor and the versions it pins are downloaded.
 #
-#   bash scripts/make-llmcompressor-fixtures.sh          # create/refresh .venv-llmc, write the fixtures
+#   bash scripts/make-llmcompressor-fixtures.sh [OUT]    # create/refresh .venv-llmc, write the fixtures (to OUT)
 #   LLMC_VENV=/tmp/llmc bash scripts/make-llmcompressor-fixtures.sh
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -17,4 +17,4 @@ shared="$("$root/.venv/bin/python" -c 'import sysconfig; print(sysconfig.get_pat
 own="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 echo "$shared" > "$own/zz-quantport-shared.pth"
 "$venv/bin/python" -m pip install --quiet llmcompressor
-"$venv/bin/python" "$root/scripts/llmcompressor_fixtures.py" "$root/tests/fixtures/llmcompressor"
+"$venv/bin/python" "$root/scripts/llmcompressor_fixtures.py" "${1:-$root/tests/fixtures/llmcompressor}"

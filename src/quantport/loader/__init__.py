@@ -367,7 +367,7 @@ def _load(directory: Path, simulate_activations: bool, device: str | torch.devic
 
 
 def validate_files(directory: str | Path) -> None:
-    """Read what :func:`load` reads first (config, quantization settings, index, every safetensors header)
+    """Read what :func:`load` reads first (config, dialect, index, every safetensors header)
     and raise its :class:`CheckpointError` now, before anything expensive is loaded (``quantport eval``)."""
     directory = Path(directory)
     try:

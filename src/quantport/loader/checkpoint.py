@@ -73,6 +73,10 @@ def read_dialect(directory: Path, config: dict[str, Any], tensor_names: Iterable
             "ModelOpt (modelopt), compressed-tensors and native MXFP4 (mxfp4) checkpoints and unquantized ones"
         )
     if found.dialect is Dialect.MODELOPT:
+        block = found.config.raw.get("quantization", {}) if found.config.nested else found.config.raw
+        layers = block.get("quantized_layers") if isinstance(block, dict) else None
+        if layers is not None and not isinstance(layers, dict):
+            raise CheckpointError(f"{source}: quantized_layers is {str(layers)[:60]!r}, not a JSON object")
         for name, spec in found.config.quantized_layers.items():
             if not isinstance(spec, dict) or not isinstance(spec.get("quant_algo"), str):
                 shown = str(spec)[:60]
