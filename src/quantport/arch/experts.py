@@ -31,6 +31,7 @@ __all__ = [
     "GateUpSplit",
     "MoEBlock",
     "UnsupportedExpertsError",
+    "described_layout",
     "find_moe_blocks",
     "layout_for",
 ]
@@ -234,12 +235,18 @@ def _structural_layout(module: nn.Module, model_type: str) -> ExpertLayout:
     )
 
 
-def layout_for(model_type: str, experts: nn.Module) -> ExpertLayout:
-    """The layout of ``experts`` in a model of ``model_type`` (table first, then structure)."""
+def described_layout(model_type: str) -> ExpertLayout | None:
+    """The :data:`LAYOUTS` row of ``model_type`` (None when no row describes it)."""
     for layout in LAYOUTS:
         if model_type in layout.model_types:
             return layout
-    return _structural_layout(experts, model_type)
+    return None
+
+
+def layout_for(model_type: str, experts: nn.Module) -> ExpertLayout:
+    """The layout of ``experts`` in a model of ``model_type`` (table first, then structure)."""
+    layout = described_layout(model_type)
+    return layout if layout is not None else _structural_layout(experts, model_type)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 
-from quantport.arch.experts import LAYOUTS, ExpertLayout
+from quantport.arch.experts import ExpertLayout, described_layout
 from quantport.arch.family import FUSED_SIBLINGS, is_vision_module
 
 from .checkpoint import Checkpoint, TensorInfo
@@ -71,9 +71,9 @@ def is_quantized(params: dict[str, TensorInfo]) -> bool:
 def layout_of(facts: ModelFacts) -> ExpertLayout | None:
     """The expert layout of this model family, from ``model_type`` (text model type first)."""
     for model_type in (facts.text_model_type, facts.model_type):
-        for layout in LAYOUTS:
-            if model_type in layout.model_types:
-                return layout
+        layout = described_layout(model_type) if model_type else None
+        if layout is not None:
+            return layout
     return None
 
 
