@@ -34,7 +34,7 @@ def _export_on(model, device: str, recipe: str, out, fmt: str, vocab: int) -> di
 
 
 def _assert_same_checkpoint(gpu: dict, cpu: dict) -> None:
-    assert gpu.keys() == cpu.keys()
+    assert cpu and gpu.keys() == cpu.keys()
     for name, expected in cpu.items():
         actual = gpu[name]
         assert actual.dtype == expected.dtype and actual.shape == expected.shape, name

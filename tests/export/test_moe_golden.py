@@ -45,7 +45,7 @@ def _export_both(tmp_path, family, recipe):
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3", "olmoe", "gpt_oss"])
 def test_matches_modelopt(tmp_path, family, recipe):
     ours, ref = _export_both(tmp_path, family, recipe)
-    assert sorted(ours) == sorted(ref)
+    assert ref and sorted(ours) == sorted(ref)
     for name, expected in ref.items():
         assert_same_tensor(name, ours[name], expected)
 
@@ -53,6 +53,7 @@ def test_matches_modelopt(tmp_path, family, recipe):
 @pytest.mark.parametrize("recipe", ["fp8", "nvfp4"])
 def test_llama4_text_per_expert_agrees_with_modelopt(tmp_path, recipe):
     ours, ref = _export_both(tmp_path, "llama4_text", recipe)
+    assert any(".experts." not in name for name in ref)
     for name, expected in ref.items():
         if ".experts." not in name:
             assert_same_tensor(name, ours[name], expected)

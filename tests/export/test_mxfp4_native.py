@@ -53,7 +53,9 @@ def test_transformers_decodes_exactly_our_simulated_experts(tmp_path):
 
     model, out = _export(tmp_path)
     tensors = load_tensors(out)
-    for block in find_moe_blocks(model):
+    blocks = find_moe_blocks(model)
+    assert blocks
+    for block in blocks:
         simulated = experts_quantizer_of(block.experts).simulated_parameters()
         for parameter in ("gate_up_proj", "down_proj"):
             decoded = convert_moe_packed_tensors(

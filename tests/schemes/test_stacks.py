@@ -32,7 +32,7 @@ def test_stacked_quantization_equals_one_matrix_at_a_time(scheme, dtype):
     stacked = codec.quantize_weight(w, amax)
     for e in range(w.shape[0]):
         alone = codec.quantize_weight(w[e], amax[e])
-        assert stacked.keys() == alone.keys()
+        assert alone and stacked.keys() == alone.keys()
         for key, tensor in alone.items():
             got = stacked[key][e]
             assert got.dtype == tensor.dtype and got.shape == tensor.shape, (key, got.shape, tensor.shape)

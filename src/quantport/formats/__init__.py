@@ -4,7 +4,8 @@
   block size, scale type and dtype, activation side static/dynamic/none, ``needs_calibration``, stacks,
   input multiple, shared weight amax) and :class:`~.descriptors.ScaleConvention` where dialects differ;
 * :mod:`.fp8`, :mod:`.nvfp4` (both global-scale conventions), :mod:`.mx` (MXFP8, MXFP4), :mod:`.integer`
-  (INT8 / INT4, ModelOpt and compressed-tensors scales, both packings): numerics and descriptors;
+  (INT8 / INT4, ModelOpt and compressed-tensors scale conventions): numerics and descriptors;
+  :mod:`.int_packing`: the integer packings (re-exported by :mod:`.integer`);
 * :mod:`.division`, :mod:`.finite`: arithmetic shared by the formats.
 
 Nothing here knows a checkpoint dialect: tensor names, ``quant_algo`` strings and config blocks live in
@@ -25,10 +26,9 @@ A numeric format, 7 files (8 when both dialects store it):
 6. the checker's expected tensors, ``check/specs.py``;
 7. ``tests/formats/test_<format>.py``, decoding with an independent reader (``tests/formats/reference_decoders.py``).
 
-A checkpoint dialect, 6 files:
+A checkpoint dialect, 5 files:
 
-1. ``export/targets/<dialect>.py``: names, shapes, config blocks, the content builder and its ``TARGET``;
-2. ``export/targets/base.py``: the ``ExportFormat`` member; 3. ``export/targets/__init__.py``: its row in
-   ``TARGETS`` (priority order);
-4. a reader parser (``loader/``); 5. a checker contract (``check/``); 6. ``tests/export/test_<dialect>.py``.
+1. ``export/targets/<dialect>.py``: names, shapes, config blocks, ``SCHEMES`` and the content builder;
+2. ``export/targets/__init__.py``: its ``ExportFormat`` member and its ``TARGETS`` row (priority order);
+3. a reader parser (``loader/``); 4. a checker contract (``check/``); 5. ``tests/export/test_<dialect>.py``.
 """

@@ -18,19 +18,20 @@ is chosen before quantizing (``--format`` on the command line, :func:`recipe_for
 Asking for a (recipe, format) pair that does not exist is an error that names the formats that do,
 raised before anything is loaded or written.
 
-Adding a dialect (6 files, listed in :mod:`quantport.formats`): ``export/targets/<dialect>.py`` (names,
-config blocks, content builder and a ``TARGET``), the :class:`ExportFormat` member (``base.py``), its row in
-:data:`TARGETS` (this package), a reader parser (``loader/``), a checker contract (``check/``) and a test.
+Adding a dialect (5 files, listed in :mod:`quantport.formats`): ``export/targets/<dialect>.py`` (names,
+config blocks, ``SCHEMES`` and the content builder), its :class:`ExportFormat` member and :data:`TARGETS` row
+(this package), a reader parser (``loader/``), a checker contract (``check/``) and a test.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from enum import Enum
 
 from ...errors import ExportError
 from ...recipes import LinearScheme, QuantRecipe, get_recipe
 from . import compressed_tensors, modelopt, mxfp4_native
-from .base import ExportFormat, Target, UnsupportedFormatError
+from .base import Target, UnsupportedFormatError
 
 __all__ = [
     "TARGETS",
@@ -46,7 +47,27 @@ __all__ = [
     "target_for",
 ]
 
-TARGETS: tuple[Target, ...] = (modelopt.TARGET, compressed_tensors.TARGET, mxfp4_native.TARGET)
+
+class ExportFormat(str, Enum):
+    """Checkpoint formats (dialects) quantport writes."""
+
+    MODELOPT = "modelopt"
+    """NVIDIA ModelOpt unified HF checkpoint (``quant_method: modelopt``): vLLM, SGLang, TensorRT-LLM."""
+    COMPRESSED_TENSORS = "compressed-tensors"
+    """compressed-tensors checkpoint (``quant_method: compressed-tensors``): vLLM, SGLang, transformers."""
+    MXFP4 = "mxfp4"
+    """gpt-oss's native MXFP4 MoE checkpoint (``quant_method: mxfp4``, ``*_blocks`` / ``*_scales``):
+    vLLM, SGLang, transformers. MXFP4 experts only; everything else in the model dtype."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TARGETS: tuple[Target, ...] = (
+    Target(ExportFormat.MODELOPT, modelopt.SCHEMES, modelopt.modelopt_content),
+    Target(ExportFormat.COMPRESSED_TENSORS, compressed_tensors.SCHEMES, compressed_tensors.compressed_tensors_content),
+    Target(ExportFormat.MXFP4, mxfp4_native.SCHEMES, mxfp4_native.native_mxfp4_content),
+)
 """Every dialect, in priority order: the first that stores a scheme is its default (ModelOpt first)."""
 
 

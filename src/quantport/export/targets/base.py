@@ -1,10 +1,11 @@
-"""What every checkpoint dialect is: its name, the schemes it stores exactly, and its content builder."""
+"""What every checkpoint dialect is: its name, the schemes it stores exactly, and its content builder.
+
+The names (:class:`~quantport.export.targets.ExportFormat`) and the registry live in the package."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
 from typing import TYPE_CHECKING
 
 from ...errors import ExportError
@@ -15,23 +16,9 @@ if TYPE_CHECKING:
 
     from ...state import QuantizationState
     from ..content import CheckpointContent
+    from . import ExportFormat
 
-__all__ = ["ExportFormat", "Target", "UnsupportedFormatError"]
-
-
-class ExportFormat(str, Enum):
-    """Checkpoint formats (dialects) quantport writes."""
-
-    MODELOPT = "modelopt"
-    """NVIDIA ModelOpt unified HF checkpoint (``quant_method: modelopt``): vLLM, SGLang, TensorRT-LLM."""
-    COMPRESSED_TENSORS = "compressed-tensors"
-    """compressed-tensors checkpoint (``quant_method: compressed-tensors``): vLLM, SGLang, transformers."""
-    MXFP4 = "mxfp4"
-    """gpt-oss's native MXFP4 MoE checkpoint (``quant_method: mxfp4``, ``*_blocks`` / ``*_scales``):
-    vLLM, SGLang, transformers. MXFP4 experts only; everything else in the model dtype."""
-
-    def __str__(self) -> str:
-        return self.value
+__all__ = ["Target", "UnsupportedFormatError"]
 
 
 class UnsupportedFormatError(ExportError):

@@ -44,13 +44,19 @@ from ..content import CheckpointContent
 from ..names import CheckpointNames
 from ..shards import OneSlotCache, PlannedTensor
 from ..unquantized import excluded_modules, unquantized_plan
-from .base import ExportFormat, Target
 from .ct_experts import ct_expert_plan
 from .ct_schemes import CT_SCHEMES, KV_CACHE_ARGS, CtScheme, ct_shape
 
-__all__ = ["TARGET", "compressed_tensors_content", "ct_ignore", "ct_quantization_config", "ct_scheme", "ct_tensor_plan"]
+__all__ = [
+    "SCHEMES",
+    "compressed_tensors_content",
+    "ct_ignore",
+    "ct_quantization_config",
+    "ct_scheme",
+    "ct_tensor_plan",
+]
 
-TARGETS = ["Linear"]
+CONFIG_TARGETS = ["Linear"]
 """Config-group targets: vLLM matches Linear layers (and MoE experts) by this class name."""
 
 
@@ -73,10 +79,11 @@ def ct_scheme(scheme: LinearScheme) -> Any:
     row = CT_SCHEMES[scheme]
     inputs = None if row.input_activations is None else QuantizationArgs(**row.input_activations)
     weights = QuantizationArgs(**row.weights)
-    result = QuantizationScheme(targets=list(TARGETS), weights=weights, input_activations=inputs)
+    result = QuantizationScheme(targets=list(CONFIG_TARGETS), weights=weights, input_activations=inputs)
     inferred = infer_module_format(nn.Linear, result)
-    if inferred.value != row.format:
-        raise AssertionError(f"compressed-tensors infers {inferred.value} for {scheme.value}, expected {row.format}")
+    assert inferred.value == row.format, (
+        f"compressed-tensors infers {inferred.value} for {scheme.value}, expected {row.format}"
+    )
     result.format = inferred
     return result
 
@@ -192,5 +199,5 @@ def compressed_tensors_content(model: nn.Module, state: QuantizationState) -> Ch
     return CheckpointContent(ct_tensor_plan(model, state), ct_quantization_config(state, ct_ignore(model)))
 
 
-TARGET = Target(ExportFormat.COMPRESSED_TENSORS, frozenset(CT_SCHEMES), compressed_tensors_content)
-"""The compressed-tensors dialect, for :data:`quantport.export.targets.TARGETS`."""
+SCHEMES: frozenset[LinearScheme] = frozenset(CT_SCHEMES)
+"""The schemes this dialect stores, for :data:`quantport.export.targets.TARGETS`."""

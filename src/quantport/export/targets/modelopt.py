@@ -31,13 +31,13 @@ from ..experts import expert_plan, replaced_parameters
 from ..names import CheckpointNames
 from ..shards import OneSlotCache, PlannedTensor
 from ..unquantized import excluded_modules, unquantized_plan
-from .base import ExportFormat, Target, UnsupportedFormatError
+from .base import UnsupportedFormatError
 
 __all__ = [
     "MODELOPT_ALGOS",
     "MODELOPT_FORMAT_VERSION",
     "MOE_SCHEMES",
-    "TARGET",
+    "SCHEMES",
     "ModeloptAlgo",
     "quant_algo",
     "excluded_modules",
@@ -184,5 +184,5 @@ def modelopt_content(model: nn.Module, state: QuantizationState) -> CheckpointCo
     return CheckpointContent(modelopt_tensor_plan(model), flat, {"hf_quant_config.json": nested})
 
 
-TARGET = Target(ExportFormat.MODELOPT, frozenset(MODELOPT_ALGOS), modelopt_content)
-"""The ModelOpt dialect, for :data:`quantport.export.targets.TARGETS`."""
+SCHEMES: frozenset[LinearScheme] = frozenset(MODELOPT_ALGOS)
+"""The schemes this dialect stores, for :data:`quantport.export.targets.TARGETS`."""

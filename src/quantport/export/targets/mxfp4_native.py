@@ -26,9 +26,9 @@ from ..experts import all_expert_tensors, replaced_parameters
 from ..names import CheckpointNames
 from ..shards import OneSlotCache, PlannedTensor
 from ..unquantized import excluded_modules, unquantized_plan
-from .base import ExportFormat, Target, UnsupportedFormatError
+from .base import UnsupportedFormatError
 
-__all__ = ["TARGET", "check_native_mxfp4", "native_mxfp4_content"]
+__all__ = ["SCHEMES", "check_native_mxfp4", "native_mxfp4_content"]
 
 
 def check_native_mxfp4(model: nn.Module, state: QuantizationState) -> list[ExpertsQuantizer]:
@@ -104,5 +104,5 @@ def native_mxfp4_content(model: nn.Module, state: QuantizationState) -> Checkpoi
     return CheckpointContent(plan, {"quant_method": "mxfp4", "modules_to_not_convert": excluded_modules(model)})
 
 
-TARGET = Target(ExportFormat.MXFP4, frozenset({LinearScheme.MXFP4}), native_mxfp4_content)
-"""The native MXFP4 dialect, for :data:`quantport.export.targets.TARGETS`."""
+SCHEMES: frozenset[LinearScheme] = frozenset({LinearScheme.MXFP4})
+"""The schemes this dialect stores, for :data:`quantport.export.targets.TARGETS`."""
