@@ -75,6 +75,7 @@ FIXTURES = {
     "llama-fp8-dynamic": (tiny_llama, "FP8_DYNAMIC", False),
     "llama-nvfp4": (tiny_llama, "NVFP4", True),
     "qwen3moe-w4a16": (tiny_qwen3_moe, "W4A16", False),
+    "qwen3moe-nvfp4": (tiny_qwen3_moe, "NVFP4", True),
 }
 
 

@@ -1,6 +1,7 @@
 """quantport.load on checkpoints written by llm-compressor 0.14 (tests/fixtures/llmcompressor, made by
 scripts/make-llmcompressor-fixtures.sh): every weight equals compressed-tensors' own decompression,
-as transformers runs it (``CompressedTensorsConfig(run_compressed=False)``)."""
+both as transformers runs it for the whole model (``CompressedTensorsConfig(run_compressed=False)``)
+and as compressed-tensors' registered compressor decodes each module's tensors."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.quantization import QuantizationConfig
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
+from quantport.arch.experts import find_moe_blocks
 from quantport.loader import CheckpointError, load, load_report
 
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "llmcompressor"
@@ -22,6 +27,7 @@ EXPECTED_SCHEMES = {
     "llama-fp8-dynamic": "fp8-dynamic",
     "llama-nvfp4": "nvfp4-ct",
     "qwen3moe-w4a16": "w4a16",
+    "qwen3moe-nvfp4": "nvfp4-ct",
 }
 
 
@@ -31,7 +37,18 @@ def _decompressed_by_compressed_tensors(directory: Path) -> dict[str, torch.Tens
     return model.state_dict()
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_SCHEMES))
+TRANSFORMERS_FUSED_NVFP4_BUG = pytest.mark.xfail(
+    strict=True,
+    reason="transformers 5.24 fusing compressed-tensors NVFP4 experts on load leaves them scaled by the "
+    "weight global scale (x27264 here); the compressor itself agrees with quantport (module by module below)",
+)
+TRANSFORMERS_CASES = [
+    pytest.param(n, marks=TRANSFORMERS_FUSED_NVFP4_BUG) if n == "qwen3moe-nvfp4" else n
+    for n in sorted(EXPECTED_SCHEMES)
+]
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS_CASES)
 def test_weights_equal_compressed_tensors_decompression(name):
     directory = FIXTURES / name
     expected = _decompressed_by_compressed_tensors(directory)
@@ -47,13 +64,15 @@ def test_weights_equal_compressed_tensors_decompression(name):
     assert report.unused_tensors == [] or all(t.endswith("input_scale") for t in report.unused_tensors)
 
 
-def test_moe_experts_are_read_per_expert():
-    report = load_report(load(FIXTURES / "qwen3moe-w4a16"))
-    assert [r.fused for r in report.experts] == [False]
-    assert report.experts[0].codec is not None
+@pytest.mark.parametrize("name", ["qwen3moe-w4a16", "qwen3moe-nvfp4"])
+def test_moe_experts_are_read_per_expert(name):
+    record = load_report(load(FIXTURES / name)).experts[0]
+    assert not record.fused and record.codec is not None
+    static = name.endswith("nvfp4")  # per-expert input global scales, one per expert
+    assert (record.gate_up_input_scale is not None) == static and (record.down_input_scale is not None) == static
 
 
-@pytest.mark.parametrize("name", ["llama-fp8", "llama-nvfp4", "llama-w8a8-int8", "qwen3moe-w4a16"])
+@pytest.mark.parametrize("name", ["llama-fp8", "llama-nvfp4", "llama-w8a8-int8", "qwen3moe-w4a16", "qwen3moe-nvfp4"])
 def test_activation_simulation_runs_with_the_stored_scales(name):
     loaded = load(FIXTURES / name, simulate_activations=True)
     ids = torch.arange(16)[None]
@@ -78,3 +97,40 @@ def test_unsupported_arguments_are_a_checkpoint_error_naming_them(tmp_path):
     (directory / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"int4 group weights group 64 are not supported by quantport\.load"):
         load(directory)
+
+
+def _compressor_decoded(directory: Path) -> dict[str, torch.Tensor]:
+    """Checkpoint module -> dense weight, decoded by compressed-tensors' registered compressor module by module."""
+    config = json.loads((directory / "config.json").read_text())["quantization_config"]
+    scheme = QuantizationConfig.model_validate(config).config_groups["group_0"]
+    compressor = BaseCompressor.get_value_from_registry(scheme.format)
+    tensors = load_file(directory / "model.safetensors")
+    prefixes = {k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_scale")}
+    decoded = {}
+    for prefix in prefixes:
+        local = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == prefix}
+        decoded[prefix] = compressor.decompress(local, scheme)["weight"]
+    return decoded
+
+
+def _loaded_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Module -> ``[out, in]`` weight, experts split per expert and projection by their layout."""
+    weights = {n: m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    for block in find_moe_blocks(model):
+        gate_leaf, up_leaf, down_leaf = block.layout.leaf_names
+        for e in range(block.num_experts):
+            gate_up, down = block.experts.gate_up_proj[e], block.experts.down_proj[e]
+            weights[f"{block.experts_name}.{e}.{gate_leaf}"] = block.layout.gate(gate_up)
+            weights[f"{block.experts_name}.{e}.{up_leaf}"] = block.layout.up(gate_up)
+            weights[f"{block.experts_name}.{e}.{down_leaf}"] = block.layout.down(down)
+    return weights
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_SCHEMES))
+def test_weights_equal_the_compressors_decompression_module_by_module(name):
+    directory = FIXTURES / name
+    expected = _compressor_decoded(directory)
+    actual = _loaded_weights(load(directory))
+    assert expected
+    for prefix, weight in expected.items():
+        assert torch.equal(actual[prefix], weight.to(actual[prefix].dtype)), prefix
