@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from compressed_tensors.compressors import BaseCompressor
-from compressed_tensors.quantization import QuantizationConfig
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
@@ -134,3 +135,34 @@ def test_weights_equal_the_compressors_decompression_module_by_module(name):
     assert expected
     for prefix, weight in expected.items():
         assert torch.equal(actual[prefix], weight.to(actual[prefix].dtype)), prefix
+
+
+def test_static_fp8_activations_equal_compressed_tensors_fake_quantization():
+    """llama-fp8 loaded with simulated activations computes what compressed-tensors' own ``fake_quantize`` gives
+    with the stored input scales, on the weights transformers decompressed."""
+    directory = FIXTURES / "llama-fp8"
+    reference = AutoModelForCausalLM.from_pretrained(
+        directory, quantization_config=CompressedTensorsConfig(run_compressed=False)
+    ).eval()
+    stored = load_file(directory / "model.safetensors")
+    args = QuantizationArgs(num_bits=8, type="float", strategy="tensor", symmetric=True, dynamic=False)
+
+    def fake_quant_input(scale: torch.Tensor):
+        def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            x = inputs[0]
+            zero = torch.zeros_like(scale, dtype=x.dtype)
+            return (fake_quantize(x, scale.to(x.dtype), zero, args), *inputs[1:])
+
+        return hook
+
+    hooked = 0
+    for name, module in reference.named_modules():
+        if f"{name}.input_scale" in stored:
+            module.register_forward_pre_hook(fake_quant_input(stored[f"{name}.input_scale"]))
+            hooked += 1
+    loaded = load(directory, simulate_activations=True)
+    ids = torch.arange(16)[None]
+    with torch.no_grad():
+        expected, actual = reference(ids).logits, loaded(ids).logits
+    assert hooked == 7 and len(load_report(loaded).activations_simulated) == 7
+    assert torch.equal(actual, expected)
