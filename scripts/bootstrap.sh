@@ -33,7 +33,7 @@ torch_index_args() {
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-if ! .venv/bin/python -c "import quantport, modelopt, compressed_tensors, pytest" >/dev/null 2>&1; then
+if ! .venv/bin/python -c "import quantport, modelopt, compressed_tensors, pytest, matplotlib, datasets, lm_eval" >/dev/null 2>&1; then
   # shellcheck disable=SC2046  # word splitting of the optional index arguments is intended
   .venv/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 $(torch_index_args)
   .venv/bin/pip install --quiet --disable-pip-version-check -e ".[dev]"
