@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from .recipes import PRESETS, KVCacheFormat, LinearScheme, QuantRecipe, get_recipe
 
 _LAZY = {
+    "CalibrationData": "calibration_sources",
+    "CalibrationSource": "calibration_sources",
     "PRESETS": "recipes",
     "ExportFormat": "export",
     "KVCacheFormat": "recipes",
@@ -37,6 +39,8 @@ _LAZY = {
 }
 
 __all__ = [
+    "CalibrationData",
+    "CalibrationSource",
     "PRESETS",
     "ExportFormat",
     "KVCacheFormat",

@@ -229,9 +229,10 @@ def _finish_experts(quantizers: list[ExpertsQuantizer], state: QuantizationState
     calibration = MoECalibration(options.get("moe_calib", MoECalibration.ROUTED))
     coverage = ExpertCoverage(policy.value, calibration.value)
     for quantizer in quantizers:
+        observed = {p: tuple(a.tolist()) for p, a in quantizer.input_amax.items()}  # before the policy fills gaps
         if quantizer.codec.static_input_scale:
             apply_input_policy(quantizer, policy)
-        coverage.layers.append(LayerCoverage(quantizer.block.name, tuple(quantizer.tokens.tolist())))
+        coverage.layers.append(LayerCoverage(quantizer.block.name, tuple(quantizer.tokens.tolist()), observed))
     state.coverage = coverage if state.calibration_tokens else None
 
 
