@@ -156,3 +156,45 @@ def test_platform_without_pwrite_writes_the_same_bytes(tmp_path, monkeypatch):
     pieces = _pieces()
     _write(tmp_path / "f.bin", pieces, ScriptedRoute([DIRECT, CACHED]))
     assert (tmp_path / "f.bin").read_bytes() == _expected(pieces)
+
+
+def _payload(n: int) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.int64).remainder(251).to(torch.uint8)
+
+
+def test_pinned_buffers_fall_back_to_maps_where_they_cannot_be_had(tmp_path, monkeypatch):
+    def no_pinned_memory(*args, **kwargs):
+        raise RuntimeError("no CUDA driver")
+
+    monkeypatch.setattr(checkpoint_file.torch, "empty", no_pinned_memory)
+    data = _payload(3 * ALIGNMENT + 17)
+    with CheckpointFile(tmp_path / "f", chunk=ALIGNMENT, pinned=True) as handle:
+        assert handle._maps  # the anonymous maps, not pinned tensors
+        handle.write(data)
+    assert (tmp_path / "f").read_bytes() == bytes(data.tolist())
+
+
+def test_misaligned_pinned_buffers_are_not_used():
+    class Misaligned:
+        def data_ptr(self) -> int:
+            return ALIGNMENT + 8
+
+    real_empty = checkpoint_file.torch.empty
+    try:
+        checkpoint_file.torch.empty = lambda *a, **k: Misaligned()
+        assert checkpoint_file._pinned_buffers(ALIGNMENT) is None
+    finally:
+        checkpoint_file.torch.empty = real_empty
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_tensors_are_written_through_pinned_buffers(tmp_path):
+    data = _payload(5 * ALIGNMENT + 123)
+    with CheckpointFile(tmp_path / "f", chunk=2 * ALIGNMENT, pinned=True) as handle:
+        assert not handle._maps and all(b.is_pinned() for b in handle._buffers)
+        handle.write(b"head")
+        handle.write(data.cuda())
+        handle.write(data[:100])
+    expected = b"head" + bytes(data.tolist()) + bytes(data[:100].tolist())
+    assert (tmp_path / "f").read_bytes() == expected

@@ -94,7 +94,7 @@ class CheckpointFile:
     other, so copying and the disk overlap. One caller thread only (quantport's writer thread).
     """
 
-    def __init__(self, path: Path, chunk: int = CHUNK, route: WriteRoute | None = None) -> None:
+    def __init__(self, path: Path, chunk: int = CHUNK, route: WriteRoute | None = None, pinned: bool = False) -> None:
         self.path = Path(path)
         self.size = 0
         self.route = route or WriteRoute()
@@ -106,8 +106,12 @@ class CheckpointFile:
                 self._direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
         if self._direct_fd < 0:
             self.route.refuse_direct()
-        self._maps = [mmap.mmap(-1, chunk) for _ in range(2)]  # anonymous maps are page aligned
-        self._buffers = [torch.frombuffer(m, dtype=torch.uint8) for m in self._maps]
+        self._maps: list[mmap.mmap] = []
+        self._buffers = _pinned_buffers(chunk) if pinned else None
+        if self._buffers is None:
+            self._maps = [mmap.mmap(-1, chunk) for _ in range(2)]  # anonymous maps are page aligned
+            self._buffers = [torch.frombuffer(m, dtype=torch.uint8) for m in self._maps]
+        self._views = [memoryview(b.numpy()) for b in self._buffers]
         self._pending: list[Future | None] = [None, None]
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantport-io")
         self._current = 0
@@ -115,7 +119,8 @@ class CheckpointFile:
         self._offset = 0  # file offset of the current buffer's first byte
 
     def write(self, data: bytes | torch.Tensor) -> None:
-        """Append ``data`` (bytes, or a contiguous uint8 CPU tensor)."""
+        """Append ``data`` (bytes, or a contiguous flat uint8 tensor on the CPU or a GPU: a GPU tensor is
+        copied straight into the buffer, one device-to-host copy, with no host copy in between)."""
         source = torch.frombuffer(bytearray(data), dtype=torch.uint8) if isinstance(data, bytes) else data
         n, done = source.numel(), 0
         self.size += n
@@ -143,7 +148,7 @@ class CheckpointFile:
         if mode is WriteMode.DIRECT and self._direct_fd < 0:  # refused after this chunk was routed
             mode = WriteMode.CACHED
         started = time.perf_counter()
-        with memoryview(self._maps[index])[:length] as view:
+        with self._views[index][:length] as view:
             written = 0
             while written < length:
                 fd = self._direct_fd if mode is WriteMode.DIRECT else self._fd
@@ -177,7 +182,9 @@ class CheckpointFile:
                 if fd >= 0:
                     os.close(fd)
             self._fd = self._direct_fd = -1
-            del self._buffers
+            for view in self._views:
+                view.release()
+            del self._buffers, self._views
             for m in self._maps:
                 with contextlib.suppress(BufferError):  # a view still held by a traceback: freed with it
                     m.close()
@@ -200,6 +207,17 @@ class CheckpointFile:
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         self.close(finish=exc_type is None)
+
+
+def _pinned_buffers(chunk: int) -> list[torch.Tensor] | None:
+    """Two page-locked buffers the GPU copies into at full speed (a copy into pageable memory goes
+    through a driver staging buffer), or None when they cannot be had or are not ``ALIGNMENT``-aligned
+    (``O_DIRECT`` writes from them)."""
+    try:
+        buffers = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    except RuntimeError:
+        return None
+    return buffers if all(b.data_ptr() % ALIGNMENT == 0 for b in buffers) else None
 
 
 def _pwrite(fd: int, data: memoryview, offset: int) -> int:

@@ -47,13 +47,15 @@ def _specs(quantizer: ExpertsQuantizer, projection: str) -> dict[str, TensorSpec
 def expert_tensors_lookup(
     quantizer: ExpertsQuantizer, cache: OneSlotCache
 ) -> Callable[[int], dict[str, dict[str, torch.Tensor]]]:
-    """expert -> its exported tensors on the CPU, quantized a chunk of experts at a time
-    (:func:`~quantport.export.expert_tensors.expert_chunks`) and kept in ``cache`` while the chunk is written."""
+    """expert -> its exported tensors, quantized a chunk of experts at a time
+    (:func:`~quantport.export.expert_tensors.expert_chunks`) and kept in ``cache`` while the chunk is written.
+    They stay on the experts' device: the writer copies each one from a GPU straight into its page-locked
+    buffer (a copy to pageable host memory first cost a second host copy per byte)."""
     chunk_of = {expert: chunk for chunk in expert_chunks(quantizer) for expert in chunk}
 
     def expert_tensors(expert: int) -> dict[str, dict[str, torch.Tensor]]:
         chunk = chunk_of[expert]
-        tensors = cache.get((quantizer, chunk.start), lambda: quantized_experts(quantizer, chunk, device="cpu"))
+        tensors = cache.get((quantizer, chunk.start), lambda: quantized_experts(quantizer, chunk))
         return tensors[expert - chunk.start]
 
     return expert_tensors

@@ -121,11 +121,12 @@ def _header(entries: list[PlannedTensor]) -> bytes:
 
 
 def _tensor_bytes(tensor: torch.Tensor, entry: PlannedTensor) -> torch.Tensor:
-    """The tensor's raw little-endian bytes as a flat uint8 CPU tensor (a view where possible)."""
+    """The tensor's raw little-endian bytes as a flat uint8 tensor on its own device (a view where possible;
+    a GPU tensor is copied to the host by the writer, straight into its page-locked buffer)."""
     assert tensor.dtype == entry.spec.dtype and tuple(tensor.shape) == entry.spec.shape, (
         f"{entry.name}: computed {tensor.dtype} {tuple(tensor.shape)}, planned {entry.spec.dtype} {entry.spec.shape}"
     )
-    return tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 def natural_order(name: str) -> tuple[str | int, ...]:
@@ -240,12 +241,13 @@ def write_sharded_safetensors(
     bar = tqdm(total=sum(e.spec.nbytes for e in plan), unit="B", unit_scale=True, desc="writing", disable=not progress)
     release = _serialized(release or (lambda: None))
     stop = threading.Event()
+    pinned = torch.cuda.is_available() and torch.cuda.is_initialized()  # tensors may come from a GPU
 
     def write(file: str, entries: list[PlannedTensor]) -> None:
         try:
             with (
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantport-writer") as writer,
-                CheckpointFile(directory / file) as handle,
+                CheckpointFile(directory / file, pinned=pinned) as handle,
             ):
                 _write_shard(entries, handle, writer, release, bar, stop)
         except BaseException:
