@@ -27,8 +27,9 @@ __all__ = [
 
 STACK_BYTES = 64 << 20
 """fp32 bytes of expert weights quantized in one call on the CPU."""
-STACK_BYTES_CUDA = 1 << 30
-"""... and on a GPU."""
+STACK_BYTES_CUDA = 256 << 20
+"""... and on a GPU: a quarter of what one call could take, because the export quantizes up to four shards
+at once (``export.shards.SHARD_WORKERS``) and its peak GPU memory is to stay that of one 1 GB chunk."""
 
 
 def expert_weight_amax(block: MoEBlock) -> dict[str, torch.Tensor]:
