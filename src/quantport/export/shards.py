@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import ExportError
 from ..schemes import TensorSpec
 from ..sizes import parse_size
 from .checkpoint_file import CheckpointFile
@@ -139,8 +140,9 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
-class _Stopped(Exception):
-    """Another shard failed: this one stops at its next tensor."""
+class _Stopped(ExportError):
+    """Another shard failed: this one stops at its next tensor (never raised to the caller: the other
+    shard's error is)."""
 
 
 def _write_shard(
