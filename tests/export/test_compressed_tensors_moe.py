@@ -18,8 +18,8 @@ from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 import quantport
 from checkpoint_files import load_tensors
 from moe_models import tiny_moe
+from quantport.arch.hub_names import HubNames
 from quantport.export import recipe_for_format
-from quantport.export.names import CheckpointNames
 from quantport.export.targets import UnsupportedFormatError
 from quantport.modules.quant_experts import experts_quantizer_of
 from quantport.modules.quant_linear import QuantLinear
@@ -46,7 +46,7 @@ def test_experts_decompress_to_the_simulated_weights(tmp_path, family, recipe):
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     scheme = QuantizationConfig.model_validate(config).config_groups["group_0"]
     compressor = BaseCompressor.get_value_from_registry(scheme.format)
-    tensors, names = load_tensors(out), CheckpointNames(model)
+    tensors, names = load_tensors(out), HubNames(model)
     assert not any(k.endswith(("experts.gate_up_proj", "experts.down_proj")) for k in tensors)  # no fused names
     quantizers = _quantizers(model)
     assert quantizers

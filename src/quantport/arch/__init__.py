@@ -1,1 +1,1 @@
-"""Model-structure knowledge, held as data: fused sibling groups, attention modules."""
+"""Model-structure knowledge, held as data: fused sibling groups, attention modules, checkpoint (hub) names."""

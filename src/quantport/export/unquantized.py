@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from ..arch.engines import engine_ties_embeddings
+from ..arch.hub_names import HubNames
 from ..modules.quant_experts import experts_quantizer_of
 from ..modules.quant_linear import QuantLinear
 from ..schemes import TensorSpec
-from .names import CheckpointNames
 from .shards import OneSlotCache, PlannedTensor
 
 __all__ = ["excluded_modules", "passthrough_entries", "tied_aliases", "unquantized_plan"]
@@ -49,9 +49,7 @@ def tied_aliases(model: nn.Module) -> set[str]:
     return aliases
 
 
-def passthrough_entries(
-    name: str, tensor: torch.Tensor, names: CheckpointNames, cache: OneSlotCache
-) -> list[PlannedTensor]:
+def passthrough_entries(name: str, tensor: torch.Tensor, names: HubNames, cache: OneSlotCache) -> list[PlannedTensor]:
     """An unquantized tensor under its checkpoint name(s); split when transformers fused it at load."""
     meta = names.split(name, torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"))
     if len(meta) == 1:
@@ -68,9 +66,7 @@ def passthrough_entries(
     ]
 
 
-def unquantized_plan(
-    model: nn.Module, replaced: set[str], names: CheckpointNames, cache: OneSlotCache
-) -> list[PlannedTensor]:
+def unquantized_plan(model: nn.Module, replaced: set[str], names: HubNames, cache: OneSlotCache) -> list[PlannedTensor]:
     """Every state-dict tensor that is neither replaced by quantized tensors nor a tied alias."""
     aliases = tied_aliases(model)
     plan: list[PlannedTensor] = []
@@ -83,7 +79,7 @@ def unquantized_plan(
 def excluded_modules(model: nn.Module) -> list[str]:
     """Checkpoint names of the modules that carry no scale tensors: those with a 2-D weight (Linear,
     Embedding, routers) that are not quantized, and experts modules that are not quantized."""
-    names = CheckpointNames(model)
+    names = HubNames(model)
     excluded = []
     for name, module in model.named_modules():
         if not name or isinstance(module, QuantLinear) or experts_quantizer_of(module) is not None:

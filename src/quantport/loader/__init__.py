@@ -38,6 +38,7 @@ from torch import nn
 
 from ..arch.experts import MoEBlock, find_moe_blocks
 from ..arch.fused_groups import find_attention_modules
+from ..arch.hub_names import HubNames
 from ..formats.finite import all_finite
 from ..loading import resolve_device
 from ..modules.expert_simulation import attach_experts_simulator
@@ -46,7 +47,6 @@ from ..read.quant_config import Dialect
 from .checkpoint import CheckpointError, TensorStore, read_config, read_dialect
 from .compressed_tensors import CtDecoder
 from .experts import ExpertsRecord, load_experts
-from .hub_names import HubNames
 from .linear import DecodedLinear, LinearDecoder
 from .modelopt import ModelOptDecoder, quantizes_activations
 from .simulate import install_input_fake_quant, install_kv_scales

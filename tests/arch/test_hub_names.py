@@ -1,4 +1,4 @@
-"""CheckpointNames resolves many modules in one transformers call with the same answer as one call each."""
+"""HubNames resolves many modules in one transformers call with the same answer as one call each."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from transformers.core_model_loading import revert_weight_conversion
 
 from moe_models import tiny_moe
-from quantport.export.names import CheckpointNames
+from quantport.arch.hub_names import HubNames
 
 
 def _one_call(model: torch.nn.Module, module_name: str) -> str:
@@ -23,7 +23,7 @@ def test_prefetched_names_equal_one_call_each(family: str) -> None:
     wanted = [name for name, _ in model.named_modules() if name] + [
         f"{name}.{e}.{leaf}" for name in experts for e in range(3) for leaf in ("gate_proj", "w1", "down_proj")
     ]
-    names = CheckpointNames(model)
+    names = HubNames(model)
     names.prefetch(wanted)
     compared = 0
     for module_name in wanted:
@@ -37,7 +37,7 @@ def test_prefetched_names_equal_one_call_each(family: str) -> None:
 
 def test_module_without_prefetch_resolves_the_whole_model_once(monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_moe("mixtral")
-    names = CheckpointNames(model)
+    names = HubNames(model)
     calls = []
     original = names._revert
     monkeypatch.setattr(names, "_revert", lambda tensors: calls.append(len(tensors)) or original(tensors))
