@@ -14,16 +14,19 @@ from typing import TYPE_CHECKING, Any
 from .version import __version__
 
 if TYPE_CHECKING:
+    from .calibration_sources import CalibrationData, CalibrationSource
     from .errors import QuantportError
     from .export import ExportFormat, export
     from .export.targets import recipe_for_format
     from .loader import load
+    from .loader.checkpoint import CheckpointError
     from .pipeline import quantize, simulate
     from .recipes import PRESETS, KVCacheFormat, LinearScheme, QuantRecipe, get_recipe
 
 _LAZY = {
     "CalibrationData": "calibration_sources",
     "CalibrationSource": "calibration_sources",
+    "CheckpointError": "loader.checkpoint",
     "PRESETS": "recipes",
     "ExportFormat": "export",
     "KVCacheFormat": "recipes",
@@ -41,6 +44,7 @@ _LAZY = {
 __all__ = [
     "CalibrationData",
     "CalibrationSource",
+    "CheckpointError",
     "PRESETS",
     "ExportFormat",
     "KVCacheFormat",
