@@ -24,7 +24,7 @@ from typing import Any
 from .errors import InvalidArgumentError, ModelLoadError, QuantportError
 from .evaluate import EvalDataError, EvalResult, check_same_model, eval_batches, evaluate
 from .export import TOKENIZER_FILES
-from .quantize_args import positive_int
+from .quantize_args import non_negative_int, positive_int
 
 __all__ = ["add_commands", "run_eval"]
 
@@ -65,17 +65,6 @@ def add_commands(subparsers: Any) -> None:
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress bar or info logs")
     parser.set_defaults(func=run_eval)
-
-
-def non_negative_int(value: str) -> int:
-    """``argparse`` type: an integer >= 0."""
-    try:
-        number = int(value)
-    except ValueError:
-        number = -1
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return number
 
 
 def _tokenizer(*directories: Path) -> Any:

@@ -23,8 +23,6 @@ from .read.quant_config import Dialect
 
 __all__ = ["CheckpointSummary", "FormatGroup", "format_summary", "inspect_checkpoint"]
 
-_PACKED_FP4 = ("nvfp4", "mxfp4")
-
 
 @dataclass
 class FormatGroup:

@@ -18,8 +18,6 @@ import torch
 
 __all__ = ["BACKENDS", "Backend", "register_backend", "select", "use_backend"]
 
-OPS = ("fp8_per_tensor", "nvfp4", "mxfp4", "int4_modelopt", "matrix_amax")
-
 
 @dataclass(frozen=True, slots=True)
 class Backend:

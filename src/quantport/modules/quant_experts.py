@@ -60,7 +60,6 @@ class ExpertsQuantizer:
         self.mode = QuantMode.OFF
         self._simulator: ExpertsSimulator | None = None
         self._simulated_weights: dict[str, torch.Tensor] | None = None
-        self._stored_input_scales: dict[str, torch.Tensor] | None = None
 
     @property
     def layout(self) -> ExpertLayout:
@@ -88,8 +87,6 @@ class ExpertsQuantizer:
         """fp32 [E] ``input_scale`` per expert (None for weight-only / dynamic schemes)."""
         if not self.codec.static_input_scale:
             return None
-        if self._stored_input_scales is not None:
-            return self._stored_input_scales[projection]
         if self.export_input_amax is None:
             raise RuntimeError(f"{self.block.experts_name}: no calibrated input amax; run calibration first")
         return self.codec.input_scale(self.export_input_amax[projection])
@@ -113,13 +110,6 @@ class ExpertsQuantizer:
             weights = self.simulated_parameters()
             self._simulator = ExpertsSimulator(self.block, self.codec, weights, self._input_scales())
         return self._simulator
-
-    def use_stored(self, input_scales: dict[str, torch.Tensor] | None) -> None:
-        """Simulate a loaded checkpoint: the module's parameters already are the dequantized weights and
-        ``input_scales`` (projection -> fp32 [E]) are the stored ones. Prefer
-        :func:`quantport.modules.expert_simulation.attach_experts_simulator`."""
-        self._stored_input_scales = input_scales
-        self._simulator = ExpertsSimulator.from_parameters(self.block, self.codec, self._input_scales())
 
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.mode is QuantMode.CALIBRATE:
