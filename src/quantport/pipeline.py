@@ -19,6 +19,7 @@ from .calibrate import calibration_batches, run_calibration
 from .calibrate.loop import auto_batch_size
 from .calibrate.moe_policy import MoECalibration, MoEInputScales, apply_input_policy, check_input_policy
 from .errors import CalibrationDataError, InvalidArgumentError, InvalidWeightsError
+from .formats.descriptors import ScaleGranularity
 from .input_checks import check_exclude_patterns, check_finite_statistics, refuse_quantized
 from .memory.mapped_weights import MappedWeights
 from .modules.expert_weights import expert_weight_amax
@@ -26,7 +27,7 @@ from .modules.kv_cache import install_kv_quantizer
 from .modules.observe import update_amax
 from .modules.quant_experts import ExpertsQuantizer, install_experts_quantizer
 from .modules.quant_linear import QuantLinear, QuantMode
-from .recipes import KVCacheFormat, LinearScheme, QuantRecipe, get_recipe
+from .recipes import KVCacheFormat, QuantRecipe, get_recipe
 from .report.coverage import ExpertCoverage, LayerCoverage
 from .schemes import SchemeCodec, codec_for
 from .state import QuantizationState, attach_state, set_mode
@@ -49,6 +50,10 @@ class _FamilyRules:
         routers = frozenset(f"{b.name}.{b.layout.router}" if b.name else b.layout.router for b in blocks)
         return cls(routers, tuple(p for b in blocks for p in b.layout.no_block_scales))
 
+    def refuses_block_scales(self, name: str) -> bool:
+        """Whether the family's engines cannot take 2-D block scales on Linear ``name``."""
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.no_block_scales)
+
 
 def _exclusion_reason(
     name: str, module: nn.Linear, recipe: QuantRecipe, codec: SchemeCodec, family: _FamilyRules
@@ -61,7 +66,7 @@ def _exclusion_reason(
         return "the MoE router, which engines run in full precision (model family rule)"
     if is_vision_module(name) or name.startswith(MTP_PREFIXES):
         return "a vision tower or multi-token-prediction module, which engines load unquantized (model family rule)"
-    if codec.scheme is LinearScheme.FP8_BLOCK and any(fnmatch.fnmatchcase(name, p) for p in family.no_block_scales):
+    if codec.format.granularity is ScaleGranularity.BLOCK_2D and family.refuses_block_scales(name):
         return "the engine permutes this layer's scales for rotary; 2-D block scales would break (model family rule)"
     if type(module) is not nn.Linear:
         return f"{type(module).__name__} is not a plain nn.Linear"
