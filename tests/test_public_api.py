@@ -1,4 +1,4 @@
-"""The package's public names: importable on first use, listed by ``dir()``, and those the README shows."""
+"""The package's public names: importable on first use, listed by ``dir()``, and those the README and docs/ show."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import quantport
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENTS = (ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")))
 
 _PROBE = """
 import json, sys
@@ -56,8 +57,8 @@ def test_checkpoint_error_is_a_quantport_error():
     assert issubclass(quantport.CheckpointError, quantport.QuantportError)
 
 
-def test_names_the_readme_shows_are_public():
-    text = README.read_text(encoding="utf-8")
+def test_names_the_readme_and_docs_show_are_public():
+    text = "\n".join(path.read_text(encoding="utf-8") for path in DOCUMENTS)
     shown = set(re.findall(r"\bquantport\.([A-Za-z_]\w*)", text))
     shown |= {name for name in ("QuantportError", "CheckpointError", "PRESETS", "LinearScheme") if f"`{name}`" in text}
     assert {"quantize", "simulate", "export", "load"} <= shown
