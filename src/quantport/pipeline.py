@@ -12,10 +12,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from .algorithm_options import algorithm_options
 from .arch.experts import ForwardContract, MoEBlock, find_moe_blocks
 from .arch.family import MTP_PREFIXES, is_vision_module
 from .arch.fused_groups import find_attention_modules, find_shared_input_groups
 from .calibrate import calibration_batches, run_calibration
+from .calibrate.algorithms import finish_algorithm, start_algorithm
 from .calibrate.loop import auto_batch_size
 from .calibrate.moe_policy import MoECalibration, MoEInputScales, apply_input_policy, check_input_policy
 from .errors import CalibrationDataError, InvalidArgumentError, InvalidWeightsError
@@ -289,7 +291,9 @@ def quantize(
             model will be exported to, when the recipe's numerics differ per format, e.g.
             ``"compressed-tensors"`` for ``nvfp4``; a form known not to load in that format's engine is then
             refused here, before calibration), ``allow_check_errors`` (False: True lets such a form through
-            with a warning, as ``export(..., allow_check_errors=True)``), ``progress`` (True).
+            with a warning, as ``export(..., allow_check_errors=True)``), ``progress`` (True),
+            ``algorithm`` ("max" | "mse" | "gptq", an :class:`quantport.algorithm_options.Algorithm`, or its
+            typed options such as ``GptqOptions(act_order=True)``; default "max": round to nearest).
     """
     unknown = set(options) - {
         "exclude",
@@ -305,10 +309,12 @@ def quantize(
         "format",
         "progress",
         "allow_check_errors",
+        "algorithm",
     }
     if unknown:
         raise TypeError(f"unknown quantize option(s): {', '.join(sorted(unknown))}")
     refuse_quantized(model)
+    algorithm = algorithm_options(options.get("algorithm"))
     patterns = options.get("exclude") or ()
     patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
     if options.get("format") is not None:
@@ -348,8 +354,9 @@ def quantize(
                 "--kv-cache fp8 was asked for, but the model has no attention with k_proj/v_proj; quantize without "
                 "--kv-cache"
             )
-    # Weight-only recipes need no forward, except to report expert coverage when data was given.
-    if codec.static_input_scale or state.kv_modules or (experts and calib_data is not None):
+    step = start_algorithm(model, codec, algorithm)  # hooks the Linears when the algorithm observes inputs
+    # Weight-only recipes need no forward, except for the algorithm or to report expert coverage when data was given.
+    if codec.static_input_scale or state.kv_modules or step.needs_forward or (experts and calib_data is not None):
         batches = _calibration_data(model, calib_data, options)
         set_mode(model, QuantMode.CALIBRATE)
         hooks = mapped.release_after_forward(model)
@@ -357,12 +364,14 @@ def quantize(
             state.calibration_tokens = run_calibration(model, batches, progress=options.get("progress", True))
         finally:
             set_mode(model, QuantMode.OFF)
+            step.stop_observing()
             for hook in hooks:
                 hook.remove()
         check_finite_statistics(model)  # once, after the loop: no host synchronisation per batch
         _drop_uncalibrated(model, state)
     _finish_experts(experts, state, options)
     _unify_groups(model, state, codec)
+    finish_algorithm(step, state)
     mapped.release_all()
     attach_state(model, state)
     logger.info("quantized %d Linear layers, %d left unquantized", len(state.quantized), len(state.excluded))

@@ -34,6 +34,8 @@ class QuantizationState:
         experts: experts modules that are quantized.
         calibration_tokens: tokens seen in calibration (0 when none was needed).
         coverage: calibration tokens per expert and the policy that filled the gaps (MoE models).
+        algorithm: the calibration algorithm (:class:`quantport.algorithm_options.Algorithm` value).
+        left_at_rtn: quantized modules the algorithm left at round-to-nearest -> why (never silently).
     """
 
     recipe: QuantRecipe
@@ -44,6 +46,8 @@ class QuantizationState:
     experts: list[str] = field(default_factory=list)
     calibration_tokens: int = 0
     coverage: ExpertCoverage | None = None
+    algorithm: str = "max"
+    left_at_rtn: dict[str, str] = field(default_factory=dict)
 
 
 def attach_state(model: nn.Module, state: QuantizationState) -> None:

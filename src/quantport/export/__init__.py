@@ -85,6 +85,8 @@ def _report(state: QuantizationState, fmt: ExportFormat, exclude: list[str]) -> 
         "calibration_tokens": state.calibration_tokens,
         "experts_modules": list(state.experts),
         "coverage": state.coverage.to_json() if state.coverage is not None else None,
+        "algorithm": state.algorithm,
+        "left_at_round_to_nearest": dict(sorted(state.left_at_rtn.items())),
     }
 
 

@@ -1,0 +1,132 @@
+"""The calibration algorithms of :func:`quantport.quantize` and their typed options (torch-free, for the command line).
+
+What each algorithm does is in :mod:`quantport.calibrate.algorithms`; ``max`` (round to nearest with
+the weights' own max scales) is the default and gives the bytes quantport has always written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .errors import InvalidArgumentError
+
+__all__ = [
+    "AVAILABLE_ALGORITHMS",
+    "Algorithm",
+    "AlgorithmOptions",
+    "GptqOptions",
+    "MaxOptions",
+    "MseOptions",
+    "algorithm_options",
+]
+
+
+class Algorithm(StrEnum):
+    """How weights (and their scales) are decided from the calibration statistics."""
+
+    MAX = "max"
+    """Round to nearest; every scale from the max |w| of the weights it covers."""
+    MSE = "mse"
+    """Per scale, the clipping ratio of its max |w| that minimises the weight's reconstruction error."""
+    GPTQ = "gptq"
+    """GPTQ: columns quantized in turn, each one's error spread over the columns not yet quantized through
+    the inverse Hessian of the layer's calibration inputs."""
+    AWQ = "awq"
+    """Activation-aware weight scaling (not available yet)."""
+    SMOOTHQUANT = "smoothquant"
+    """Activation outliers migrated into the weights (not available yet)."""
+
+
+AVAILABLE_ALGORITHMS = (Algorithm.MAX, Algorithm.MSE, Algorithm.GPTQ)
+"""The algorithms implemented (the registry of :mod:`quantport.calibrate.algorithms` holds exactly these)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MaxOptions:
+    """``max`` has no options."""
+
+    algorithm = Algorithm.MAX
+
+
+@dataclass(frozen=True, slots=True)
+class MseOptions:
+    """Options of the ``mse`` scale search.
+
+    Attributes:
+        min_ratio: the smallest clipping ratio tried (of each scale's max |w|), in (0, 1].
+        steps: ratios tried between 1 and ``min_ratio`` besides 1 itself (evenly spaced).
+    """
+
+    min_ratio: float = 0.5
+    steps: int = 20
+    algorithm = Algorithm.MSE
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_ratio <= 1:
+            raise InvalidArgumentError(f"mse min_ratio must be in (0, 1], got {self.min_ratio}")
+        if self.steps < 1:
+            raise InvalidArgumentError(f"mse steps must be >= 1, got {self.steps}")
+
+    def ratios(self) -> tuple[float, ...]:
+        """The clipping ratios tried, 1 first (so ties keep the max scale)."""
+        return tuple(1 - i * (1 - self.min_ratio) / self.steps for i in range(self.steps + 1))
+
+
+@dataclass(frozen=True, slots=True)
+class GptqOptions:
+    """Options of ``gptq``.
+
+    Attributes:
+        damp: dampening added to the Hessian's diagonal, as a fraction of its mean diagonal.
+        act_order: quantize columns in order of decreasing Hessian diagonal (input energy); scales are
+            then taken from the weights before any update (``static_groups``), as formats store groups in
+            column order.
+        block_size: columns per lazy batch update (a multiple of the format's group size).
+        static_groups: take every group's scale from the weights before any update, instead of from the
+            updated weights when the loop reaches the group.
+    """
+
+    damp: float = 0.01
+    act_order: bool = False
+    block_size: int = 128
+    static_groups: bool = False
+    algorithm = Algorithm.GPTQ
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.damp < 1:
+            raise InvalidArgumentError(f"gptq damp must be in [0, 1), got {self.damp}")
+        if self.block_size < 1:
+            raise InvalidArgumentError(f"gptq block_size must be >= 1, got {self.block_size}")
+
+
+AlgorithmOptions = MaxOptions | MseOptions | GptqOptions
+
+_DEFAULTS: dict[Algorithm, type[MaxOptions] | type[MseOptions] | type[GptqOptions]] = {
+    Algorithm.MAX: MaxOptions,
+    Algorithm.MSE: MseOptions,
+    Algorithm.GPTQ: GptqOptions,
+}
+
+
+def algorithm_options(value: Algorithm | str | AlgorithmOptions | None) -> AlgorithmOptions:
+    """The options object of ``value`` (a name, an :class:`Algorithm` or options; None is ``max``).
+
+    Raises:
+        InvalidArgumentError: an unknown name, or an algorithm that is not available yet.
+    """
+    if value is None:
+        return MaxOptions()
+    if isinstance(value, MaxOptions | MseOptions | GptqOptions):
+        return value
+    try:
+        algorithm = Algorithm(value)
+    except ValueError:
+        known = ", ".join(a.value for a in Algorithm)
+        raise InvalidArgumentError(f"unknown algorithm {value!r}; choose one of: {known}") from None
+    if algorithm not in _DEFAULTS:
+        available = ", ".join(a.value for a in AVAILABLE_ALGORITHMS)
+        raise InvalidArgumentError(
+            f"algorithm {algorithm.value} is not available yet in this quantport; use one of: {available}"
+        )
+    return _DEFAULTS[algorithm]()

@@ -1,0 +1,58 @@
+"""Calibration algorithms: how the quantized layers' weights and scales are decided.
+
+One module per :class:`~quantport.algorithm_options.Algorithm` (``max.py``, ``mse.py``, ``gptq.py``), each
+registering a step class in :data:`.registry.ALGORITHMS`; :func:`start_algorithm` is what
+:func:`quantport.quantize` calls. Options are the typed dataclasses of :mod:`quantport.algorithm_options`.
+MoE experts are not covered yet: with any algorithm but ``max`` they keep round-to-nearest, and the
+state names them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from ...algorithm_options import Algorithm, AlgorithmOptions
+from ...arch.fused_groups import find_shared_input_groups
+from ...modules.quant_linear import QuantLinear
+from ...schemes import SchemeCodec
+from ...state import QuantizationState
+from . import gptq, max, mse  # noqa: F401,A004  (registration)
+from .registry import ALGORITHMS, AlgorithmContext, AlgorithmStep
+
+__all__ = ["ALGORITHMS", "AlgorithmContext", "AlgorithmStep", "experts_note", "finish_algorithm", "start_algorithm"]
+
+logger = logging.getLogger(__name__)
+
+
+def start_algorithm(model: nn.Module, codec: SchemeCodec, options: AlgorithmOptions) -> AlgorithmStep:
+    """The step of ``options.algorithm`` over ``model``'s quantized Linear layers (hooks installed if it observes)."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    groups = []
+    for group in find_shared_input_groups(model):
+        members = tuple(m for m in group.members if m in layers)
+        if len(members) > 1:
+            groups.append(members)
+    return ALGORITHMS[options.algorithm](AlgorithmContext(options, codec, layers, groups))
+
+
+def experts_note(options: AlgorithmOptions) -> str | None:
+    """Why quantized MoE experts keep round-to-nearest under ``options`` (None for ``max``)."""
+    if options.algorithm is Algorithm.MAX:
+        return None
+    return f"round-to-nearest: {options.algorithm.value} is not implemented for MoE experts yet"
+
+
+def finish_algorithm(step: AlgorithmStep, state: QuantizationState) -> None:
+    """Apply ``step`` once the statistics are final and record in ``state`` what it left at round-to-nearest."""
+    step.apply()
+    options = step.context.options
+    state.algorithm = options.algorithm.value
+    state.left_at_rtn = dict(step.context.left_at_rtn)
+    note = experts_note(options)
+    if note is not None:
+        for name in state.experts:
+            state.left_at_rtn[name] = note
+        if state.experts:
+            logger.warning("%d MoE experts module(s) keep %s", len(state.experts), note)
