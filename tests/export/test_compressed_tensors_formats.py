@@ -10,9 +10,10 @@ import torch
 import quantport
 from checkpoint_files import load_tensors
 from quantport.cli import main
+from quantport.dialects.compressed_tensors import CT_SCHEMES
+from quantport.dialects.modelopt import pieces_of
 from quantport.export import ExportFormat, recipe_for_format
 from quantport.export.targets import TARGETS, UnsupportedFormatError, default_format, formats_for
-from quantport.export.targets.ct_schemes import CT_SCHEMES
 from quantport.export.targets.modelopt import MODELOPT_ALGOS
 from quantport.modules.quant_linear import QuantLinear
 from quantport.recipes import PRESETS, LinearScheme
@@ -98,7 +99,8 @@ def test_modelopt_integer_variants_round_trip(tmp_path, tiny_model, calib_batche
             exported = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
             assert set(exported) == {"weight", "weight_scale"}
             assert exported["weight_scale"].dtype == torch.float32
-            assert torch.equal(module.codec.dequantize_weight(exported, torch.bfloat16), module.simulated_weight())
+            decoded = module.codec.dequantize_weight(pieces_of(exported), torch.bfloat16)
+            assert torch.equal(decoded, module.simulated_weight())
             checked += 1
     assert checked > 0
 

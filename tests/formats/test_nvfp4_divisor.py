@@ -10,6 +10,7 @@ from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
 from compressed_tensors.quantization import QuantizationArgs, preset_name_to_scheme
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
+from quantport.dialects.compressed_tensors import CT_SCHEMES
 from quantport.formats.descriptors import ActivationQuant, ScaleConvention
 from quantport.formats.nvfp4 import (
     E2M1_VALUES,
@@ -81,7 +82,8 @@ def test_zero_block_gets_compressed_tensors_epsilon():
 def test_codec_equals_compressed_tensors(scheme):
     w = _weight()
     codec = codec_for(scheme)
-    tensors = codec.quantize_weight(w, w.abs().amax().float())
+    pieces = codec.quantize_weight(w, w.abs().amax().float())
+    tensors = CT_SCHEMES[scheme].named_tensors(pieces)
     args = QuantizationArgs(
         num_bits=4, type="float", strategy="tensor_group", group_size=16, scale_dtype=torch.float8_e4m3fn
     )
@@ -97,7 +99,7 @@ def test_codec_equals_compressed_tensors(scheme):
     assert torch.equal(tensors["weight_packed"], compressed["weight_packed"])
     assert torch.equal(tensors["weight_scale"].view(torch.uint8), compressed["weight_scale"].view(torch.uint8))
     decompressed = NVFP4PackedCompressor.decompress(tensors, ct_scheme)["weight"]
-    assert torch.equal(codec.dequantize_weight(tensors, torch.bfloat16), decompressed.to(torch.bfloat16))
+    assert torch.equal(codec.dequantize_weight(pieces, torch.bfloat16), decompressed.to(torch.bfloat16))
     error = (decompressed.float() - w.float()).norm() / w.float().norm()
     assert 0.02 < error < 0.15  # NVFP4's error on Gaussian weights: decoded independently, not by the codec
 
@@ -121,12 +123,13 @@ def test_activation_fake_quant_and_input_scale():
 def test_mxfp4_codec_equals_compressed_tensors_decompression():
     w = _weight(16, 128, seed=5)
     codec = codec_for(LinearScheme.MXFP4)
-    tensors = codec.quantize_weight(w, w.abs().amax().float())
+    pieces = codec.quantize_weight(w, w.abs().amax().float())
+    tensors = CT_SCHEMES[LinearScheme.MXFP4].named_tensors(pieces)
     assert tensors["weight_packed"].shape == (16, 64) and tensors["weight_scale"].shape == (16, 4)
     assert tensors["weight_scale"].dtype == torch.uint8
     ct_scheme = preset_name_to_scheme("MXFP4A16", ["Linear"])
     decompressed = MXFP4PackedCompressor.decompress(tensors, ct_scheme)["weight"]
-    assert torch.equal(codec.dequantize_weight(tensors, torch.bfloat16), decompressed.to(torch.bfloat16))
+    assert torch.equal(codec.dequantize_weight(pieces, torch.bfloat16), decompressed.to(torch.bfloat16))
     assert codec.format.activations is ActivationQuant.NONE and codec.static_input_scale is False
     error = (decompressed.float() - w.float()).norm() / w.float().norm()
     assert 0.02 < error < 0.2

@@ -101,7 +101,7 @@ def test_moe_per_expert_round_trip(tmp_path, family, recipe):
 
 def test_every_scheme_quantport_writes_is_read():
     """The reader's table covers every compressed-tensors row of the writer (and decodes it with that scheme)."""
-    from quantport.export.targets.ct_schemes import CT_SCHEMES
+    from quantport.dialects.compressed_tensors import CT_SCHEMES
 
     for scheme, row in CT_SCHEMES.items():
         group = CTGroup(

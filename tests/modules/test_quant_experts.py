@@ -12,6 +12,7 @@ from checkpoint_files import load_tensors
 from moe_models import EXPERTS, FAMILIES, silence_expert, tiny_moe
 from quantport.arch.experts import ExpertNaming, UnsupportedExpertsError, find_moe_blocks, layout_for
 from quantport.check import check_checkpoint
+from quantport.dialects.modelopt import pieces_of
 from quantport.errors import InvalidArgumentError
 from quantport.modules.quant_experts import experts_quantizer_of
 from quantport.modules.quant_linear import QuantMode
@@ -104,7 +105,9 @@ def test_round_trip_exported_experts_decode_to_the_simulated_weights(tmp_path, f
             scale = tensors[f"{prefix}_weight_scale"]
             scale = scale.transpose(-1, -2) if layout.transposed else scale
             decoded = codec.dequantize_weight(
-                {"weight": packed, "weight_scale": scale, "weight_scale_2": tensors[f"{prefix}_weight_scale_2"]},
+                pieces_of(
+                    {"weight": packed, "weight_scale": scale, "weight_scale_2": tensors[f"{prefix}_weight_scale_2"]}
+                ),
                 torch.bfloat16,
             )
             assert torch.equal(layout.unorient_down(decoded), simulated["down"])
@@ -116,7 +119,7 @@ def test_round_trip_exported_experts_decode_to_the_simulated_weights(tmp_path, f
             for leaf in layout.leaf_names:
                 prefix = f"{hub}.{expert}.{leaf}"
                 exported = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-                decoded.append(codec.dequantize_weight(exported, torch.bfloat16))
+                decoded.append(codec.dequantize_weight(pieces_of(exported), torch.bfloat16))
             gates.append(decoded[0])
             ups.append(decoded[1])
             downs.append(decoded[2])

@@ -68,7 +68,7 @@ def test_weight_amax_prefers_the_group_value():
     assert torch.equal(q.weight_amax(), own)
     q.shared_weight_amax = own * 2
     q.input_amax = torch.tensor(1.0)
-    assert torch.equal(q.quantized_tensors()["weight_scale_2"], (own * 2) / (6 * 448))
+    assert torch.equal(q.quantized_tensors().global_scale, (own * 2) / (6 * 448))
 
 
 def test_siblings_share_one_amax_pass_over_the_same_input(monkeypatch):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..formats.pieces import Piece
 from ..modules import expert_weights
 from ..modules.expert_simulation import PROJECTIONS
 from ..modules.quant_experts import ExpertsQuantizer
@@ -23,9 +24,9 @@ def expert_chunks(quantizer: ExpertsQuantizer) -> list[range]:
 
 def quantized_experts(
     quantizer: ExpertsQuantizer, experts: range, device: torch.device | str | None = None
-) -> list[dict[str, dict[str, torch.Tensor]]]:
-    """Exported tensors (``gate``/``up``/``down`` -> suffix -> tensor) of each expert of ``experts``
-    (consecutive), with ``input_scale`` for static schemes, optionally moved to ``device`` (one
+) -> list[dict[str, dict[Piece, torch.Tensor]]]:
+    """Quantized pieces (``gate``/``up``/``down`` -> piece -> tensor) of each expert of ``experts``
+    (consecutive), with the input scale for static schemes, optionally moved to ``device`` (one
     device-to-host copy per tensor kind of the chunk, not one per expert)."""
     scales = {projection: quantizer.input_scale(projection) for projection in PROJECTIONS}
     return expert_weights.quantize_expert_range(

@@ -1,5 +1,7 @@
 """Planned tensors of quantized experts, named as the layout says engines read them.
 
+ModelOpt's names (:mod:`quantport.dialects.modelopt`) for the codec's pieces:
+
 * ``PER_EXPERT``: ``<block>.experts.{e}.<leaf>.{weight, weight_scale, weight_scale_2, input_scale}``
   with the layout's leaf names (``gate_proj``/``up_proj``/``down_proj`` or ``w1``/``w3``/``w2``).
 * ``FUSED`` (ModelOpt's names for Llama 4 multimodal and GPT-OSS): ``<experts>.gate_up_proj`` in the
@@ -18,10 +20,12 @@ from collections.abc import Callable
 import torch
 
 from ..arch.experts import ExpertNaming
+from ..arch.hub_names import HubNames
+from ..dialects.modelopt import fused_name, linear_suffix
+from ..formats.pieces import Piece
 from ..modules.quant_experts import ExpertsQuantizer
 from ..schemes import TensorSpec
 from .expert_tensors import expert_chunks, quantized_experts
-from .names import CheckpointNames
 from .shards import OneSlotCache, PlannedTensor
 
 __all__ = ["all_expert_tensors", "expert_plan", "expert_tensors_lookup", "replaced_parameters"]
@@ -35,25 +39,25 @@ def replaced_parameters(quantizer: ExpertsQuantizer) -> set[str]:
     return {f"{name}.gate_up_proj", f"{name}.down_proj"}
 
 
-def _specs(quantizer: ExpertsQuantizer, projection: str) -> dict[str, TensorSpec]:
+def _specs(quantizer: ExpertsQuantizer, projection: str) -> dict[Piece, TensorSpec]:
     hidden, inter = quantizer.layout.down(quantizer.block.experts.down_proj[0]).shape  # [H, I]
     out_in = (hidden, inter) if projection == "down" else (inter, hidden)
     specs = quantizer.codec.weight_specs(*out_in)
     if quantizer.codec.static_input_scale:
-        specs["input_scale"] = TensorSpec(torch.float32, ())
+        specs[Piece.INPUT_SCALE] = TensorSpec(torch.float32, ())
     return specs
 
 
 def expert_tensors_lookup(
     quantizer: ExpertsQuantizer, cache: OneSlotCache
-) -> Callable[[int], dict[str, dict[str, torch.Tensor]]]:
+) -> Callable[[int], dict[str, dict[Piece, torch.Tensor]]]:
     """expert -> its exported tensors, quantized a chunk of experts at a time
     (:func:`~quantport.export.expert_tensors.expert_chunks`) and kept in ``cache`` while the chunk is written.
     They stay on the experts' device: the writer copies each one from a GPU straight into its page-locked
     buffer (a copy to pageable host memory first cost a second host copy per byte)."""
     chunk_of = {expert: chunk for chunk in expert_chunks(quantizer) for expert in chunk}
 
-    def expert_tensors(expert: int) -> dict[str, dict[str, torch.Tensor]]:
+    def expert_tensors(expert: int) -> dict[str, dict[Piece, torch.Tensor]]:
         chunk = chunk_of[expert]
         tensors = cache.get((quantizer, chunk.start), lambda: quantized_experts(quantizer, chunk))
         return tensors[expert - chunk.start]
@@ -61,13 +65,13 @@ def expert_tensors_lookup(
     return expert_tensors
 
 
-def all_expert_tensors(quantizer: ExpertsQuantizer) -> list[dict[str, dict[str, torch.Tensor]]]:
+def all_expert_tensors(quantizer: ExpertsQuantizer) -> list[dict[str, dict[Piece, torch.Tensor]]]:
     """Every expert's exported tensors, in expert order, quantized a chunk at a time."""
     chunks = expert_chunks(quantizer)
     return [t for chunk in chunks for t in quantized_experts(quantizer, chunk)]
 
 
-def _per_expert_plan(quantizer: ExpertsQuantizer, names: CheckpointNames, cache: OneSlotCache) -> list[PlannedTensor]:
+def _per_expert_plan(quantizer: ExpertsQuantizer, names: HubNames, cache: OneSlotCache) -> list[PlannedTensor]:
     expert_tensors = expert_tensors_lookup(quantizer, cache)
 
     plan = []
@@ -79,55 +83,54 @@ def _per_expert_plan(quantizer: ExpertsQuantizer, names: CheckpointNames, cache:
     for expert in range(quantizer.block.num_experts):
         for projection, leaf in zip(_PROJECTIONS, quantizer.layout.leaf_names, strict=True):
             prefix = names.module(f"{quantizer.block.experts_name}.{expert}.{leaf}")
-            for suffix, spec in _specs(quantizer, projection).items():
+            for piece, spec in _specs(quantizer, projection).items():
                 plan.append(
                     PlannedTensor(
-                        f"{prefix}.{suffix}",
+                        f"{prefix}.{linear_suffix(piece)}",
                         spec,
-                        lambda e=expert, p=projection, s=suffix: expert_tensors(e)[p][s],
+                        lambda e=expert, p=projection, q=piece: expert_tensors(e)[p][q],
                     )
                 )
     return plan
 
 
-def _fused_tensors(quantizer: ExpertsQuantizer) -> dict[str, dict[str, torch.Tensor]]:
+def _fused_tensors(quantizer: ExpertsQuantizer) -> dict[str, dict[Piece, torch.Tensor]]:
     layout = quantizer.layout
     per_expert = all_expert_tensors(quantizer)
-    fused: dict[str, dict[str, torch.Tensor]] = {"gate_up_proj": {}, "down_proj": {}}
-    for suffix, first in per_expert[0]["gate"].items():
+    fused: dict[str, dict[Piece, torch.Tensor]] = {"gate_up_proj": {}, "down_proj": {}}
+    for piece, first in per_expert[0]["gate"].items():
         if first.dim() == 0:  # per-tensor scales: one value shared by all experts
-            fused["gate_up_proj"][suffix] = first
-            fused["down_proj"][suffix] = per_expert[0]["down"][suffix]
+            fused["gate_up_proj"][piece] = first
+            fused["down_proj"][piece] = per_expert[0]["down"][piece]
             continue
-        gate = torch.stack([t["gate"][suffix] for t in per_expert])
-        up = torch.stack([t["up"][suffix] for t in per_expert])
-        down = torch.stack([t["down"][suffix] for t in per_expert])
-        fused["gate_up_proj"][suffix] = layout.fuse(gate, up).contiguous()
-        fused["down_proj"][suffix] = layout.unorient_down(down).contiguous()
+        gate = torch.stack([t["gate"][piece] for t in per_expert])
+        up = torch.stack([t["up"][piece] for t in per_expert])
+        down = torch.stack([t["down"][piece] for t in per_expert])
+        fused["gate_up_proj"][piece] = layout.fuse(gate, up).contiguous()
+        fused["down_proj"][piece] = layout.unorient_down(down).contiguous()
     return fused
 
 
-def _fused_plan(quantizer: ExpertsQuantizer, names: CheckpointNames, cache: OneSlotCache) -> list[PlannedTensor]:
-    def tensors() -> dict[str, dict[str, torch.Tensor]]:
+def _fused_plan(quantizer: ExpertsQuantizer, names: HubNames, cache: OneSlotCache) -> list[PlannedTensor]:
+    def tensors() -> dict[str, dict[Piece, torch.Tensor]]:
         return cache.get(quantizer, lambda: _fused_tensors(quantizer))
 
     experts = quantizer.block.num_experts
     plan = []
     for parameter, projection in (("gate_up_proj", "gate"), ("down_proj", "down")):
-        for suffix, spec in _specs(quantizer, projection).items():
+        for piece, spec in _specs(quantizer, projection).items():
             if spec.shape:
                 out, inner = spec.shape
                 if projection == "gate":
                     out *= 2
                 shape = (experts, inner, out) if quantizer.layout.transposed else (experts, out, inner)
                 spec = TensorSpec(spec.dtype, shape)
-            leaf = parameter if suffix == "weight" else f"{parameter}_{suffix}"
-            name = names.tensor(f"{quantizer.block.experts_name}.{leaf}")
-            plan.append(PlannedTensor(name, spec, lambda p=parameter, s=suffix: tensors()[p][s]))
+            name = names.tensor(f"{quantizer.block.experts_name}.{fused_name(parameter, piece)}")
+            plan.append(PlannedTensor(name, spec, lambda p=parameter, q=piece: tensors()[p][q]))
     return plan
 
 
-def expert_plan(quantizer: ExpertsQuantizer, names: CheckpointNames, cache: OneSlotCache) -> list[PlannedTensor]:
+def expert_plan(quantizer: ExpertsQuantizer, names: HubNames, cache: OneSlotCache) -> list[PlannedTensor]:
     """Every exported tensor of one quantized experts module (biases are passed through elsewhere)."""
     if quantizer.layout.naming is ExpertNaming.FUSED:
         return _fused_plan(quantizer, names, cache)

@@ -6,29 +6,39 @@
 * :mod:`.fp8`, :mod:`.nvfp4` (both global-scale conventions), :mod:`.mx` (MXFP8, MXFP4), :mod:`.integer`
   (INT8 / INT4, ModelOpt and compressed-tensors scale conventions): numerics and descriptors;
   :mod:`.int_packing`: the integer packings (re-exported by :mod:`.integer`);
-* :mod:`.division`, :mod:`.finite`: arithmetic shared by the formats.
+* :mod:`.division`, :mod:`.finite`: arithmetic shared by the formats;
+* :mod:`.pieces`: :class:`~.pieces.QuantizedPieces`, the neutral pieces a codec returns (codes, scale,
+  global scale, zero point, shape, input scale), each with a typed :class:`~.pieces.Piece` role.
 
-Nothing here knows a checkpoint dialect: tensor names, ``quant_algo`` strings and config blocks live in
-:mod:`quantport.export.targets`.
+Nothing here knows a checkpoint dialect: the names, shapes on disk, ``quant_algo`` strings and
+``QuantizationArgs`` rows of each dialect live in :mod:`quantport.dialects` (read by both the exporters in
+:mod:`quantport.export.targets` and the loaders in :mod:`quantport.loader`).
 
 Adding a format / a dialect
 ---------------------------
 Measured on this tree (files a change touches, tests included):
 
-A numeric format, 7 files (8 when both dialects store it):
+A numeric format stored in one dialect, 6 files (7 when both dialects store it; 7 and 8 before):
 
 1. ``formats/<format>.py``: quantize / dequantize / pack functions and its ``NumericFormat``;
-2. ``schemes/<format>.py``: the codec (tensor specs, ``quantize_weight``, ``dequantize_weight``, activations)
-   and ``register(...)``; 3. its import on the last line of ``schemes/__init__.py``;
-4. ``recipes.py``: the ``LinearScheme`` member and its ``PRESETS`` row;
-5. each dialect that stores it: a row in ``export/targets/modelopt.py`` (``MODELOPT_ALGOS``) and/or
-   ``export/targets/ct_schemes.py`` (``CT_SCHEMES``);
-6. the checker's expected tensors, ``check/specs.py``;
-7. ``tests/formats/test_<format>.py``, decoding with an independent reader (``tests/formats/reference_decoders.py``).
+2. ``schemes/<format>.py``: the codec (piece specs, ``quantize_weight`` returning
+   :class:`~.pieces.QuantizedPieces`, ``dequantize_weight``, activations) and ``register(...)``; the
+   package imports every module of ``schemes/``, so no import line elsewhere;
+3. ``recipes.py``: the ``LinearScheme`` member and its ``PRESETS`` row;
+4. each dialect that stores it, one row: ``dialects/modelopt.py`` (``MODELOPT_ALGOS``, which the loader
+   inverts) and/or ``dialects/compressed_tensors.py`` (``CT_SCHEMES``: tensor names follow from the row's
+   format and strategy, the loader's lookup is derived from the rows);
+5. the checker's expected tensors, ``check/specs.py``;
+6. ``tests/formats/test_<format>.py``, decoding with an independent reader (``tests/formats/reference_decoders.py``).
 
-A checkpoint dialect, 5 files:
+Not yet at the target of 4: the codec is its own file (the formats stay pure functions, and kernels import
+them), the checker keeps its own contract on purpose, and a ModelOpt ``quant_algo`` cannot be derived.
 
-1. ``export/targets/<dialect>.py``: names, shapes, config blocks, ``SCHEMES`` and the content builder;
-2. ``export/targets/__init__.py``: its ``ExportFormat`` member and its ``TARGETS`` row (priority order);
-3. a reader parser (``loader/``); 4. a checker contract (``check/``); 5. ``tests/export/test_<dialect>.py``.
+A checkpoint dialect, 6 files:
+
+1. ``dialects/<dialect>.py``: its vocabulary (piece names and shapes, config strings), which export and
+   load both read; 2. ``export/targets/<dialect>.py``: the tensor plan, config blocks, ``SCHEMES`` and the
+   content builder; 3. ``export/targets/__init__.py``: its ``ExportFormat`` member and ``TARGETS`` row
+   (priority order); 4. a reader (``loader/<dialect>.py``) naming pieces through the vocabulary;
+   5. a checker contract (``check/``); 6. ``tests/export/test_<dialect>.py``.
 """

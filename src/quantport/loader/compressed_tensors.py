@@ -2,25 +2,25 @@
 llm-compressor write them.
 
 A module's config group (:func:`~quantport.read.dialect.ct_group_for`) carries compressed-tensors'
-``QuantizationArgs`` for weights and input activations. :data:`CT_WEIGHT_SCHEMES` maps the weight
+``QuantizationArgs`` for weights and input activations. :data:`CT_WEIGHT_SCHEMES`, derived from the
+exporter's own rows (:data:`quantport.dialects.compressed_tensors.CT_SCHEMES`), maps the weight
 arguments to the quantport scheme whose codec decodes them (the codec's numerics are
 compressed-tensors' own: divisor NVFP4 global scale, half-step integer scales in the stored dtype);
-the stored tensors are reshaped to the codec's layout (``(1,)`` scalars to 0-d, ``[out, 1]``
-per-channel scales to ``[out]``) and decoded by the codec. Tensor names are the codec's, except
-NVFP4's activation scale, stored as ``input_global_scale``. When the stored activation arguments
-differ from the scheme's (e.g. static INT8 activations), the weights still decode exactly but the
-activations cannot be simulated.
+the stored tensors are read under the row's names for the codec's pieces, reshaped to the codec's
+layout (``(1,)`` scalars to 0-d, ``[out, 1]`` per-channel scales to ``[out]``) and decoded by the
+codec. When the stored activation arguments differ from the scheme's (e.g. static INT8 activations),
+the weights still decode exactly but the activations cannot be simulated.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
+from ..dialects.compressed_tensors import CT_SCHEMES, InputKey, WeightKey, input_key, schemes_by_args, weight_key
+from ..formats.pieces import Piece
 from ..read.dialect import QuantizedModule
 from ..read.quant_config import CTGroup
 from ..recipes import LinearScheme
@@ -30,31 +30,9 @@ from .linear import DecodedLinear, read_tensors
 
 __all__ = ["CT_WEIGHT_SCHEMES", "CtDecoder", "CtSchemeMatch", "ct_scheme_for"]
 
-WeightKey = tuple[str, int, str, int | None, bool]
-"""(type, num_bits, strategy, group_size, symmetric) of a group's weight arguments."""
-InputKey = tuple[str, int, str, bool | str] | None
-"""(type, num_bits, strategy, dynamic) of a group's input-activation arguments; None: weight-only."""
-
-CT_WEIGHT_SCHEMES: dict[WeightKey, dict[InputKey, LinearScheme]] = {
-    ("float", 8, "tensor", None, True): {("float", 8, "tensor", False): LinearScheme.FP8},
-    ("float", 8, "channel", None, True): {("float", 8, "token", True): LinearScheme.FP8_DYNAMIC},
-    ("float", 8, "block", None, True): {None: LinearScheme.FP8_BLOCK},
-    ("float", 4, "tensor_group", 16, True): {
-        ("float", 4, "tensor_group", "local"): LinearScheme.NVFP4_CT,
-        None: LinearScheme.W4A16_NVFP4_CT,
-    },
-    ("float", 4, "group", 32, True): {None: LinearScheme.MXFP4},
-    ("int", 8, "channel", None, True): {("int", 8, "token", True): LinearScheme.INT8},
-    ("int", 4, "group", 128, True): {None: LinearScheme.W4A16},
-    ("int", 4, "group", 128, False): {None: LinearScheme.W4A16_ASYM},
-    ("int", 8, "group", 128, True): {None: LinearScheme.W8A16},
-    ("int", 8, "group", 128, False): {None: LinearScheme.W8A16_ASYM},
-}
-"""compressed-tensors weight arguments -> (input arguments -> scheme); the first entry decides the weights
-when the input arguments are not listed."""
-
-_STORED_NAMES: Mapping[str, str] = {"input_scale": "input_global_scale"}
-"""Codec suffix -> compressed-tensors suffix where they differ (NVFP4's activation global scale)."""
+CT_WEIGHT_SCHEMES: dict[WeightKey, dict[InputKey, LinearScheme]] = schemes_by_args()
+"""compressed-tensors weight arguments -> (input arguments -> scheme), from the exporter's rows; the first
+entry decides the weights when the input arguments are not listed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,25 +43,11 @@ class CtSchemeMatch:
     activations_known: bool
 
 
-def _weight_key(args: dict[str, Any]) -> WeightKey:
-    strategy = str(args.get("strategy"))
-    group = args.get("group_size") if strategy in ("group", "tensor_group") else None
-    if strategy == "block" and args.get("block_structure") not in ([128, 128], (128, 128)):
-        group = -1  # no scheme has other blocks
-    return (str(args.get("type")), args.get("num_bits"), strategy, group, bool(args.get("symmetric", True)))
-
-
-def _input_key(args: dict[str, Any] | None) -> InputKey:
-    if args is None:
-        return None
-    return (str(args.get("type")), args.get("num_bits"), str(args.get("strategy")), args.get("dynamic"))
-
-
 def ct_scheme_for(group: CTGroup) -> CtSchemeMatch:
     """The scheme of config group ``group``; a :class:`CheckpointError` naming the arguments it cannot decode."""
     if group.weights is None:
         raise CheckpointError(f"compressed-tensors config group {group.name!r} quantizes no weights")
-    key = _weight_key(group.weights)
+    key = weight_key(group.weights)
     by_inputs = CT_WEIGHT_SCHEMES.get(key)
     if by_inputs is None:
         kind, bits, strategy, size, symmetric = key
@@ -93,7 +57,7 @@ def ct_scheme_for(group: CTGroup) -> CtSchemeMatch:
             "quantport.load (it reads FP8 tensor/channel/128x128 block, NVFP4, MXFP4, INT8 channel and "
             "INT4/INT8 group-128 weights)"
         )
-    inputs = _input_key(group.input_activations)
+    inputs = input_key(group.input_activations)
     if inputs in by_inputs:
         return CtSchemeMatch(by_inputs[inputs], True)
     return CtSchemeMatch(next(iter(by_inputs.values())), False)
@@ -111,16 +75,17 @@ def decode_ct_weight(
     store: TensorStore, prefix: str, codec: SchemeCodec, shape: tuple[int, int], dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(dense ``[out, in]`` weight, stored input scale or None) of the module stored under ``prefix``."""
+    row = CT_SCHEMES[codec.scheme]
     specs = codec.weight_specs(*shape, dtype)
-    names = {suffix: f"{prefix}.{_STORED_NAMES.get(suffix, suffix)}" for suffix in specs}
+    names = {piece: f"{prefix}.{row.suffix(piece)}" for piece in specs}
     stored = read_tensors(store, names, codec.scheme.value)
-    tensors = {suffix: _codec_layout(t, specs[suffix].shape, names[suffix]) for suffix, t in stored.items()}
+    tensors = {piece: _codec_layout(t, specs[piece].shape, names[piece]) for piece, t in stored.items()}
     weight = codec.dequantize_weight(tensors, dtype)
     if tuple(weight.shape) != shape:
         raise CheckpointError(f"{prefix} decodes to shape {tuple(weight.shape)}, the model expects {shape}")
     if not codec.static_input_scale:
         return weight, None
-    input_name = store.first([f"{prefix}.{_STORED_NAMES.get('input_scale', 'input_scale')}", f"{prefix}.input_scale"])
+    input_name = store.first([f"{prefix}.{row.suffix(Piece.INPUT_SCALE)}", f"{prefix}.input_scale"])
     return weight, None if input_name is None else store.get(input_name).float().reshape(())
 
 

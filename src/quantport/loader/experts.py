@@ -15,10 +15,12 @@ from dataclasses import dataclass
 import torch
 
 from ..arch.experts import MoEBlock
+from ..arch.hub_names import HubNames
+from ..dialects.modelopt import fused_name
+from ..formats.pieces import Piece
 from ..read.dialect import CheckpointDialect
 from ..schemes import SchemeCodec
 from .checkpoint import CheckpointError, TensorStore
-from .hub_names import HubNames
 from .linear import LinearDecoder
 from .modelopt import DenseWeight, codec_for_algo, dequantize_fused
 from .mxfp4_native import dequantize_native_mxfp4, has_native_mxfp4
@@ -105,7 +107,7 @@ def _load_per_expert(ctx: _Context, block: MoEBlock, prefix: str) -> ExpertsReco
 def _fused_param(ctx: _Context, block: MoEBlock, prefix: str, param: str) -> tuple[DenseWeight, SchemeCodec | None]:
     target: torch.Tensor = getattr(block.experts, param)
     shape = tuple(target.shape)
-    if f"{prefix}.{param}_weight_scale" not in ctx.store:
+    if f"{prefix}.{fused_name(param, Piece.SCALE)}" not in ctx.store:
         weight = ctx.store.get(f"{prefix}.{param}")
         if tuple(weight.shape) != shape or weight.dtype in (torch.uint8, torch.float8_e4m3fn):
             raise CheckpointError(

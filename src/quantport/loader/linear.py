@@ -8,7 +8,7 @@ dialect's tensor names and layouts and decodes the weight with the scheme codec'
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
 
@@ -17,6 +17,8 @@ from ..schemes import SchemeCodec
 from .checkpoint import CheckpointError, TensorStore
 
 __all__ = ["DecodedLinear", "LinearDecoder", "read_tensors"]
+
+K = TypeVar("K")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +51,12 @@ class LinearDecoder(Protocol):
         ...
 
 
-def read_tensors(store: TensorStore, names: dict[str, str], scheme: str) -> dict[str, torch.Tensor]:
-    """``names`` (codec suffix -> checkpoint tensor name) read from ``store``; every one must exist."""
+def read_tensors(store: TensorStore, names: dict[K, str], scheme: str) -> dict[K, torch.Tensor]:
+    """``names`` (piece -> checkpoint tensor name) read from ``store``; every one must exist."""
     missing = [n for n in names.values() if n not in store]
     if missing:
         raise CheckpointError(
             f"{scheme} needs tensor(s) {', '.join(missing)}, which the checkpoint lacks; "
             "the checkpoint is incomplete or was written for another scheme"
         )
-    return {suffix: store.get(name) for suffix, name in names.items()}
+    return {key: store.get(name) for key, name in names.items()}

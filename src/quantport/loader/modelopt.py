@@ -1,8 +1,9 @@
 """Dequantizing ModelOpt unified-checkpoint tensors back to dense weights.
 
 The numerics are the scheme codecs' (:mod:`quantport.schemes`, built on :mod:`quantport.formats`), so
-a checkpoint quantport wrote decodes to exactly the weights its simulation used. This module only
-knows ModelOpt's *names* and *layouts*:
+a checkpoint quantport wrote decodes to exactly the weights its simulation used. ModelOpt's names for the
+codec's pieces and its ``quant_algo`` table are :mod:`quantport.dialects.modelopt`, the exporter's own;
+this module knows the *layouts*:
 
 * a quantized Linear (or one expert's projection) ``P`` stores ``P.weight`` plus the codec's scale
   tensors ``P.weight_scale``, ``P.weight_scale_2`` and, for static activations, ``P.input_scale``;
@@ -20,15 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ..dialects.modelopt import ALGO_SCHEMES, fused_name, linear_suffix, scheme_for_algo
 from ..formats.descriptors import ActivationQuant
+from ..formats.pieces import Piece
 from ..read.dialect import QuantizedModule
-from ..recipes import LinearScheme
 from ..schemes import SchemeCodec, codec_for
 from .checkpoint import CheckpointError, TensorStore
 from .linear import DecodedLinear, read_tensors
 
 __all__ = [
-    "MODELOPT_ALGO_SCHEMES",
     "DenseWeight",
     "ModelOptDecoder",
     "codec_for_algo",
@@ -51,24 +52,11 @@ class DenseWeight:
     input_scale: torch.Tensor | None
 
 
-MODELOPT_ALGO_SCHEMES: dict[str, LinearScheme] = {
-    "FP8": LinearScheme.FP8,
-    "FP8_PER_CHANNEL_PER_TOKEN": LinearScheme.FP8_DYNAMIC,
-    "FP8_PB_WO": LinearScheme.FP8_BLOCK,
-    "NVFP4": LinearScheme.NVFP4,
-    "W4A16_NVFP4": LinearScheme.W4A16_NVFP4,
-    "MXFP8": LinearScheme.MXFP8,
-    "W4A16_AWQ": LinearScheme.W4A16_MODELOPT,
-    "W8A16": LinearScheme.W8A16_MODELOPT,
-}
-"""ModelOpt ``quant_algo`` -> the scheme whose codec decodes it (what nvidia-modelopt 0.47 and quantport write)."""
-
-
 def codec_for_algo(algo: str) -> SchemeCodec:
     """The codec of ModelOpt ``quant_algo`` ``algo`` (case-insensitive)."""
-    scheme = MODELOPT_ALGO_SCHEMES.get(algo.upper())
+    scheme = scheme_for_algo(algo)
     if scheme is None:
-        known = ", ".join(sorted(MODELOPT_ALGO_SCHEMES))
+        known = ", ".join(sorted(ALGO_SCHEMES))
         raise CheckpointError(f"ModelOpt quant_algo {algo!r} is not supported by quantport.load; supported: {known}")
     return codec_for(scheme)
 
@@ -96,7 +84,7 @@ def dequantize_linear(
 ) -> DenseWeight:
     """Dense ``[out, in]`` weight of the quantized Linear stored under ``prefix``."""
     specs = codec.weight_specs(*shape)
-    tensors = read_tensors(store, {suffix: f"{prefix}.{suffix}" for suffix in specs}, codec.scheme.value)
+    tensors = read_tensors(store, {piece: f"{prefix}.{linear_suffix(piece)}" for piece in specs}, codec.scheme.value)
     pre_quant_scale = f"{prefix}.pre_quant_scale"
     if pre_quant_scale in store:  # AWQ: y = W (x * s), i.e. the dense weight is W * s, rounded once
         weight = codec.dequantize_weight(tensors, torch.float32) * store.get(pre_quant_scale).float()
@@ -104,7 +92,7 @@ def dequantize_linear(
     else:
         weight = codec.dequantize_weight(tensors, dtype)
     _check_shape(weight, shape, f"{prefix}.weight")
-    return DenseWeight(weight, _input_scale(store, f"{prefix}.input_scale", codec))
+    return DenseWeight(weight, _input_scale(store, f"{prefix}.{linear_suffix(Piece.INPUT_SCALE)}", codec))
 
 
 def _per_expert(tensor: torch.Tensor, expert: int, num_experts: int, name: str) -> torch.Tensor:
@@ -124,11 +112,11 @@ def _swap(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.transpose(-1, -2)
 
 
-def _fits(codec: SchemeCodec, tensors: dict[str, torch.Tensor], out_features: int, in_features: int) -> bool:
+def _fits(codec: SchemeCodec, tensors: dict[Piece, torch.Tensor], out_features: int, in_features: int) -> bool:
     specs = codec.weight_specs(out_features, in_features)
-    for suffix, spec in specs.items():
-        actual = tensors[suffix]
-        if tuple(actual.shape) != spec.shape and not (suffix != "weight" and actual.numel() == 1):
+    for piece, spec in specs.items():
+        actual = tensors[piece]
+        if tuple(actual.shape) != spec.shape and not (piece is not Piece.CODES and actual.numel() == 1):
             return False
     return True
 
@@ -149,7 +137,7 @@ def dequantize_fused(
     """
     num_experts, rows, cols = shape
     specs = codec.weight_specs(rows, cols)
-    names = {suffix: f"{prefix}.{param}" if suffix == "weight" else f"{prefix}.{param}_{suffix}" for suffix in specs}
+    names = {piece: f"{prefix}.{fused_name(param, piece)}" for piece in specs}
     tensors = read_tensors(store, names, codec.scheme.value)
     first = {k: _per_expert(v, 0, num_experts, names[k]) for k, v in tensors.items()}
     orientations = (True, False) if out_in_transposed else (False, True)
@@ -166,8 +154,8 @@ def dequantize_fused(
             part = {k: _swap(v) for k, v in part.items()}
         dense = codec.dequantize_weight(part, dtype)
         experts.append(dense.transpose(-1, -2) if transpose else dense)
-    weight = _check_shape(torch.stack(experts), shape, names["weight"])
-    scale = _input_scale(store, f"{prefix}.{param}_input_scale", codec)
+    weight = _check_shape(torch.stack(experts), shape, names[Piece.CODES])
+    scale = _input_scale(store, f"{prefix}.{fused_name(param, Piece.INPUT_SCALE)}", codec)
     if scale is not None:
         scale = scale.reshape(-1).expand(num_experts) if scale.numel() == 1 else scale.reshape(num_experts)
     return DenseWeight(weight, scale)

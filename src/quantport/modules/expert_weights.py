@@ -101,11 +101,11 @@ def quantize_expert_range(
         tensors = codec.quantize_weight(weight, weight_amax[projection][index])
         scale = None if input_scales is None else input_scales[projection]
         if scale is not None:
-            tensors["input_scale"] = scale[index]
+            tensors = tensors.with_input_scale(scale[index])
         if device is not None:
-            tensors = {k: v.to(device) for k, v in tensors.items()}
+            tensors = tensors.map(lambda v: v.to(device))
         for i in range(len(experts)):
-            out[i][name] = {k: v[i] for k, v in tensors.items()} if len(experts) > 1 else tensors
+            out[i][name] = {k: v[i] for k, v in tensors.items()} if len(experts) > 1 else dict(tensors)
     return out
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..formats.pieces import QuantizedPieces
 from ..schemes import SchemeCodec
 from .observe import SharedInputAmax, update_amax
 
@@ -96,13 +97,11 @@ class QuantLinear(nn.Linear):
             raise RuntimeError("layer has no calibrated input amax; run calibration first")
         return self.codec.input_scale(self.input_amax)
 
-    def quantized_tensors(self) -> dict[str, torch.Tensor]:
-        """Exported tensors of this layer keyed by suffix; pure, the module is not changed."""
-        tensors = self.codec.quantize_weight(self.weight.detach(), self.weight_amax())
-        scale = self.input_scale()
-        if scale is not None:
-            tensors["input_scale"] = scale
-        return tensors
+    def quantized_tensors(self) -> QuantizedPieces:
+        """This layer's quantized pieces (with the input scale of static schemes), named by each dialect
+        at export; pure, the module is not changed."""
+        pieces = self.codec.quantize_weight(self.weight.detach(), self.weight_amax())
+        return pieces.with_input_scale(self.input_scale())
 
     def simulated_weight(self) -> torch.Tensor:
         """dequantize(quantize(weight)): exactly what the exported tensors decode to."""

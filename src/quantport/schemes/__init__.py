@@ -1,161 +1,35 @@
 """Scheme codecs: the bridge between a :class:`~quantport.recipes.LinearScheme` and tensors.
 
-A codec turns a Linear's weight and calibration statistics into the tensors an engine reads
-(``weight``, ``weight_scale``, ``weight_scale_2``, ``input_scale``), turns those tensors back into a
-dense weight, and fake-quantizes activations. It only calls the pure functions of
-:mod:`quantport.formats` (weights through :mod:`quantport.kernels`, which runs those functions, or on
+A codec turns a Linear's weight and calibration statistics into neutral pieces
+(:class:`~quantport.formats.pieces.QuantizedPieces`: codes, scale, global scale, zero point, shape),
+turns pieces back into a dense weight, and fake-quantizes activations. It only calls the pure functions
+of :mod:`quantport.formats` (weights through :mod:`quantport.kernels`, which runs those functions, or on
 CUDA a kernel proven to return the same bytes), so what the simulated model computes is what is
-exported, bit for bit.
+exported, bit for bit. Which tensor names, shapes and config strings the pieces get is each
+checkpoint dialect's (:mod:`quantport.dialects`).
+
+:mod:`.codec` holds the protocol and mixins, :mod:`.registry` the registry; every other module of this
+package is a codec module, imported (and so registered) here by :func:`~.registry.discover_codecs`.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-from typing import Protocol
-
-import torch
-
-from ..formats.descriptors import NumericFormat
-from ..recipes import LinearScheme
+from ..formats.pieces import Piece, QuantizedPieces
+from .codec import DynamicActivations, FormatCapabilities, SchemeCodec, TensorSpec, WeightOnly
+from .registry import CODECS, codec_for, discover_codecs, quantizes_stacks, register
 
 __all__ = [
     "CODECS",
     "DynamicActivations",
     "FormatCapabilities",
+    "Piece",
+    "QuantizedPieces",
     "SchemeCodec",
     "TensorSpec",
     "WeightOnly",
     "codec_for",
     "quantizes_stacks",
+    "register",
 ]
 
-
-@dataclass(frozen=True, slots=True)
-class TensorSpec:
-    """dtype and shape of one exported tensor, known before it is computed."""
-
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * self.dtype.itemsize
-
-
-class SchemeCodec(Protocol):
-    """What the pipeline needs to know about one Linear scheme: its numeric format and its numerics.
-
-    Capabilities are typed fields of :attr:`format` (a :class:`~quantport.formats.descriptors.NumericFormat`);
-    :class:`FormatCapabilities` exposes the ones the pipeline reads as properties.
-    """
-
-    scheme: LinearScheme
-    format: NumericFormat
-
-    @property
-    def input_multiple(self) -> int:
-        """``in_features`` must be a multiple of this (1: no constraint)."""
-        ...
-
-    @property
-    def static_input_scale(self) -> bool:
-        """Activations use a static, calibrated per-tensor scale (calibration forward needed)."""
-        ...
-
-    @property
-    def shared_weight_amax(self) -> bool:
-        """Members of a shared-input group (q/k/v, gate/up) share the per-tensor weight amax."""
-        ...
-
-    @property
-    def group_size(self) -> int | None:
-        """Block size along the input dimension (None: no group scales)."""
-        ...
-
-    def weight_specs(
-        self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
-    ) -> dict[str, TensorSpec]:
-        """Exported weight tensors (suffix -> spec), without ``input_scale``.
-
-        ``dtype`` is the weight's dtype, for schemes whose scales are stored in it (compressed-tensors
-        integer schemes); the others ignore it.
-        """
-        ...
-
-    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``weight`` [out, in] -> exported tensors keyed by suffix (``weight``, ``weight_scale``...).
-
-        ``weight_amax`` is the fp32 0-d per-tensor amax (group-unified where the scheme shares it). With
-        ``format.stacks``, also ``[E, out, in]`` with ``weight_amax [E]``, every tensor with a leading ``E``.
-        """
-        ...
-
-    def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """Exported tensors -> dense weight [out, in] in ``dtype``."""
-        ...
-
-    def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
-        """fp32 0-d ``input_scale`` from the calibrated activation amax (``format.needs_calibration`` only)."""
-        ...
-
-    def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
-        """Activations as the engine sees them after quantization (identity for weight-only)."""
-        ...
-
-
-class FormatCapabilities:
-    """Mixin: the capabilities the pipeline reads, as properties of the codec's ``format`` descriptor."""
-
-    format: NumericFormat
-
-    @property
-    def input_multiple(self) -> int:
-        return self.format.input_multiple
-
-    @property
-    def static_input_scale(self) -> bool:
-        return self.format.needs_calibration
-
-    @property
-    def shared_weight_amax(self) -> bool:
-        return self.format.shared_weight_amax
-
-    @property
-    def group_size(self) -> int | None:
-        return self.format.group_size
-
-
-class DynamicActivations(FormatCapabilities):
-    """Mixin for codecs whose activations have no calibrated scale (dynamic or none)."""
-
-    def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
-        raise TypeError(f"{self.format.name} has no static input scale; read format.needs_calibration first")
-
-
-class WeightOnly(DynamicActivations):
-    """Mixin for weight-only codecs: activations pass through unquantized."""
-
-    def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
-        return x
-
-
-CODECS: dict[LinearScheme, SchemeCodec] = {}
-
-
-def register(codec: SchemeCodec) -> SchemeCodec:
-    CODECS[codec.scheme] = codec
-    return codec
-
-
-def quantizes_stacks(codec: SchemeCodec) -> bool:
-    """Whether ``codec.quantize_weight`` also takes a stack ``[E, out, in]`` (``codec.format.stacks``)."""
-    return codec.format.stacks
-
-
-def codec_for(scheme: LinearScheme) -> SchemeCodec:
-    """The codec of ``scheme``."""
-    return CODECS[scheme]
-
-
-from . import fp8, integer, integer_modelopt, mxfp4, mxfp8, nvfp4  # noqa: E402,F401  (registration)
+discover_codecs()

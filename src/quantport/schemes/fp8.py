@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -9,8 +10,10 @@ import torch
 from .. import kernels
 from ..formats import fp8
 from ..formats.descriptors import NumericFormat
+from ..formats.pieces import Piece, QuantizedPieces
 from ..recipes import LinearScheme
-from . import DynamicActivations, FormatCapabilities, TensorSpec, WeightOnly, register
+from .codec import DynamicActivations, FormatCapabilities, TensorSpec, WeightOnly
+from .registry import register
 
 __all__ = ["Fp8BlockCodec", "Fp8DynamicCodec", "Fp8TensorCodec"]
 
@@ -27,16 +30,16 @@ class Fp8TensorCodec(FormatCapabilities):
 
     def weight_specs(
         self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
-    ) -> dict[str, TensorSpec]:
-        return {"weight": TensorSpec(_FP8, (out_features, in_features)), "weight_scale": TensorSpec(_F32, ())}
+    ) -> dict[Piece, TensorSpec]:
+        return {Piece.CODES: TensorSpec(_FP8, (out_features, in_features)), Piece.SCALE: TensorSpec(_F32, ())}
 
-    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> QuantizedPieces:
         scale = fp8.fp8_scale_from_amax(weight_amax)
         # weight_amax is the weight's own (or a larger shared) amax of finite weights: in range.
-        return {"weight": kernels.quantize_fp8_per_tensor(weight, scale, in_range=True), "weight_scale": scale}
+        return QuantizedPieces(kernels.quantize_fp8_per_tensor(weight, scale, in_range=True), scale)
 
-    def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return fp8.dequantize_fp8(tensors["weight"], tensors["weight_scale"], dtype)
+    def dequantize_weight(self, pieces: Mapping[Piece, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return fp8.dequantize_fp8(pieces[Piece.CODES], pieces[Piece.SCALE], dtype)
 
     def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
         return fp8.fp8_scale_from_amax(input_amax)
@@ -54,19 +57,19 @@ class Fp8DynamicCodec(DynamicActivations):
 
     def weight_specs(
         self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
-    ) -> dict[str, TensorSpec]:
+    ) -> dict[Piece, TensorSpec]:
         return {
-            "weight": TensorSpec(_FP8, (out_features, in_features)),
-            "weight_scale": TensorSpec(_F32, (out_features,)),
+            Piece.CODES: TensorSpec(_FP8, (out_features, in_features)),
+            Piece.SCALE: TensorSpec(_F32, (out_features,)),
         }
 
-    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> QuantizedPieces:
         channel_amax = weight.abs().amax(dim=1).float()
         scale = fp8.fp8_scale_from_amax(channel_amax)
-        return {"weight": fp8.quantize_fp8_per_channel(weight, scale), "weight_scale": scale}
+        return QuantizedPieces(fp8.quantize_fp8_per_channel(weight, scale), scale)
 
-    def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return fp8.dequantize_fp8(tensors["weight"], tensors["weight_scale"], dtype)
+    def dequantize_weight(self, pieces: Mapping[Piece, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return fp8.dequantize_fp8(pieces[Piece.CODES], pieces[Piece.SCALE], dtype)
 
     def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
         return fp8.fake_quantize_fp8_per_token(x)
@@ -81,18 +84,18 @@ class Fp8BlockCodec(WeightOnly):
 
     def weight_specs(
         self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
-    ) -> dict[str, TensorSpec]:
+    ) -> dict[Piece, TensorSpec]:
         return {
-            "weight": TensorSpec(_FP8, (out_features, in_features)),
-            "weight_scale": TensorSpec(_F32, fp8.fp8_block_scale_shape(out_features, in_features)),
+            Piece.CODES: TensorSpec(_FP8, (out_features, in_features)),
+            Piece.SCALE: TensorSpec(_F32, fp8.fp8_block_scale_shape(out_features, in_features)),
         }
 
-    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> QuantizedPieces:
         codes, scale = fp8.quantize_fp8_block(weight)
-        return {"weight": codes, "weight_scale": scale}
+        return QuantizedPieces(codes, scale)
 
-    def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return fp8.dequantize_fp8(tensors["weight"], tensors["weight_scale"], dtype)
+    def dequantize_weight(self, pieces: Mapping[Piece, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return fp8.dequantize_fp8(pieces[Piece.CODES], pieces[Piece.SCALE], dtype)
 
 
 register(Fp8TensorCodec())

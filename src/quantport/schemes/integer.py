@@ -7,7 +7,7 @@ dtype, which is the dtype vLLM's ``CompressedTensorsWNA16`` loads them into (so 
 exactly these weights). Decoding is ``(q - zp) * scale`` in the scale's dtype, as compressed-tensors'
 ``dequantize`` does.
 
-Tensors (compressed-tensors names and layouts):
+Pieces, by the names compressed-tensors stores them under (:mod:`quantport.dialects.compressed_tensors`):
 
 * ``int8`` (``int-quantized``): ``weight`` int8 ``[out, in]``, ``weight_scale`` ``[out, 1]``.
 * ``w4a16`` / ``w8a16`` (``pack-quantized``): ``weight_packed`` int32 ``[out, in*bits/32]`` (offset
@@ -22,6 +22,7 @@ One deviation from compressed-tensors: an asymmetric group that is all zeros get
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -39,8 +40,10 @@ from ..formats.integer import (
     quantize_int_group_ct,
     unpack_int_ct,
 )
+from ..formats.pieces import Piece, QuantizedPieces
 from ..recipes import LinearScheme
-from . import DynamicActivations, TensorSpec, WeightOnly, register
+from .codec import DynamicActivations, TensorSpec, WeightOnly
+from .registry import register
 
 __all__ = ["CT_GROUP", "CtInt8Codec", "CtIntGroupCodec"]
 
@@ -57,21 +60,21 @@ class CtInt8Codec(DynamicActivations):
 
     def weight_specs(
         self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
-    ) -> dict[str, TensorSpec]:
+    ) -> dict[Piece, TensorSpec]:
         return {
-            "weight": TensorSpec(torch.int8, (out_features, in_features)),
-            "weight_scale": TensorSpec(dtype, (out_features, 1)),
+            Piece.CODES: TensorSpec(torch.int8, (out_features, in_features)),
+            Piece.SCALE: TensorSpec(dtype, (out_features, 1)),
         }
 
-    def quantize_weight(self, weight: Tensor, weight_amax: Tensor) -> dict[str, Tensor]:
+    def quantize_weight(self, weight: Tensor, weight_amax: Tensor) -> QuantizedPieces:
         w = weight.detach()
         scale, _ = int_group_qparams(w, bits=8, group=w.shape[-1], symmetric=True)
         codes = quantize_int_group_ct(w, scale, bits=8, group=w.shape[-1])
-        return {"weight": codes, "weight_scale": scale}
+        return QuantizedPieces(codes, scale)
 
-    def dequantize_weight(self, tensors: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
-        codes = tensors["weight"]
-        return dequantize_int_group_ct(codes, tensors["weight_scale"], group=codes.shape[-1], dtype=dtype)
+    def dequantize_weight(self, pieces: Mapping[Piece, Tensor], dtype: torch.dtype) -> Tensor:
+        codes = pieces[Piece.CODES]
+        return dequantize_int_group_ct(codes, pieces[Piece.SCALE], group=codes.shape[-1], dtype=dtype)
 
     def fake_quantize_input(self, x: Tensor, input_scale: Tensor | None) -> Tensor:
         return fake_quantize_int8_per_token(x)
@@ -94,18 +97,18 @@ class CtIntGroupCodec(WeightOnly):
 
     def weight_specs(
         self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
-    ) -> dict[str, TensorSpec]:
+    ) -> dict[Piece, TensorSpec]:
         groups = in_features // CT_GROUP
         specs = {
-            "weight_packed": TensorSpec(torch.int32, (out_features, math.ceil(in_features * self.bits / 32))),
-            "weight_scale": TensorSpec(dtype, (out_features, groups)),
-            "weight_shape": TensorSpec(torch.int64, (2,)),
+            Piece.CODES: TensorSpec(torch.int32, (out_features, math.ceil(in_features * self.bits / 32))),
+            Piece.SCALE: TensorSpec(dtype, (out_features, groups)),
+            Piece.SHAPE: TensorSpec(torch.int64, (2,)),
         }
         if not self.symmetric:
-            specs["weight_zero_point"] = TensorSpec(torch.int32, (math.ceil(out_features * self.bits / 32), groups))
+            specs[Piece.ZERO_POINT] = TensorSpec(torch.int32, (math.ceil(out_features * self.bits / 32), groups))
         return specs
 
-    def quantize_weight(self, weight: Tensor, weight_amax: Tensor) -> dict[str, Tensor]:
+    def quantize_weight(self, weight: Tensor, weight_amax: Tensor) -> QuantizedPieces:
         w = weight.detach()
         scale, zero_point = int_group_qparams(w, bits=self.bits, group=CT_GROUP, symmetric=self.symmetric)
         if self.symmetric:
@@ -114,21 +117,19 @@ class CtIntGroupCodec(WeightOnly):
             empty = w.unflatten(-1, (-1, CT_GROUP)).abs().amax(dim=-1) == 0
             zp = torch.where(empty, torch.full_like(zero_point, -(2 ** (self.bits - 1))), zero_point)
         codes = quantize_int_group_ct(w, scale, zp, bits=self.bits, group=CT_GROUP)
-        tensors = {
-            "weight_packed": pack_int_ct(codes, self.bits),
-            "weight_scale": scale,
-            "weight_shape": torch.tensor(list(w.shape), dtype=torch.int64),
-        }
-        if zp is not None:
-            tensors["weight_zero_point"] = pack_int_ct(zp, self.bits, dim=-2)
-        return tensors
+        return QuantizedPieces(
+            pack_int_ct(codes, self.bits),
+            scale,
+            zero_point=None if zp is None else pack_int_ct(zp, self.bits, dim=-2),
+            shape=torch.tensor(list(w.shape), dtype=torch.int64),
+        )
 
-    def dequantize_weight(self, tensors: dict[str, Tensor], dtype: torch.dtype) -> Tensor:
-        out_features, in_features = (int(v) for v in tensors["weight_shape"])
-        codes = unpack_int_ct(tensors["weight_packed"], self.bits, in_features)
-        packed_zp = tensors.get("weight_zero_point")
+    def dequantize_weight(self, pieces: Mapping[Piece, Tensor], dtype: torch.dtype) -> Tensor:
+        out_features, in_features = (int(v) for v in pieces[Piece.SHAPE])
+        codes = unpack_int_ct(pieces[Piece.CODES], self.bits, in_features)
+        packed_zp = pieces.get(Piece.ZERO_POINT)
         zp = None if packed_zp is None else unpack_int_ct(packed_zp, self.bits, out_features, dim=-2)
-        return dequantize_int_group_ct(codes, tensors["weight_scale"], zp, group=CT_GROUP, dtype=dtype)
+        return dequantize_int_group_ct(codes, pieces[Piece.SCALE], zp, group=CT_GROUP, dtype=dtype)
 
 
 register(CtInt8Codec())

@@ -1,4 +1,4 @@
-"""Integer weight-only schemes in ModelOpt's unified-checkpoint layout (TensorRT-LLM).
+"""Integer weight-only schemes in ModelOpt's unified-checkpoint layout (TensorRT-LLM); pieces by ModelOpt's names.
 
 * ``w4a16-modelopt`` (``quant_algo: W4A16_AWQ``, ``group_size: 128``): ``weight`` uint8 ``[out/2, in]``
   with two INT4 codes per byte packed along the *output* dim (row ``2k`` in the low nibble), ``weight_scale``
@@ -13,6 +13,7 @@ arithmetic, from :mod:`quantport.formats.integer`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -20,8 +21,10 @@ import torch
 from .. import kernels
 from ..formats import integer
 from ..formats.descriptors import NumericFormat, ScaleConvention
+from ..formats.pieces import Piece, QuantizedPieces
 from ..recipes import LinearScheme
-from . import TensorSpec, WeightOnly, register
+from .codec import TensorSpec, WeightOnly
+from .registry import register
 
 __all__ = ["ModeloptInt4Codec", "ModeloptInt8WeightCodec"]
 
@@ -37,21 +40,21 @@ class ModeloptInt4Codec(WeightOnly):
 
     def weight_specs(
         self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
-    ) -> dict[str, TensorSpec]:
+    ) -> dict[Piece, TensorSpec]:
         if out_features % 2:
             raise ValueError(f"W4A16_AWQ packs two output rows per byte; out_features {out_features} is odd")
         return {
-            "weight": TensorSpec(torch.uint8, (out_features // 2, in_features)),
-            "weight_scale": TensorSpec(torch.float32, (out_features, in_features // integer.INT4_GROUP)),
+            Piece.CODES: TensorSpec(torch.uint8, (out_features // 2, in_features)),
+            Piece.SCALE: TensorSpec(torch.float32, (out_features, in_features // integer.INT4_GROUP)),
         }
 
-    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> QuantizedPieces:
         packed, scale = kernels.quantize_int4_modelopt(weight.detach(), integer.INT4_GROUP)
-        return {"weight": packed, "weight_scale": scale}
+        return QuantizedPieces(packed, scale)
 
-    def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        codes = integer.unpack_int4_modelopt(tensors["weight"])
-        return integer.dequantize_int4(codes, tensors["weight_scale"], dtype=dtype)
+    def dequantize_weight(self, pieces: Mapping[Piece, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        codes = integer.unpack_int4_modelopt(pieces[Piece.CODES])
+        return integer.dequantize_int4(codes, pieces[Piece.SCALE], dtype=dtype)
 
 
 @dataclass(frozen=True)
@@ -63,18 +66,18 @@ class ModeloptInt8WeightCodec(WeightOnly):
 
     def weight_specs(
         self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
-    ) -> dict[str, TensorSpec]:
+    ) -> dict[Piece, TensorSpec]:
         return {
-            "weight": TensorSpec(torch.int8, (out_features, in_features)),
-            "weight_scale": TensorSpec(torch.float32, (out_features,)),
+            Piece.CODES: TensorSpec(torch.int8, (out_features, in_features)),
+            Piece.SCALE: TensorSpec(torch.float32, (out_features,)),
         }
 
-    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> QuantizedPieces:
         scale = integer.int8_scale_from_amax(weight.detach().abs().amax(dim=-1))
-        return {"weight": integer.quantize_int8(weight.detach(), scale), "weight_scale": scale}
+        return QuantizedPieces(integer.quantize_int8(weight.detach(), scale), scale)
 
-    def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return integer.dequantize_int8(tensors["weight"], tensors["weight_scale"], dtype)
+    def dequantize_weight(self, pieces: Mapping[Piece, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return integer.dequantize_int8(pieces[Piece.CODES], pieces[Piece.SCALE], dtype)
 
 
 register(ModeloptInt4Codec())

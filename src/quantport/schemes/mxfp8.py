@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from ..formats import mx
 from ..formats.descriptors import NumericFormat
+from ..formats.pieces import Piece, QuantizedPieces
 from ..recipes import LinearScheme
-from . import DynamicActivations, TensorSpec, register
+from .codec import DynamicActivations, TensorSpec
+from .registry import register
 
 __all__ = ["Mxfp8Codec"]
 
@@ -23,18 +26,18 @@ class Mxfp8Codec(DynamicActivations):
 
     def weight_specs(
         self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
-    ) -> dict[str, TensorSpec]:
+    ) -> dict[Piece, TensorSpec]:
         return {
-            "weight": TensorSpec(torch.float8_e4m3fn, (out_features, in_features)),
-            "weight_scale": TensorSpec(torch.uint8, (out_features, in_features // mx.MX_BLOCK)),
+            Piece.CODES: TensorSpec(torch.float8_e4m3fn, (out_features, in_features)),
+            Piece.SCALE: TensorSpec(torch.uint8, (out_features, in_features // mx.MX_BLOCK)),
         }
 
-    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> QuantizedPieces:
         codes, scale = mx.quantize_mxfp8(weight)
-        return {"weight": codes, "weight_scale": scale}
+        return QuantizedPieces(codes, scale)
 
-    def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return mx.dequantize_mxfp8(tensors["weight"], tensors["weight_scale"], dtype)
+    def dequantize_weight(self, pieces: Mapping[Piece, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return mx.dequantize_mxfp8(pieces[Piece.CODES], pieces[Piece.SCALE], dtype)
 
     def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
         return mx.fake_quantize_mxfp8(x)

@@ -9,6 +9,7 @@ decoded weights in the last bit.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -16,8 +17,10 @@ import torch
 from .. import kernels
 from ..formats import nvfp4
 from ..formats.descriptors import ActivationQuant, NumericFormat, ScaleConvention
+from ..formats.pieces import Piece, QuantizedPieces
 from ..recipes import LinearScheme
-from . import FormatCapabilities, TensorSpec, register
+from .codec import FormatCapabilities, TensorSpec
+from .registry import register
 
 __all__ = ["NVFP4_DIVISOR", "Nvfp4Codec", "Nvfp4CtCodec"]
 
@@ -41,57 +44,57 @@ class _Nvfp4Activations(FormatCapabilities):
 
 @dataclass(frozen=True)
 class Nvfp4Codec(_Nvfp4Activations):
-    """E2M1 weights, FP8 scale per 16 inputs, fp32 multiplier global scale ``weight_scale_2``."""
+    """E2M1 weights, FP8 scale per 16 inputs, fp32 0-d multiplier global scale (``amax / 2688``)."""
 
     scheme: LinearScheme = LinearScheme.NVFP4
     format: NumericFormat = nvfp4.NVFP4
 
     def weight_specs(
         self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
-    ) -> dict[str, TensorSpec]:
+    ) -> dict[Piece, TensorSpec]:
         block = nvfp4.NVFP4_BLOCK
         return {
-            "weight": TensorSpec(torch.uint8, (out_features, in_features // 2)),
-            "weight_scale": TensorSpec(torch.float8_e4m3fn, (out_features, in_features // block)),
-            "weight_scale_2": TensorSpec(torch.float32, ()),
+            Piece.CODES: TensorSpec(torch.uint8, (out_features, in_features // 2)),
+            Piece.SCALE: TensorSpec(torch.float8_e4m3fn, (out_features, in_features // block)),
+            Piece.GLOBAL_SCALE: TensorSpec(torch.float32, ()),
         }
 
-    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> QuantizedPieces:
         global_scale = nvfp4.nvfp4_global_scale(weight_amax)
         packed, block_scale = kernels.quantize_nvfp4(weight, global_scale)
-        return {"weight": packed, "weight_scale": block_scale, "weight_scale_2": global_scale}
+        return QuantizedPieces(packed, block_scale, global_scale)
 
-    def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        return nvfp4.dequantize_nvfp4(tensors["weight"], tensors["weight_scale"], tensors["weight_scale_2"], dtype)
+    def dequantize_weight(self, pieces: Mapping[Piece, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return nvfp4.dequantize_nvfp4(pieces[Piece.CODES], pieces[Piece.SCALE], pieces[Piece.GLOBAL_SCALE], dtype)
 
 
 @dataclass(frozen=True)
 class Nvfp4CtCodec(_Nvfp4Activations):
-    """E2M1 weights, FP8 scale per 16 inputs, fp32 divisor global scale ``(1,)``: ``weight_packed``,
-    ``weight_scale``, ``weight_global_scale``; ``input_scale`` is the divisor activation global scale."""
+    """E2M1 weights, FP8 scale per 16 inputs, fp32 divisor global scale ``(1,)`` (``2688 / amax``); the input
+    scale is the divisor activation global scale."""
 
     scheme: LinearScheme = LinearScheme.NVFP4_CT
     format: NumericFormat = NVFP4_DIVISOR
 
     def weight_specs(
         self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
-    ) -> dict[str, TensorSpec]:
+    ) -> dict[Piece, TensorSpec]:
         return {
-            "weight_packed": TensorSpec(torch.uint8, (out_features, in_features // 2)),
-            "weight_scale": TensorSpec(torch.float8_e4m3fn, (out_features, in_features // nvfp4.NVFP4_BLOCK)),
-            "weight_global_scale": TensorSpec(torch.float32, (1,)),
+            Piece.CODES: TensorSpec(torch.uint8, (out_features, in_features // 2)),
+            Piece.SCALE: TensorSpec(torch.float8_e4m3fn, (out_features, in_features // nvfp4.NVFP4_BLOCK)),
+            Piece.GLOBAL_SCALE: TensorSpec(torch.float32, (1,)),
         }
 
-    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> dict[str, torch.Tensor]:
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> QuantizedPieces:
         global_scale = nvfp4.nvfp4_global_scale(weight_amax, ScaleConvention.DIVISOR).reshape(1)
         packed, block_scale = nvfp4.quantize_nvfp4(weight, global_scale, ScaleConvention.DIVISOR)
-        return {"weight_packed": packed, "weight_scale": block_scale, "weight_global_scale": global_scale}
+        return QuantizedPieces(packed, block_scale, global_scale)
 
-    def dequantize_weight(self, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    def dequantize_weight(self, pieces: Mapping[Piece, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         return nvfp4.dequantize_nvfp4(
-            tensors["weight_packed"],
-            tensors["weight_scale"],
-            tensors["weight_global_scale"],
+            pieces[Piece.CODES],
+            pieces[Piece.SCALE],
+            pieces[Piece.GLOBAL_SCALE],
             dtype,
             ScaleConvention.DIVISOR,
         )

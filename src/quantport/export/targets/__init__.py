@@ -1,10 +1,12 @@
 """Checkpoint dialects ("targets"), which Linear schemes each stores exactly, and a recipe's scheme per dialect.
 
-A numeric format (:mod:`quantport.formats`) knows no checkpoint vocabulary. A dialect maps its pieces to
-tensor names, shapes, ``quant_algo`` strings and config blocks, one module per dialect:
+A numeric format (:mod:`quantport.formats`) knows no checkpoint vocabulary. A dialect maps a codec's
+neutral pieces to tensor names, shapes, ``quant_algo`` strings and config blocks: its vocabulary is in
+:mod:`quantport.dialects` (shared with the loader) and its writer is one module here:
 
 * :mod:`.modelopt`: NVIDIA ModelOpt unified HF checkpoint;
-* :mod:`.compressed_tensors` (with its scheme table :mod:`.ct_schemes` and experts :mod:`.ct_experts`);
+* :mod:`.compressed_tensors` (with its experts :mod:`.ct_experts`; its rows are
+  :mod:`quantport.dialects.compressed_tensors`);
 * :mod:`.mxfp4_native`: gpt-oss's native MXFP4 MoE checkpoint.
 
 :data:`TARGETS` lists them in priority order; the first that accepts a scheme is its default.
@@ -18,9 +20,10 @@ is chosen before quantizing (``--format`` on the command line, :func:`recipe_for
 Asking for a (recipe, format) pair that does not exist is an error that names the formats that do,
 raised before anything is loaded or written.
 
-Adding a dialect (5 files, listed in :mod:`quantport.formats`): ``export/targets/<dialect>.py`` (names,
-config blocks, ``SCHEMES`` and the content builder), its :class:`ExportFormat` member and :data:`TARGETS` row
-(this package), a reader parser (``loader/``), a checker contract (``check/``) and a test.
+Adding a dialect (6 files, listed in :mod:`quantport.formats`): its vocabulary ``dialects/<dialect>.py``,
+``export/targets/<dialect>.py`` (tensor plan, config blocks, ``SCHEMES`` and the content builder), its
+:class:`ExportFormat` member and :data:`TARGETS` row (this package), a reader (``loader/``), a checker
+contract (``check/``) and a test.
 """
 
 from __future__ import annotations

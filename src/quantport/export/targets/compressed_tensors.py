@@ -1,7 +1,7 @@
 """The compressed-tensors checkpoint format (``quant_method: compressed-tensors``).
 
-Per quantized Linear ``P`` the tensors are the scheme codec's, under compressed-tensors' names and
-shapes (see :mod:`quantport.export.targets.ct_schemes`):
+Per quantized Linear ``P`` the tensors are the scheme codec's pieces, under compressed-tensors' names and
+shapes (:mod:`quantport.dialects.compressed_tensors`, whose rows the loader reads too):
 
 ==================  ===========================================================================
 scheme              tensors (``P.`` prefix)
@@ -27,13 +27,17 @@ compressed-tensors is imported only here, when this format is written.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from ...arch.experts import ExpertIgnore, MoEBlock, find_moe_blocks
+from ...arch.hub_names import HubNames
+from ...dialects.compressed_tensors import CT_SCHEMES, KV_CACHE_ARGS, CtScheme, ct_shape
 from ...errors import ExportError
+from ...formats.pieces import Piece
 from ...modules.kv_cache import kv_quantizer_of
 from ...modules.quant_experts import experts_quantizer_of
 from ...modules.quant_linear import QuantLinear
@@ -41,11 +45,9 @@ from ...recipes import KVCacheFormat, LinearScheme
 from ...schemes import TensorSpec
 from ...state import QuantizationState
 from ..content import CheckpointContent
-from ..names import CheckpointNames
 from ..shards import OneSlotCache, PlannedTensor
 from ..unquantized import excluded_modules, unquantized_plan
 from .ct_experts import ct_expert_plan
-from .ct_schemes import CT_SCHEMES, KV_CACHE_ARGS, CtScheme, ct_shape
 
 __all__ = [
     "SCHEMES",
@@ -88,7 +90,7 @@ def ct_scheme(scheme: LinearScheme) -> Any:
     return result
 
 
-def _unquantized_experts_entries(names: CheckpointNames, block: MoEBlock) -> list[str]:
+def _unquantized_experts_entries(names: HubNames, block: MoEBlock) -> list[str]:
     """Ignore entries, beside the module's own name, for an experts module left unquantized."""
     experts = names.module(block.experts_name)
     if block.layout.ct_ignore is ExpertIgnore.PATTERN:
@@ -112,7 +114,7 @@ def ct_ignore(model: nn.Module) -> list[str]:
     ``<experts>.0.<gate leaf>`` etc., not the experts module's name), or, for families whose vLLM name mapper
     rewrites those names (GPT-OSS), by one ``re:`` pattern over the module.
     """
-    names = CheckpointNames(model)
+    names = HubNames(model)
     ignore = set(excluded_modules(model))
     for block in find_moe_blocks(model):
         if experts_quantizer_of(block.experts) is None:
@@ -144,20 +146,20 @@ def ct_quantization_config(state: QuantizationState, exclude: list[str]) -> dict
 
 
 def _linear_entries(prefix: str, module: QuantLinear, row: CtScheme, cache: OneSlotCache) -> list[PlannedTensor]:
-    def tensors() -> dict[str, torch.Tensor]:
+    def pieces() -> Mapping[Piece, torch.Tensor]:
         return cache.get(module, module.quantized_tensors)
 
     specs = module.codec.weight_specs(module.out_features, module.in_features, module.weight.dtype)
     if module.codec.static_input_scale:
-        specs["input_scale"] = TensorSpec(torch.float32, ())
+        specs[Piece.INPUT_SCALE] = TensorSpec(torch.float32, ())
     entries = []
-    for suffix, spec in specs.items():
-        shape = ct_shape(suffix, spec.shape, module.out_features)
+    for piece, spec in specs.items():
+        shape = ct_shape(piece, spec.shape, module.out_features)
         entries.append(
             PlannedTensor(
-                f"{prefix}.{row.renames.get(suffix, suffix)}",
+                f"{prefix}.{row.suffix(piece)}",
                 TensorSpec(spec.dtype, shape),
-                lambda suffix=suffix, shape=shape: tensors()[suffix].reshape(shape),
+                lambda piece=piece, shape=shape: pieces()[piece].reshape(shape),
             )
         )
     return entries
@@ -177,7 +179,7 @@ def _kv_entries(prefix: str, module: nn.Module) -> list[PlannedTensor]:
 def ct_tensor_plan(model: nn.Module, state: QuantizationState) -> list[PlannedTensor]:
     """Every tensor of the checkpoint under its checkpoint name, computed lazily; the model is only read."""
     row = CT_SCHEMES[state.recipe.scheme]
-    names = CheckpointNames(model)
+    names = HubNames(model)
     cache = OneSlotCache()
     replaced: set[str] = set()
     plan: list[PlannedTensor] = []

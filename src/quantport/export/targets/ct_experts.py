@@ -2,8 +2,8 @@
 
 compressed-tensors (as llm-compressor writes it, and as vLLM's ``CompressedTensorsMoEMethod`` reads
 it) has no fused expert names: each expert's projections are Linear-like modules
-``<block>.experts.{e}.<gate|up|down leaf>`` with the scheme's tensors (``weight_packed``,
-``weight_scale``, ``weight_global_scale``, ``input_global_scale``, ...). Leaf names come from the
+``<block>.experts.{e}.<gate|up|down leaf>`` with the scheme's pieces under compressed-tensors' names
+(``weight_packed``, ``weight_scale``, ``weight_global_scale``, ``input_global_scale``, ...). Leaf names come from the
 layout (``gate_proj``/``up_proj``/``down_proj``, Mixtral's ``w1``/``w3``/``w2``), module names from
 the checkpoint-name mapping. GPT-OSS (interleaved gate/up with biases) is refused: no vLLM loader
 reads its experts from per-expert compressed-tensors names.
@@ -15,14 +15,15 @@ import torch
 
 from ...arch.engines import GPT_OSS_WORKING_FORM
 from ...arch.experts import GateUpSplit
+from ...arch.hub_names import HubNames
+from ...dialects.compressed_tensors import CtScheme, ct_shape
+from ...formats.pieces import Piece
 from ...modules.expert_weights import oriented_expert_weights
 from ...modules.quant_experts import ExpertsQuantizer
 from ...schemes import TensorSpec
 from ..experts import expert_tensors_lookup, replaced_parameters
-from ..names import CheckpointNames
 from ..shards import OneSlotCache, PlannedTensor
 from .base import UnsupportedFormatError
-from .ct_schemes import CtScheme, ct_shape
 
 __all__ = ["ct_expert_plan"]
 
@@ -39,18 +40,18 @@ def _check_layout(quantizer: ExpertsQuantizer) -> None:
         )
 
 
-def _specs(quantizer: ExpertsQuantizer, projection: str) -> dict[str, TensorSpec]:
+def _specs(quantizer: ExpertsQuantizer, projection: str) -> dict[Piece, TensorSpec]:
     down = oriented_expert_weights(quantizer.block, 0)["down"]  # [H, I], in the dtype the experts are quantized from
     hidden, inter = down.shape
     out_features, in_features = (hidden, inter) if projection == "down" else (inter, hidden)
     specs = quantizer.codec.weight_specs(out_features, in_features, down.dtype)
     if quantizer.codec.static_input_scale:
-        specs["input_scale"] = TensorSpec(torch.float32, ())
-    return {suffix: TensorSpec(s.dtype, ct_shape(suffix, s.shape, out_features)) for suffix, s in specs.items()}
+        specs[Piece.INPUT_SCALE] = TensorSpec(torch.float32, ())
+    return {piece: TensorSpec(s.dtype, ct_shape(piece, s.shape, out_features)) for piece, s in specs.items()}
 
 
 def ct_expert_plan(
-    quantizer: ExpertsQuantizer, names: CheckpointNames, row: CtScheme, cache: OneSlotCache
+    quantizer: ExpertsQuantizer, names: HubNames, row: CtScheme, cache: OneSlotCache
 ) -> tuple[list[PlannedTensor], set[str]]:
     """(every exported tensor of one quantized experts module, the model parameters it replaces)."""
     _check_layout(quantizer)
@@ -67,12 +68,12 @@ def ct_expert_plan(
     for expert in range(quantizer.block.num_experts):
         for projection, leaf in zip(_PROJECTIONS, quantizer.layout.leaf_names, strict=True):
             prefix = names.module(f"{quantizer.block.experts_name}.{expert}.{leaf}")
-            for suffix, spec in specs[projection].items():
+            for piece, spec in specs[projection].items():
                 plan.append(
                     PlannedTensor(
-                        f"{prefix}.{row.renames.get(suffix, suffix)}",
+                        f"{prefix}.{row.suffix(piece)}",
                         spec,
-                        lambda e=expert, p=projection, s=suffix, shape=spec.shape: expert_tensors(e)[p][s].reshape(
+                        lambda e=expert, p=projection, q=piece, shape=spec.shape: expert_tensors(e)[p][q].reshape(
                             shape
                         ),
                     )

@@ -1,7 +1,8 @@
 """The NVIDIA ModelOpt "unified HF checkpoint" format: tensor plan and config blocks.
 
-Layout per quantized Linear ``P`` (engine-contract.md §2): ``P.weight`` in the scheme's storage
-dtype, ``P.weight_scale``, ``P.weight_scale_2`` (NVFP4), ``P.input_scale`` (static activations).
+Layout per quantized Linear ``P`` (engine-contract.md §2): the codec's pieces under ModelOpt's names
+(:mod:`quantport.dialects.modelopt`, which also holds the ``quant_algo`` table the loader reads):
+``P.weight`` (codes), ``P.weight_scale``, ``P.weight_scale_2`` (NVFP4), ``P.input_scale`` (static activations).
 KV-cache scales: ``<attn>.k_proj.k_scale`` and ``<attn>.v_proj.v_scale`` (amax / 448). Every other
 tensor is written as the model holds it. The config is written twice, as ModelOpt does: flat in
 ``config.json["quantization_config"]`` (what vLLM reads) and nested in ``hf_quant_config.json``
@@ -13,13 +14,14 @@ quantport identifies itself in ``quantport_report.json``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ...arch.hub_names import HubNames
+from ...dialects.modelopt import FP8_ARGS, MODELOPT_ALGOS, ModeloptAlgo, fused_name, linear_suffix, quant_algo
+from ...formats.pieces import Piece
 from ...modules.kv_cache import kv_quantizer_of
 from ...modules.quant_experts import experts_quantizer_of
 from ...modules.quant_linear import QuantLinear
@@ -28,7 +30,6 @@ from ...schemes import SchemeCodec, TensorSpec, codec_for
 from ...state import QuantizationState
 from ..content import CheckpointContent
 from ..experts import expert_plan, replaced_parameters
-from ..names import CheckpointNames
 from ..shards import OneSlotCache, PlannedTensor
 from ..unquantized import excluded_modules, unquantized_plan
 from .base import UnsupportedFormatError
@@ -41,6 +42,8 @@ __all__ = [
     "ModeloptAlgo",
     "quant_algo",
     "excluded_modules",
+    "fused_name",
+    "linear_suffix",
     "modelopt_configs",
     "modelopt_tensor_plan",
     "modelopt_content",
@@ -50,53 +53,18 @@ MODELOPT_FORMAT_VERSION = "0.47.0"
 """The nvidia-modelopt release whose unified checkpoint this exporter writes (and is tested against)."""
 
 _PRODUCER = {"name": "modelopt", "version": MODELOPT_FORMAT_VERSION}
-_FP8_SCHEME = {"dynamic": False, "num_bits": 8, "type": "float"}
-_NVFP4_SCHEME = {"dynamic": False, "num_bits": 4, "type": "float", "group_size": 16}
-
-
-@dataclass(frozen=True, slots=True)
-class ModeloptAlgo:
-    """How ModelOpt names a scheme.
-
-    Attributes:
-        quant_algo: the ``quant_algo`` string of both config files.
-        config_group: ``group_0`` of the flat config's ``config_groups`` (``targets`` added), or None where
-            ModelOpt writes no ``config_groups``.
-    """
-
-    quant_algo: str
-    config_group: Mapping[str, Mapping[str, Any]] | None = None
-
-
-MODELOPT_ALGOS: dict[LinearScheme, ModeloptAlgo] = {
-    LinearScheme.FP8: ModeloptAlgo("FP8", {"input_activations": _FP8_SCHEME, "weights": _FP8_SCHEME}),
-    LinearScheme.FP8_DYNAMIC: ModeloptAlgo("FP8_PER_CHANNEL_PER_TOKEN"),
-    LinearScheme.FP8_BLOCK: ModeloptAlgo("FP8_PB_WO"),
-    LinearScheme.NVFP4: ModeloptAlgo("NVFP4", {"input_activations": _NVFP4_SCHEME, "weights": _NVFP4_SCHEME}),
-    LinearScheme.W4A16_NVFP4: ModeloptAlgo("W4A16_NVFP4", {"weights": _NVFP4_SCHEME}),
-    LinearScheme.MXFP8: ModeloptAlgo("MXFP8"),
-    LinearScheme.W4A16_MODELOPT: ModeloptAlgo("W4A16_AWQ"),
-    LinearScheme.W8A16_MODELOPT: ModeloptAlgo("W8A16"),
-}
-"""Every scheme with a ModelOpt form, in the order :func:`quantport.loader` resolves ``quant_algo`` strings.
-The others have none an engine reads: the compressed-tensors numerics of NVFP4 and integers, and MXFP4,
-which ModelOpt writes as a raw ``"mxfp4"`` algorithm no engine's ModelOpt reader accepts."""
-
-
-def quant_algo(scheme: LinearScheme) -> str | None:
-    """ModelOpt's ``quant_algo`` of ``scheme``; None when ModelOpt has no form for it."""
-    algo = MODELOPT_ALGOS.get(scheme)
-    return None if algo is None else algo.quant_algo
 
 
 def _linear_entries(prefix: str, module: QuantLinear, cache: OneSlotCache) -> list[PlannedTensor]:
     codec: SchemeCodec = module.codec
     specs = codec.weight_specs(module.out_features, module.in_features)
     if codec.static_input_scale:
-        specs["input_scale"] = TensorSpec(torch.float32, ())
+        specs[Piece.INPUT_SCALE] = TensorSpec(torch.float32, ())
     return [
-        PlannedTensor(f"{prefix}.{suffix}", spec, lambda s=suffix: cache.get(module, module.quantized_tensors)[s])
-        for suffix, spec in specs.items()
+        PlannedTensor(
+            f"{prefix}.{linear_suffix(piece)}", spec, lambda p=piece: cache.get(module, module.quantized_tensors)[p]
+        )
+        for piece, spec in specs.items()
     ]
 
 
@@ -113,7 +81,7 @@ def _kv_entries(prefix: str, module: nn.Module) -> list[PlannedTensor]:
 
 def modelopt_tensor_plan(model: nn.Module) -> list[PlannedTensor]:
     """Every tensor of the checkpoint under its checkpoint name, computed lazily; the model is only read."""
-    names = CheckpointNames(model)
+    names = HubNames(model)
     cache = OneSlotCache()
     replaced: set[str] = set()
     plan: list[PlannedTensor] = []
@@ -155,7 +123,7 @@ def modelopt_configs(
     if codec.group_size is not None:
         flat["group_size"] = codec.group_size
     if kv_fp8:
-        flat["kv_cache_scheme"] = dict(_FP8_SCHEME)
+        flat["kv_cache_scheme"] = dict(FP8_ARGS)
     flat["producer"] = dict(_PRODUCER)
     flat["quant_method"] = "modelopt"
     return flat, {"producer": dict(_PRODUCER), "quantization": nested}

@@ -15,7 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ...arch.hub_names import HubNames
+from ...dialects.mxfp4_native import SCHEME, blocks_shape, stored_name
 from ...formats.mx import MX_BLOCK
+from ...formats.pieces import Piece
 from ...modules.quant_experts import ExpertsQuantizer, experts_quantizer_of
 from ...modules.quant_linear import QuantLinear
 from ...recipes import LinearScheme
@@ -23,7 +26,6 @@ from ...schemes import TensorSpec
 from ...state import QuantizationState
 from ..content import CheckpointContent
 from ..experts import all_expert_tensors, replaced_parameters
-from ..names import CheckpointNames
 from ..shards import OneSlotCache, PlannedTensor
 from ..unquantized import excluded_modules, unquantized_plan
 from .base import UnsupportedFormatError
@@ -33,7 +35,7 @@ __all__ = ["SCHEMES", "check_native_mxfp4", "native_mxfp4_content"]
 
 def check_native_mxfp4(model: nn.Module, state: QuantizationState) -> list[ExpertsQuantizer]:
     """The experts quantizers to write; a clear error when the model does not fit the format."""
-    if state.recipe.scheme is not LinearScheme.MXFP4:
+    if state.recipe.scheme is not SCHEME:
         raise UnsupportedFormatError(
             f"the native mxfp4 format stores MXFP4 experts only; quantize with --recipe mxfp4-experts "
             f"(got {state.recipe.scheme.value})"
@@ -63,14 +65,14 @@ def _blocks_and_scales(quantizer: ExpertsQuantizer) -> dict[str, torch.Tensor]:
         ("gate_up_proj", lambda key: [layout.fuse_rows(t["gate"][key], t["up"][key]) for t in per_expert]),
         ("down_proj", lambda key: [t["down"][key] for t in per_expert]),
     ):
-        packed = torch.stack(rows("weight_packed"))  # [E, out, in/2]
-        scales = torch.stack(rows("weight_scale"))  # [E, out, in/32]
-        out[f"{parameter}_blocks"] = packed.reshape(*scales.shape, MX_BLOCK // 2).contiguous()
-        out[f"{parameter}_scales"] = scales.contiguous()
+        packed = torch.stack(rows(Piece.CODES))  # [E, out, in/2]
+        scales = torch.stack(rows(Piece.SCALE))  # [E, out, in/32]
+        out[stored_name(parameter, Piece.CODES)] = packed.reshape(blocks_shape(scales.shape)).contiguous()
+        out[stored_name(parameter, Piece.SCALE)] = scales.contiguous()
     return out
 
 
-def _expert_entries(quantizer: ExpertsQuantizer, names: CheckpointNames, cache: OneSlotCache) -> list[PlannedTensor]:
+def _expert_entries(quantizer: ExpertsQuantizer, names: HubNames, cache: OneSlotCache) -> list[PlannedTensor]:
     hidden, inter = quantizer.layout.down(quantizer.block.experts.down_proj[0]).shape
     experts = quantizer.block.num_experts
     shapes = {
@@ -79,8 +81,8 @@ def _expert_entries(quantizer: ExpertsQuantizer, names: CheckpointNames, cache: 
     }
     entries = []
     for parameter, scale_shape in shapes.items():
-        for suffix, shape in (("blocks", (*scale_shape, MX_BLOCK // 2)), ("scales", scale_shape)):
-            key = f"{parameter}_{suffix}"
+        for piece, shape in ((Piece.CODES, blocks_shape(scale_shape)), (Piece.SCALE, scale_shape)):
+            key = stored_name(parameter, piece)
             entries.append(
                 PlannedTensor(
                     names.tensor(f"{quantizer.block.experts_name}.{key}"),
@@ -94,7 +96,7 @@ def _expert_entries(quantizer: ExpertsQuantizer, names: CheckpointNames, cache: 
 def native_mxfp4_content(model: nn.Module, state: QuantizationState) -> CheckpointContent:
     """The tensors and ``config.json``'s ``quantization_config``."""
     quantizers = check_native_mxfp4(model, state)
-    names, cache = CheckpointNames(model), OneSlotCache()
+    names, cache = HubNames(model), OneSlotCache()
     plan: list[PlannedTensor] = []
     replaced: set[str] = set()
     for quantizer in quantizers:
@@ -104,5 +106,5 @@ def native_mxfp4_content(model: nn.Module, state: QuantizationState) -> Checkpoi
     return CheckpointContent(plan, {"quant_method": "mxfp4", "modules_to_not_convert": excluded_modules(model)})
 
 
-SCHEMES: frozenset[LinearScheme] = frozenset({LinearScheme.MXFP4})
+SCHEMES: frozenset[LinearScheme] = frozenset({SCHEME})
 """The schemes this dialect stores, for :data:`quantport.export.targets.TARGETS`."""
