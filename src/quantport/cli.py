@@ -19,7 +19,9 @@ from .loading import resolve_model_dir
 from .moe_options import MoECalibration, MoEInputScales
 from .quantize_args import (
     EXPORT_FORMATS,
+    add_algorithm_arguments,
     add_dataset_arguments,
+    algorithm_from_args,
     calibration_data,
     check_quantize_args,
     device_name,
@@ -107,6 +109,7 @@ def _parser(*, quantize_only: bool = False) -> argparse.ArgumentParser:
         metavar="PATH",
         help="also write a plot of calibration tokens per expert per MoE layer (MoE models; needs quantport[plot])",
     )
+    add_algorithm_arguments(q)
     q.add_argument("--max-shard-size", type=shard_size, default="5GB", help="largest safetensors shard (default 5GB)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     q.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
@@ -160,6 +163,7 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
         progress=not args.quiet,
         format=fmt.value,  # a form known not to load is refused before calibration
         allow_check_errors=args.allow_check_errors,
+        algorithm=algorithm_from_args(args),
     )
     export(
         model,
@@ -179,6 +183,11 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
     if len(state.excluded) > 10:
         print(f"    ... and {len(state.excluded) - 10} more (see quantport_report.json)")
     print(f"  kv cache         : {state.recipe.kv_cache.value}")
+    print(f"  algorithm        : {state.algorithm}")
+    for name, reason in sorted(state.left_at_rtn.items())[:10]:
+        print(f"    round-to-nearest {name}: {reason}")
+    if len(state.left_at_rtn) > 10:
+        print(f"    ... and {len(state.left_at_rtn) - 10} more at round-to-nearest (see quantport_report.json)")
     if state.experts:
         print(f"  experts modules  : {len(state.experts)}")
     if state.coverage is not None:

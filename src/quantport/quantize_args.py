@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .algorithm_options import Algorithm, AlgorithmOptions, GptqOptions, MseOptions, algorithm_options
 from .calibration_sources import CalibrationData, CalibrationSource, locate, require_datasets
 from .errors import AlreadyQuantizedError, CalibrationDataError, InvalidArgumentError
 from .loading import read_model_config, resolve_model_dir
@@ -23,6 +24,8 @@ from .recipes import QuantRecipe, get_recipe
 from .sizes import parse_size
 
 __all__ = [
+    "add_algorithm_arguments",
+    "algorithm_from_args",
     "EXPORT_FORMATS",
     "MOE_CONFIG_KEYS",
     "QuantizeInputs",
@@ -275,12 +278,60 @@ class QuantizeInputs:
     config: dict[str, Any]
 
 
+def add_algorithm_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--algorithm`` and the typed options of each algorithm (``--gptq-*``, ``--mse-*``)."""
+    parser.add_argument(
+        "--algorithm",
+        choices=[a.value for a in Algorithm],
+        default=Algorithm.MAX.value,
+        help="how weights and scales are chosen: max (round to nearest, default), mse (scale search), gptq",
+    )
+    gptq, mse = GptqOptions(), MseOptions()
+    parser.add_argument(
+        "--gptq-damp", type=float, metavar="F", help=f"GPTQ dampening, fraction of the mean diagonal ({gptq.damp})"
+    )
+    parser.add_argument("--gptq-act-order", action="store_true", help="GPTQ columns by decreasing input energy")
+    parser.add_argument(
+        "--gptq-block-size", type=positive_int, metavar="N", help=f"GPTQ lazy-update columns ({gptq.block_size})"
+    )
+    parser.add_argument(
+        "--gptq-static-groups", action="store_true", help="GPTQ group scales from the weights before any update"
+    )
+    parser.add_argument(
+        "--mse-min-ratio", type=float, metavar="F", help=f"smallest clipping ratio MSE tries ({mse.min_ratio})"
+    )
+    parser.add_argument("--mse-steps", type=positive_int, metavar="N", help=f"MSE ratios tried below 1 ({mse.steps})")
+
+
+def algorithm_from_args(args: argparse.Namespace) -> AlgorithmOptions:
+    """The typed options ``--algorithm`` and its option flags describe; flags of another algorithm are refused."""
+    chosen = algorithm_options(args.algorithm)
+    given = {
+        Algorithm.GPTQ: {
+            "damp": args.gptq_damp,
+            "act_order": args.gptq_act_order or None,
+            "block_size": args.gptq_block_size,
+            "static_groups": args.gptq_static_groups or None,
+        },
+        Algorithm.MSE: {"min_ratio": args.mse_min_ratio, "steps": args.mse_steps},
+    }
+    for algorithm, values in given.items():
+        flags = [f"--{algorithm.value}-{k.replace('_', '-')}" for k, v in values.items() if v is not None]
+        if flags and algorithm is not chosen.algorithm:
+            raise InvalidArgumentError(
+                f"{' '.join(flags)} apply to --algorithm {algorithm.value}, not {args.algorithm}"
+            )
+    values = {k: v for k, v in given.get(chosen.algorithm, {}).items() if v is not None}
+    return type(chosen)(**values) if values else chosen
+
+
 def check_quantize_args(args: argparse.Namespace) -> QuantizeInputs:
     """Every check of ``quantport quantize``'s arguments that needs no torch; raises a ``QuantportError``.
 
     Local paths are checked before MODEL is resolved (a hub id is downloaded), the model's config after.
     """
     recipe = get_recipe(args.recipe)
+    algorithm_from_args(args)
     if args.calib_text is not None:
         check_calib_text(args.calib_text)
     check_calib_datasets(args)
