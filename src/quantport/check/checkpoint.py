@@ -141,23 +141,25 @@ class Checkpoint:
             for name, info in self.headers.get(file, {}).items():
                 self.tensors.setdefault(name, info)
 
-    def _handle(self, file: str) -> Any:
+    def fileno(self, file: str) -> int:
+        """The descriptor of shard ``file``, opened once (regular files only) and kept until :meth:`close`."""
         handle = self._handles.get(file)
         if handle is None:
             handle, _ = open_regular(self.path / file, HeaderError)
             self._handles[file] = handle
-        return handle
+        return handle.fileno()
 
-    def _read(self, info: TensorInfo, first_row: int, rows: int) -> torch.Tensor:
+    def _read(self, info: TensorInfo, first_row: int, rows: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``[first_row, first_row + rows)`` of tensor ``info`` (all of a 0-D tensor), read at its validated
-        byte range."""
+        byte range (into ``out``, uint8 of at least that size, when given)."""
         row_shape = info.shape[1:]
-        row_bytes = info.nbytes // info.shape[0] if info.ndim else info.nbytes
+        # 0-D: the whole tensor; an empty first dimension: no rows and no bytes (nbytes is 0)
+        row_bytes = info.nbytes // info.shape[0] if info.ndim and info.shape[0] else info.nbytes
         offset = self.data_starts[info.file] + info.offsets[0] + first_row * row_bytes
         size = rows * row_bytes if info.ndim else info.nbytes
-        buffer = torch.empty(size, dtype=torch.uint8)
+        buffer = torch.empty(size, dtype=torch.uint8) if out is None else out[:size]
         try:
-            read = os.preadv(self._handle(info.file).fileno(), [buffer.numpy()], offset) if size else 0
+            read = os.preadv(self.fileno(info.file), [buffer.numpy()], offset) if size else 0
         except OSError as exc:
             raise HeaderError(
                 f"tensor {info.name!r} cannot be read: {exc.strerror or exc}", path=self.path / info.file
@@ -176,7 +178,10 @@ class Checkpoint:
         return self._read(info, 0, info.shape[0] if info.ndim else 1)
 
     def iter_rows(self, name: str, max_elements: int) -> Iterator[torch.Tensor]:
-        """Tensor ``name`` in slices along its first dimension of at most about ``max_elements`` elements."""
+        """Tensor ``name`` in slices along its first dimension of at most about ``max_elements`` elements.
+
+        The slices of a tensor larger than that share one buffer: each is valid until the next is produced.
+        """
         info = self.tensors.get(name)
         if info is None:
             return
@@ -184,8 +189,9 @@ class Checkpoint:
             yield self._read(info, 0, info.shape[0] if info.ndim else 1)
             return
         rows = max(1, max_elements // max(1, info.numel // info.shape[0]))
+        buffer = torch.empty(rows * (info.nbytes // info.shape[0]), dtype=torch.uint8)  # reused by every slice
         for start in range(0, info.shape[0], rows):
-            yield self._read(info, start, min(rows, info.shape[0] - start))
+            yield self._read(info, start, min(rows, info.shape[0] - start), buffer)
 
     def load_float(self, name: str) -> torch.Tensor | None:
         """Tensor ``name`` as float32 (for scale checks)."""

@@ -24,6 +24,7 @@ from quantport.arch.family import FUSED_SIBLINGS, is_vision_module
 from .checkpoint import Checkpoint, TensorInfo
 from .findings import Engine
 from .qconfig import ModelFacts, QuantConfig
+from .scalars import read_scalars
 
 __all__ = [
     "ENGINE_FUSED",
@@ -120,9 +121,10 @@ class Context:
     engine: Engine
     qcfg: QuantConfig
     facts: ModelFacts
-    memo: dict[str, object] = field(default_factory=dict, repr=False)
+    memo: dict[object, object] = field(default_factory=dict, repr=False)
     """Values computed once and shared between rules."""
     _scalars: dict[str, float | None] = field(default_factory=dict, repr=False)
+    _scalars_read: bool = field(default=False, repr=False)
 
     @cached_property
     def modules(self) -> dict[str, dict[str, TensorInfo]]:
@@ -132,6 +134,12 @@ class Context:
             module, _, param = name.rpartition(".")
             out.setdefault(module, {})[param] = info
         return out
+
+    @cached_property
+    def sorted_tensors(self) -> list[TensorInfo]:
+        """Every tensor of ``ckpt.tensors``, sorted by name (the order rules report in)."""
+        tensors = self.ckpt.tensors
+        return [tensors[name] for name in sorted(tensors)]
 
     @cached_property
     def layout(self) -> ExpertLayout | None:
@@ -236,7 +244,14 @@ class Context:
         return algo
 
     def load_scalar(self, name: str) -> float | None:
-        """The value of a one-element tensor (None when absent or larger), read once."""
+        """The value of a one-element tensor (None when absent or larger), read once.
+
+        The first call reads every one-element tensor of the checkpoint in one batch
+        (:func:`~quantport.check.scalars.read_scalars`); a tensor that batch could not read is read alone.
+        """
+        if not self._scalars_read:
+            self._scalars.update(read_scalars(self.ckpt))
+            self._scalars_read = True
         if name not in self._scalars:
             tensor = self.ckpt.load_float(name)
             self._scalars[name] = None if tensor is None or tensor.numel() != 1 else float(tensor.reshape(()))

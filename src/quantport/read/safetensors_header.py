@@ -36,6 +36,7 @@ is well under a second of a run that reads gigabytes, so the strictness is kept.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,7 @@ DTYPE_BITS: dict[str, int] = {
 DTYPE_BYTES: dict[str, int] = {k: v // 8 for k, v in DTYPE_BITS.items() if v % 8 == 0}
 """Bytes per element of each whole-byte safetensors dtype string."""
 _U64 = 2**64
+_JSON_SPACE = b" \t\n\r"
 
 
 class HeaderError(UnreadableFileError):
@@ -160,10 +162,41 @@ def _read_json(path: Path) -> tuple[Any, int, int]:
         raise HeaderError(f"header is not valid UTF-8 (byte {exc.start})", path=path) from None
     if not text.startswith("{"):
         raise HeaderError("header does not start with '{': it is not a JSON object", path=path)
-    try:
+    parsed = _parse_unique(raw, text)
+    if parsed is not None:
+        return parsed, n, size - 8 - n
+    try:  # the strict parser names the problem (duplicate key, NaN, nesting, syntax)
         return loads_strict(text, duplicates=False), n, size - 8 - n
     except StrictJSONError as exc:
         raise HeaderError(f"header is not valid JSON: {exc}", path=path) from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
+
+
+def _parse_unique(raw: bytes, text: str) -> Any:
+    """The header parsed by the C decoder when it provably has no duplicate key, else None.
+
+    ``json.loads`` keeps the last of repeated keys, so the keys it kept are counted against the key
+    ends in the text: every key is a string, optional whitespace and ``:``, so with the JSON
+    whitespace removed each one reads ``":``, and that count can only exceed the true number of keys
+    (a ``":`` inside a string value). The kept keys of the top two levels (the header and its
+    entries) are at most the true number, and equal to it only without repeats and deeper objects.
+    Equal counts therefore prove there is no duplicate; anything else (or any parse error) returns
+    None, and the strict parser decides. About 3x cheaper than a duplicate-checking hook per object.
+    """
+    try:
+        header = _DECODER.decode(text)
+    except (ValueError, RecursionError):
+        return None
+    if type(header) is not dict:
+        return None
+    kept = len(header) + sum(len(v) for v in header.values() if type(v) is dict)
+    return header if raw.translate(None, _JSON_SPACE).count(b'":') == kept else None
 
 
 def _shape(name: str, shape: Any, path: Path) -> tuple[int, ...]:
@@ -213,34 +246,75 @@ def _metadata(value: Any, path: Path) -> dict[str, str]:
     return value
 
 
-def _check_layout(tensors: dict[str, TensorInfo], data_size: int, path: Path) -> None:
-    """Sorted by offset, the tensors must tile the data section exactly."""
-    ordered = sorted(tensors.values(), key=lambda t: (t.offsets, t.name))
-    last_end = max((t.offsets[1] for t in ordered), default=0)
+def _tensors(header: dict[str, Any], path: Path) -> tuple[dict[str, TensorInfo], list[tuple[int, int, str]]]:
+    """Every entry validated as :func:`_entry` does, and the (begin, end, name) spans for the layout check.
+
+    Entries repeat a few (dtype, shape) pairs (one per expert projection), so an entry whose dtype and
+    integer shape equal one already validated by :func:`_entry` only needs its offsets checked; every
+    other entry, and any entry that fails a check, goes through :func:`_entry`, which raises the error.
+    """
+    tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    sizes: dict[tuple[str, tuple[int, ...]], int] = {}
+    file = path.name
+    for name, entry in header.items():
+        if name == METADATA_KEY:
+            continue
+        info = _known_entry(name, entry, file, sizes)
+        if info is None:
+            info = _entry(name, entry, path)
+            sizes[(info.dtype, info.shape)] = info.nbytes
+        tensors[name] = info
+        spans.append((*info.offsets, name))
+    return tensors, spans
+
+
+def _known_entry(name: str, entry: Any, file: str, sizes: dict[tuple[str, tuple[int, ...]], int]) -> TensorInfo | None:
+    """The entry when it is well formed and its (dtype, shape) was validated before; None otherwise."""
+    if type(entry) is not dict:
+        return None
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
+        return None
+    for dim in shape:
+        if type(dim) is not int:  # bool and float dims would compare equal to a cached int shape
+            return None
+    key = (dtype, tuple(shape))
+    nbytes = sizes.get(key)  # type: ignore[arg-type]
+    begin, end = offsets
+    if nbytes is None or type(begin) is not int or type(end) is not int or not 0 <= begin <= end < _U64:
+        return None
+    if end - begin != nbytes:
+        return None
+    return TensorInfo(name, dtype, key[1], file, (begin, end))  # type: ignore[arg-type]
+
+
+def _check_layout(spans: list[tuple[int, int, str]], data_size: int, path: Path) -> None:
+    """Sorted by offset, the (begin, end, name) spans must tile the data section exactly."""
+    spans.sort()
+    last_end = max((end for _, end, _ in spans), default=0)
     if last_end > data_size:
         raise HeaderError(
             f"tensors end at byte {last_end} of the data section, which has only {data_size} bytes",
             path=path,
             truncated=True,
         )
-    position, previous = 0, None
-    for info in ordered:
-        begin, end = info.offsets
+    position, previous = 0, (0, 0, "")
+    for span in spans:
+        begin, end, name = span
         if begin < position:
-            same = previous is not None and previous.offsets == info.offsets
+            same = previous[:2] == span[:2]
             how = "aliases (same bytes as)" if same else "overlaps"
             raise HeaderError(
-                f"{info.name!r} [{begin}, {end}] {how} {previous.name!r} "  # type: ignore[union-attr]
-                f"{list(previous.offsets)}",
-                path=path,
-            )  # type: ignore[union-attr]
-        if begin > position:
-            raise HeaderError(
-                f"{begin - position} bytes between byte {position} and {info.name!r} [{begin}, {end}] "
-                "belong to no tensor",
+                f"{name!r} [{begin}, {end}] {how} {previous[2]!r} {list(previous[:2])}",
                 path=path,
             )
-        position, previous = end, info
+        if begin > position:
+            raise HeaderError(
+                f"{begin - position} bytes between byte {position} and {name!r} [{begin}, {end}] belong to no tensor",
+                path=path,
+            )
+        position, previous = end, span
     if position != data_size:
         raise HeaderError(f"the data section has {data_size - position} bytes after the last tensor", path=path)
 
@@ -256,8 +330,8 @@ def read_safetensors_header(path: str | Path) -> SafetensorsHeader:
     if not isinstance(header, dict):
         raise HeaderError("header is not a JSON object", path=path)
     metadata = _metadata(header.get(METADATA_KEY), path)
-    tensors = {name: _entry(name, entry, path) for name, entry in header.items() if name != METADATA_KEY}
-    _check_layout(tensors, data_size, path)
+    tensors, spans = _tensors(header, path)
+    _check_layout(spans, data_size, path)
     return SafetensorsHeader(path, tensors, metadata, n, data_size)
 
 

@@ -62,7 +62,8 @@ def _attention_modules(ctx: Context) -> set[str]:
 def _names(ctx: Context, fmt: Format) -> Iterator[Finding | tuple[str, str]]:
     """Findings about names and dtypes, and (attention module, k|v|q) for every KV scale found."""
     canonical, other = (_MODELOPT_NAME, _CT_NAME) if fmt is Format.MODELOPT else (_CT_NAME, _MODELOPT_NAME)
-    for name, info in sorted(ctx.ckpt.tensors.items()):
+    for info in ctx.sorted_tensors:
+        name = info.name
         if name.rpartition(".")[2] not in _KV_PARAMS:
             continue
         match = canonical.match(name)

@@ -12,9 +12,13 @@ from collections.abc import Iterator
 
 import torch
 
-from ..checkpoint import TensorInfo
+from quantport.read import UnreadableFileError
+
+from ..checkpoint import TORCH_DTYPES, TensorInfo
 from ..findings import Finding, Rule
 from ..structure import Context, fused_expert_param
+from ..tensor_batch import BATCH_BYTES, BufferPool, TensorBatch, read_batch
+from .scale_values import clean_dtypes
 
 __all__ = ["SCALE_PARAMS", "check", "is_scale"]
 
@@ -46,14 +50,20 @@ SCALE_PARAMS = frozenset(
 _E8M0 = ("U8", "F8_E8M0")
 _E8M0_NAN = 255
 _FLOATS = ("F32", "F16", "BF16", "F64", "F8_E4M3", "F8_E5M2")
+_SCALE_PARAM: dict[str, bool] = {}
+"""parameter name (last component) -> whether it names a scale; a model has a few dozen."""
+_SCALE_PARAM_CACHE = 4096
 
 
 def is_scale(info: TensorInfo) -> bool:
     param = info.name.rpartition(".")[2]
-    if param in SCALE_PARAMS:
-        return True
-    fused = fused_expert_param(param)
-    return fused is not None and (fused[1] in SCALE_PARAMS or fused[1] == "scales")
+    known = _SCALE_PARAM.get(param)
+    if known is None:
+        fused = fused_expert_param(param)
+        known = param in SCALE_PARAMS or (fused is not None and (fused[1] in SCALE_PARAMS or fused[1] == "scales"))
+        if len(_SCALE_PARAM) < _SCALE_PARAM_CACHE:
+            _SCALE_PARAM[param] = known
+    return known
 
 
 def _scalar_findings(ctx: Context, info: TensorInfo) -> Iterator[Finding]:
@@ -66,13 +76,7 @@ def _scalar_findings(ctx: Context, info: TensorInfo) -> Iterator[Finding]:
         yield NOT_POSITIVE.finding(info.name, f"per-tensor scale is {value:.6g}")
 
 
-def _findings(ctx: Context, info: TensorInfo) -> Iterator[Finding]:
-    if info.numel == 1 and info.dtype in _FLOATS:
-        yield from _scalar_findings(ctx, info)
-        return
-    tensor = ctx.ckpt.load(info.name)
-    if tensor is None:
-        return
+def _tensor_findings(info: TensorInfo, tensor: torch.Tensor) -> Iterator[Finding]:
     if info.dtype in _E8M0:
         raw = tensor.view(torch.uint8) if tensor.dtype != torch.uint8 else tensor
         bad = int((raw == _E8M0_NAN).sum())
@@ -92,7 +96,49 @@ def _findings(ctx: Context, info: TensorInfo) -> Iterator[Finding]:
         yield NOT_POSITIVE.finding(info.name, f"{int((values < 0).sum())} negative values")
 
 
+def _findings(ctx: Context, info: TensorInfo, batch: TensorBatch | None, clean: frozenset[str]) -> Iterator[Finding]:
+    """The per-tensor test of one non-scalar scale, skipped when its dtype is clean in the batch."""
+    if batch is not None and info.name in batch:
+        if info.dtype not in clean:
+            yield from _tensor_findings(info, batch.tensor(info.name))
+        return
+    tensor = ctx.ckpt.load(info.name)
+    if tensor is not None:
+        yield from _tensor_findings(info, tensor)
+
+
+def _read_arrays(ctx: Context, arrays: list[TensorInfo], pool: BufferPool) -> TensorBatch | None:
+    """Non-scalar scales in one batch; None when a read fails (they are then read one at a time, so
+    the failure is reported exactly where a single read reports it)."""
+    try:
+        return read_batch(ctx.ckpt, [i for i in arrays if i.dtype in TORCH_DTYPES], pool) if arrays else None
+    except (UnreadableFileError, OSError):
+        return None
+
+
+def _chunk_findings(ctx: Context, chunk: list[tuple[TensorInfo, bool]], pool: BufferPool) -> Iterator[Finding]:
+    """Findings of a run of scales in name order; (info, is a per-tensor float scale) pairs."""
+    batch = _read_arrays(ctx, [info for info, scalar in chunk if not scalar], pool)
+    clean = clean_dtypes(batch) if batch is not None else frozenset()
+    for info, scalar in chunk:
+        if scalar:
+            yield from _scalar_findings(ctx, info)
+        else:
+            yield from _findings(ctx, info, batch, clean)
+
+
 def check(ctx: Context) -> Iterator[Finding]:
-    for _, info in sorted(ctx.ckpt.tensors.items()):
-        if is_scale(info):
-            yield from _findings(ctx, info)
+    """Scales in name order, read in runs of at most :data:`BATCH_BYTES` of non-scalar tensors."""
+    chunk: list[tuple[TensorInfo, bool]] = []
+    size, pool = 0, BufferPool()
+    for info in ctx.sorted_tensors:
+        if not is_scale(info):
+            continue
+        scalar = info.dtype in _FLOATS and info.numel == 1
+        if not scalar:
+            if size and size + info.nbytes > BATCH_BYTES:
+                yield from _chunk_findings(ctx, chunk, pool)
+                chunk, size = [], 0
+            size += info.nbytes
+        chunk.append((info, scalar))
+    yield from _chunk_findings(ctx, chunk, pool)

@@ -39,7 +39,8 @@ WEIGHT_SHAPE = Rule(
 
 def check(ctx: Context) -> Iterator[Finding]:
     modelopt = ctx.qcfg.format is Format.MODELOPT
-    for name in sorted(ctx.ckpt.tensors):
+    for info in ctx.sorted_tensors:
+        name = info.name
         param = name.rpartition(".")[2]
         if param.endswith("_amax") or param == "amax":
             yield AMAX.finding(name, f"{name} is calibration state")

@@ -88,7 +88,12 @@ def spec_for(ctx: Context, module: str, params: dict[str, TensorInfo]) -> LayerS
     if ctx.qcfg.format is Format.MODELOPT:
         algo = ctx.modelopt_algo(module)  # None under MIXED_PRECISION when unlisted: an exclusion finding
         weight = params.get("weight")
-        return modelopt_specs(algo, weight) if algo is not None and weight is not None else None
+        if algo is None or weight is None:
+            return None
+        key = ("spec", algo, weight.shape)  # every expert of a layer has the same spec
+        if key not in ctx.memo:
+            ctx.memo[key] = modelopt_specs(algo, weight)
+        return ctx.memo[key]  # type: ignore[return-value]
     return _ct_spec(ctx, module, params)
 
 

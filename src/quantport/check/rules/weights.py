@@ -42,7 +42,8 @@ def _bad_values(ctx: Context, name: str) -> tuple[int, int]:
 
 
 def check(ctx: Context) -> Iterator[Finding]:
-    for name, info in sorted(ctx.ckpt.tensors.items()):
+    for info in ctx.sorted_tensors:
+        name = info.name
         if info.dtype not in FLOAT_DTYPES or info.numel == 0 or is_scale(info):
             continue
         nans, infs = _bad_values(ctx, name)
