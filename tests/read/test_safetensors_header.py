@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from quantport.errors import QuantportError
@@ -210,3 +211,82 @@ def test_model_field_problems():
         "text_config.hidden_size": "a positive integer",
     }
     assert model_field_problems({"hidden_size": 64}) == [] and model_field_problems(None) == []
+
+
+# -- the fast path: entries validated once per (dtype, shape), duplicates found by counting keys -------------
+def _many(count: int) -> dict:
+    return {f"t{i}": _entry("F32", [2, 2], 16 * i, 16 * (i + 1)) for i in range(count)}
+
+
+REPEATED_SHAPE_BAD = [
+    ("float dims equal to a validated shape", {"t1": {"shape": [2.0, 2.0]}}, "not a list of non-negative integers"),
+    ("bool dims", {"t1": {"shape": [True, 4]}}, "not a list of non-negative integers"),
+    ("bool offset", {"t1": {"data_offsets": [16, True]}}, "not two non-negative integers"),
+    ("float offsets", {"t1": {"data_offsets": [16.0, 32]}}, "not two non-negative integers"),
+    ("short range", {"t1": {"data_offsets": [16, 28]}}, "occupies 12 bytes"),
+    ("missing key", {"t1": {"dtype": None}}, "unknown dtype"),
+]
+
+
+@pytest.mark.parametrize(("changes", "match"), [pytest.param(c, m, id=i) for i, c, m in REPEATED_SHAPE_BAD])
+def test_an_entry_like_a_validated_one_is_still_validated(tmp_path, changes, match):
+    header = _many(3)
+    for name, fields in changes.items():
+        header[name].update(fields)
+    with pytest.raises(HeaderError, match=match):
+        read_header(_write(tmp_path / "m.safetensors", header, b"\0" * 48))
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('{"a": {"dtype": "F32", "dtype": "U8", "shape": [1], "data_offsets": [0, 4]}}', "duplicate key 'dtype'"),
+        ('{"__metadata__": {"k": "1", "k": "2"}, "a": ' + json.dumps(_entry("F32", [1], 0, 4)) + "}", "duplicate key"),
+        (
+            '{"a": ' + json.dumps(_entry("F32", [1], 0, 4)) + ' , "a"   :' + json.dumps(_entry("F32", [1], 0, 4)) + "}",
+            "duplicate key 'a'",
+        ),
+        ('{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "x": {"y": 1, "y": 2}}}', "duplicate key 'y'"),
+    ],
+)
+def test_duplicate_keys_are_refused_at_any_depth(tmp_path, text, match):
+    with pytest.raises(HeaderError, match=match):
+        read_header(_write(tmp_path / "m.safetensors", text, b"\0" * 4))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{ "a" :\n {"dtype":"F32","shape":[1],"data_offsets":[0,4]} }',  # whitespace around the colon
+        '{"__metadata__": {"note": "a\\":b", "x": "\\":"}, "a": {"dtype":"F32","shape":[1],"data_offsets":[0,4]}}',
+        '{"a\\"b": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "extra": {"k": [1]}}}',
+    ],
+)
+def test_headers_the_key_count_cannot_settle_still_read(tmp_path, text):
+    header = read_safetensors_header(_write(tmp_path / "m.safetensors", text, b"\0" * 4))
+    assert [(i.dtype, i.shape, i.offsets) for i in header.tensors.values()] == [("F32", (1,), (0, 4))]
+
+
+def test_a_large_header_reads_as_safetensors_reads_it(tmp_path):
+    tensors = {
+        f"model.layers.{i // 8}.experts.{i % 8}.w{i % 3}": torch.full((i % 5 + 1, 3), float(i)) for i in range(600)
+    }
+    save_file(tensors, tmp_path / "m.safetensors", metadata={"format": "pt"})
+    header = read_safetensors_header(tmp_path / "m.safetensors")
+    with safe_open(tmp_path / "m.safetensors", "pt") as handle:
+        assert sorted(header.tensors) == sorted(handle.keys())
+        for name, info in header.tensors.items():
+            sliced = handle.get_slice(name)
+            assert (info.dtype, list(info.shape)) == (sliced.get_dtype(), sliced.get_shape())
+    assert header.metadata == {"format": "pt"}
+
+
+def test_the_key_count_settles_ordinary_headers_and_declines_repeats():
+    from quantport.read.safetensors_header import _parse_unique
+
+    text = json.dumps({"__metadata__": {"format": "pt"}, **GOOD})
+    assert _parse_unique(text.encode(), text) == {"__metadata__": {"format": "pt"}, **GOOD}
+    repeated = text[:-1] + ', "x": ' + json.dumps(GOOD["x"]) + "}"
+    assert _parse_unique(repeated.encode(), repeated) is None
+    inner = '{"x": {"dtype": "F32", "dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}'
+    assert _parse_unique(inner.encode(), inner) is None
