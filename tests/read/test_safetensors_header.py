@@ -225,6 +225,8 @@ REPEATED_SHAPE_BAD = [
     ("float offsets", {"t1": {"data_offsets": [16.0, 32]}}, "not two non-negative integers"),
     ("short range", {"t1": {"data_offsets": [16, 28]}}, "occupies 12 bytes"),
     ("missing key", {"t1": {"dtype": None}}, "unknown dtype"),
+    ("unhashable dtype", {"t1": {"dtype": ["F32"]}}, "unknown dtype"),
+    ("unhashable dims", {"t1": {"shape": [[2], 2]}}, "not a list of non-negative integers"),
 ]
 
 

@@ -274,19 +274,19 @@ def _known_entry(name: str, entry: Any, file: str, sizes: dict[tuple[str, tuple[
     if type(entry) is not dict:
         return None
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
+    if type(dtype) is not str or type(shape) is not list or type(offsets) is not list or len(offsets) != 2:
         return None
     for dim in shape:
         if type(dim) is not int:  # bool and float dims would compare equal to a cached int shape
             return None
     key = (dtype, tuple(shape))
-    nbytes = sizes.get(key)  # type: ignore[arg-type]
+    nbytes = sizes.get(key)
     begin, end = offsets
     if nbytes is None or type(begin) is not int or type(end) is not int or not 0 <= begin <= end < _U64:
         return None
     if end - begin != nbytes:
         return None
-    return TensorInfo(name, dtype, key[1], file, (begin, end))  # type: ignore[arg-type]
+    return TensorInfo(name, dtype, key[1], file, (begin, end))
 
 
 def _check_layout(spans: list[tuple[int, int, str]], data_size: int, path: Path) -> None:
