@@ -1,0 +1,115 @@
+"""Calibration algorithms on the trained tiny MoE models: perplexity and KL on held-out text, one table.
+
+Usage (from the repository root; needs ../shared/models and ../shared/data):
+
+    .venv/bin/python bench/algorithms_quality.py                       # every model, recipe and algorithm
+    .venv/bin/python bench/algorithms_quality.py --recipes w4a16 --algorithms max gptq
+
+Each (model, recipe, algorithm) quantizes a fresh bf16 copy of the model with the same calibration
+tokens (the first sequences of ``wiki_train.txt``) and evaluates the simulated model against the
+unquantized one on held-out ``wiki_val.txt`` (``quantport.evaluate``: the numbers ``quantport eval``
+prints; the exported checkpoints load back to the same logits, tests/calibrate/algorithms prove it).
+Prints a markdown table (ppl, mean per-token KL, KL relative to ``max``, quantize time) and, with
+``--json``, writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import quantport
+from quantport.evaluate import eval_batches, evaluate
+from quantport.state import state_of
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+MODELS = ("qwen3moe_tiny", "llama4_tiny")
+RECIPES = ("w4a16", "nvfp4", "int8")
+ALGORITHMS = ("max", "mse", "gptq")
+
+
+def _arguments() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS))
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--eval-samples", type=int, default=48)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    return parser.parse_args()
+
+
+def _load(model_dir: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+
+
+def _row(model_name: str, recipe: str, algorithm: str, args: argparse.Namespace, data: dict) -> dict:
+    model = _load(SHARED / "models" / model_name)
+    start = time.perf_counter()
+    quantport.quantize(model, recipe, data["calib"], progress=False, algorithm=algorithm)
+    seconds = time.perf_counter() - start
+    state = state_of(model)
+    with quantport.simulate(model):
+        result = evaluate(data["base"], model, data["eval"])
+    left = len(state.left_at_rtn)
+    return {
+        "model": model_name,
+        "recipe": recipe,
+        "algorithm": algorithm,
+        "ppl_base": result.ppl_base,
+        "ppl": result.ppl_quant,
+        "kl": result.kl_mean,
+        "tokens": result.tokens,
+        "seconds": seconds,
+        "left_at_rtn": left,
+    }
+
+
+def _table(rows: list[dict]) -> str:
+    lines = [
+        "| model | recipe | algorithm | ppl (base) | ppl | KL | KL / max | quantize s | modules at RTN |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    max_kl = {(r["model"], r["recipe"]): r["kl"] for r in rows if r["algorithm"] == "max"}
+    for r in rows:
+        ratio = r["kl"] / max_kl[(r["model"], r["recipe"])] if (r["model"], r["recipe"]) in max_kl else float("nan")
+        lines.append(
+            f"| {r['model']} | {r['recipe']} | {r['algorithm']} | {r['ppl_base']:.2f} | {r['ppl']:.2f} | "
+            f"{r['kl']:.4f} | {ratio:.2f} | {r['seconds']:.1f} | {r['left_at_rtn']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    args = _arguments()
+    logging.basicConfig(level=logging.ERROR)
+    torch.manual_seed(0)
+    rows = []
+    for model_name in args.models:
+        tokenizer = AutoTokenizer.from_pretrained(SHARED / "models" / model_name)
+        calib = eval_batches(
+            tokenizer, text_path=SHARED / "data" / "wiki_train.txt", samples=args.calib_samples, seq_len=args.seq_len
+        )
+        held_out = eval_batches(
+            tokenizer, text_path=SHARED / "data" / "wiki_val.txt", samples=args.eval_samples, seq_len=args.seq_len
+        )
+        data = {"calib": calib, "eval": held_out, "base": _load(SHARED / "models" / model_name)}
+        for recipe in args.recipes:
+            for algorithm in args.algorithms:
+                rows.append(_row(model_name, recipe, algorithm, args, data))
+                print(json.dumps(rows[-1]), flush=True)
+    print(_table(rows))
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
