@@ -80,7 +80,11 @@ def _ct_spec(ctx: Context, module: str, params: dict[str, TensorInfo]) -> LayerS
         shape = ctx.ckpt.load(f"{module}.weight_shape")
         if shape is not None and shape.numel() == 2:
             in_features = int(shape[1])
-    return ct_specs(fmt, group.weights, group.input_activations, params, in_features)
+    weight, packed = params.get("weight"), params.get("weight_packed")  # the only tensors ct_specs looks at
+    key = ("ct-spec", id(group), fmt, weight and weight.shape, packed and packed.shape, in_features)
+    if key not in ctx.memo:
+        ctx.memo[key] = ct_specs(fmt, group.weights, group.input_activations, params, in_features)
+    return ctx.memo[key]  # type: ignore[return-value]
 
 
 def spec_for(ctx: Context, module: str, params: dict[str, TensorInfo]) -> LayerSpec | None:
