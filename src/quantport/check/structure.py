@@ -20,6 +20,7 @@ from functools import cached_property
 
 from quantport.arch.experts import ExpertLayout, described_layout
 from quantport.arch.family import FUSED_SIBLINGS, is_vision_module
+from quantport.read.dialect import FUSED_EXPERT_PARAMS, LINEAR_QUANT_LEAVES, split_fused_expert_leaf
 
 from .checkpoint import Checkpoint, TensorInfo
 from .findings import Engine
@@ -40,26 +41,17 @@ __all__ = [
 ENGINE_FUSED: dict[str, tuple[str, ...]] = {group.fused: group.members for group in FUSED_SIBLINGS}
 """Engine (vLLM) name of a fused Linear -> the checkpoint modules it is loaded from."""
 
-QPARAMS: frozenset[str] = frozenset({
-    "weight_scale", "weight_scale_2", "input_scale", "weight_global_scale", "input_global_scale",
-    "weight_zero_point", "input_zero_point", "weight_packed", "weight_shape", "weight_g_idx",
-})  # fmt: skip
-"""Parameters that only a quantized Linear carries (ModelOpt and compressed-tensors names)."""
+QPARAMS: frozenset[str] = LINEAR_QUANT_LEAVES
+"""Parameters that only a quantized Linear carries (ModelOpt and compressed-tensors names; the reader's list)."""
 
 _TABLE_MEMBERS = frozenset(group.members for group in FUSED_SIBLINGS)
-FUSED_EXPERT_PROJ = ("gate_up_proj", "down_proj")
+FUSED_EXPERT_PROJ = FUSED_EXPERT_PARAMS
 _FUSED_QSUFFIX = ("_weight_scale", "_weight_scale_2", "_input_scale", "_blocks", "_scales")
 _PER_EXPERT = re.compile(r"^(?P<block>.+)\.experts\.(?P<e>\d+)\.(?P<leaf>[^.]+)$")
 
 
-def fused_expert_param(param: str) -> tuple[str, str] | None:
-    """``gate_up_proj_weight_scale`` -> (``gate_up_proj``, ``weight_scale``); ``down_proj`` -> (``down_proj``, "")."""
-    for proj in FUSED_EXPERT_PROJ:
-        if param == proj:
-            return proj, ""
-        if param.startswith(proj + "_"):
-            return proj, param[len(proj) + 1 :]
-    return None
+fused_expert_param = split_fused_expert_leaf
+"""``gate_up_proj_weight_scale`` -> (``gate_up_proj``, ``weight_scale``); ``down_proj`` -> (``down_proj``, "")."""
 
 
 def is_quantized(params: dict[str, TensorInfo]) -> bool:
