@@ -44,6 +44,13 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--eval-samples", type=int, default=48)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument(
+        "--modelopt",
+        nargs="*",
+        default=[],
+        metavar="ALGORITHM",
+        help="also nvidia-modelopt 0.47 with these algorithms (max, mse, awq_lite) for w4a16 and nvfp4",
+    )
     return parser.parse_args()
 
 
@@ -70,6 +77,36 @@ def _row(model_name: str, recipe: str, algorithm: str, args: argparse.Namespace,
         "tokens": result.tokens,
         "seconds": seconds,
         "left_at_rtn": left,
+    }
+
+
+MODELOPT_CONFIGS = {"w4a16": "INT4_AWQ_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}
+
+
+def _modelopt_row(model_name: str, recipe: str, algorithm: str, data: dict) -> dict:
+    """nvidia-modelopt's fake-quantized model (its own INT4 ``amax/7`` or NVFP4 numerics, experts included)."""
+    import copy
+
+    import modelopt.torch.quantization as mtq
+
+    config = copy.deepcopy(getattr(mtq, MODELOPT_CONFIGS[recipe]))
+    config["algorithm"] = {"method": algorithm} if algorithm != "max" else "max"
+    model = _load(SHARED / "models" / model_name)
+    start = time.perf_counter()
+    with torch.no_grad():
+        mtq.quantize(model, config, lambda m: [m(input_ids=b, use_cache=False) for b in data["calib"]])
+    seconds = time.perf_counter() - start
+    result = evaluate(data["base"], model, data["eval"])
+    return {
+        "model": model_name,
+        "recipe": recipe,
+        "algorithm": f"modelopt {algorithm}",
+        "ppl_base": result.ppl_base,
+        "ppl": result.ppl_quant,
+        "kl": result.kl_mean,
+        "tokens": result.tokens,
+        "seconds": seconds,
+        "left_at_rtn": "",
     }
 
 
@@ -105,6 +142,9 @@ def main() -> None:
         for recipe in args.recipes:
             for algorithm in args.algorithms:
                 rows.append(_row(model_name, recipe, algorithm, args, data))
+                print(json.dumps(rows[-1]), flush=True)
+            for algorithm in args.modelopt if recipe in MODELOPT_CONFIGS else ():
+                rows.append(_modelopt_row(model_name, recipe, algorithm, data))
                 print(json.dumps(rows[-1]), flush=True)
     print(_table(rows))
     if args.json is not None:
