@@ -39,11 +39,12 @@ def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES))
-    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS))
+    parser.add_argument("--algorithms", nargs="*", default=list(ALGORITHMS))
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--eval-samples", type=int, default=48)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--table-from", nargs="+", type=Path, help="only print the table of these JSON files' rows")
     parser.add_argument(
         "--modelopt",
         nargs="*",
@@ -127,6 +128,9 @@ def _table(rows: list[dict]) -> str:
 
 def main() -> None:
     args = _arguments()
+    if args.table_from:
+        print(_table([row for path in args.table_from for row in json.loads(path.read_text())]))
+        return
     logging.basicConfig(level=logging.ERROR)
     torch.manual_seed(0)
     rows = []
