@@ -174,17 +174,15 @@ def test_pinned_buffers_fall_back_to_maps_where_they_cannot_be_had(tmp_path, mon
     assert (tmp_path / "f").read_bytes() == bytes(data.tolist())
 
 
-def test_misaligned_pinned_buffers_are_not_used():
-    class Misaligned:
-        def data_ptr(self) -> int:
-            return ALIGNMENT + 8
+def test_pinned_buffers_are_aligned_slices_whatever_the_allocator_returns(monkeypatch):
+    backing = torch.zeros(3 * ALIGNMENT, dtype=torch.uint8)
+    misaligned = backing[8:]  # an allocation 8 bytes past a page boundary
 
-    real_empty = checkpoint_file.torch.empty
-    try:
-        checkpoint_file.torch.empty = lambda *a, **k: Misaligned()
-        assert checkpoint_file._pinned_buffers(ALIGNMENT) is None
-    finally:
-        checkpoint_file.torch.empty = real_empty
+    monkeypatch.setattr(checkpoint_file.torch, "empty", lambda size, **kwargs: misaligned[:size])
+    buffers = checkpoint_file._pinned_buffers(ALIGNMENT)
+    assert buffers is not None and len(buffers) == 2
+    for buffer in buffers:
+        assert buffer.data_ptr() % ALIGNMENT == 0 and buffer.numel() == ALIGNMENT
 
 
 @pytest.mark.gpu

@@ -210,14 +210,19 @@ class CheckpointFile:
 
 
 def _pinned_buffers(chunk: int) -> list[torch.Tensor] | None:
-    """Two page-locked buffers the GPU copies into at full speed (a copy into pageable memory goes
-    through a driver staging buffer), or None when they cannot be had or are not ``ALIGNMENT``-aligned
-    (``O_DIRECT`` writes from them)."""
-    try:
-        buffers = [torch.empty(chunk, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
-    except RuntimeError:
-        return None
-    return buffers if all(b.data_ptr() % ALIGNMENT == 0 for b in buffers) else None
+    """Two page-locked, ``ALIGNMENT``-aligned buffers the GPU copies into at full speed (a copy into
+    pageable memory goes through a driver staging buffer), or None when page-locked memory cannot be had.
+    torch's pinned allocator does not promise the alignment ``O_DIRECT`` needs, so each buffer is an aligned
+    slice of a slightly larger allocation."""
+    buffers = []
+    for _ in range(2):
+        try:
+            raw = torch.empty(chunk + ALIGNMENT, dtype=torch.uint8, pin_memory=True)
+        except RuntimeError:
+            return None
+        start = -raw.data_ptr() % ALIGNMENT
+        buffers.append(raw[start : start + chunk])
+    return buffers
 
 
 def _pwrite(fd: int, data: memoryview, offset: int) -> int:
