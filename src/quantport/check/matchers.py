@@ -23,6 +23,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..read.dialect import ct_name_matches as ct_matches
+
 __all__ = [
     "Decision",
     "ct_decision",
@@ -124,16 +126,6 @@ def sglang_decision(layer: str, shards: Sequence[str], patterns: Sequence[str]) 
 def is_class_name(entry: str) -> bool:
     """A compressed-tensors target/ignore entry naming a module class (``Linear``)."""
     return bool(_CLASS_NAME.match(entry))
-
-
-def ct_matches(name: str, entry: str) -> bool:
-    """compressed-tensors name matching: ``re:<regex>`` (``re.match``) or the exact name."""
-    if entry.startswith("re:"):
-        try:
-            return re.match(entry[3:], name) is not None
-        except re.error:
-            return False
-    return entry == name
 
 
 def ct_decision(layer: str, shards: Sequence[str], patterns: Sequence[str]) -> Decision:

@@ -71,27 +71,29 @@ def all_expert_tensors(quantizer: ExpertsQuantizer) -> list[dict[str, dict[Piece
     return [t for chunk in chunks for t in quantized_experts(quantizer, chunk)]
 
 
+def expert_projection_names(quantizer: ExpertsQuantizer, names: HubNames) -> list[tuple[int, str, str]]:
+    """(expert, projection, checkpoint module name) of every expert projection, in expert order, with the
+    layout's leaf names; all names resolved in one transformers call."""
+    experts_name, leaves = quantizer.block.experts_name, quantizer.layout.leaf_names
+    modules = [
+        (e, projection, f"{experts_name}.{e}.{leaf}")
+        for e in range(quantizer.block.num_experts)
+        for projection, leaf in zip(_PROJECTIONS, leaves, strict=True)
+    ]
+    names.prefetch(module for _, _, module in modules)
+    return [(e, projection, names.module(module)) for e, projection, module in modules]
+
+
 def _per_expert_plan(quantizer: ExpertsQuantizer, names: HubNames, cache: OneSlotCache) -> list[PlannedTensor]:
     expert_tensors = expert_tensors_lookup(quantizer, cache)
-
-    plan = []
-    names.prefetch(
-        f"{quantizer.block.experts_name}.{e}.{leaf}"
-        for e in range(quantizer.block.num_experts)
-        for leaf in quantizer.layout.leaf_names
-    )
-    for expert in range(quantizer.block.num_experts):
-        for projection, leaf in zip(_PROJECTIONS, quantizer.layout.leaf_names, strict=True):
-            prefix = names.module(f"{quantizer.block.experts_name}.{expert}.{leaf}")
-            for piece, spec in _specs(quantizer, projection).items():
-                plan.append(
-                    PlannedTensor(
-                        f"{prefix}.{linear_suffix(piece)}",
-                        spec,
-                        lambda e=expert, p=projection, q=piece: expert_tensors(e)[p][q],
-                    )
-                )
-    return plan
+    specs = {projection: _specs(quantizer, projection) for projection in _PROJECTIONS}
+    return [
+        PlannedTensor(
+            f"{prefix}.{linear_suffix(piece)}", spec, lambda e=expert, p=projection, q=piece: expert_tensors(e)[p][q]
+        )
+        for expert, projection, prefix in expert_projection_names(quantizer, names)
+        for piece, spec in specs[projection].items()
+    ]
 
 
 def _fused_tensors(quantizer: ExpertsQuantizer) -> dict[str, dict[Piece, torch.Tensor]]:

@@ -21,7 +21,7 @@ from ...formats.pieces import Piece
 from ...modules.expert_weights import oriented_expert_weights
 from ...modules.quant_experts import ExpertsQuantizer
 from ...schemes import TensorSpec
-from ..experts import expert_tensors_lookup, replaced_parameters
+from ..experts import expert_projection_names, expert_tensors_lookup, replaced_parameters
 from ..shards import OneSlotCache, PlannedTensor
 from .base import UnsupportedFormatError
 
@@ -59,23 +59,13 @@ def ct_expert_plan(
     expert_tensors = expert_tensors_lookup(quantizer, cache)
 
     specs = {projection: _specs(quantizer, projection) for projection in _PROJECTIONS}
-    plan = []
-    names.prefetch(
-        f"{quantizer.block.experts_name}.{e}.{leaf}"
-        for e in range(quantizer.block.num_experts)
-        for leaf in quantizer.layout.leaf_names
-    )
-    for expert in range(quantizer.block.num_experts):
-        for projection, leaf in zip(_PROJECTIONS, quantizer.layout.leaf_names, strict=True):
-            prefix = names.module(f"{quantizer.block.experts_name}.{expert}.{leaf}")
-            for piece, spec in specs[projection].items():
-                plan.append(
-                    PlannedTensor(
-                        f"{prefix}.{row.suffix(piece)}",
-                        spec,
-                        lambda e=expert, p=projection, q=piece, shape=spec.shape: expert_tensors(e)[p][q].reshape(
-                            shape
-                        ),
-                    )
-                )
+    plan = [
+        PlannedTensor(
+            f"{prefix}.{row.suffix(piece)}",
+            spec,
+            lambda e=expert, p=projection, q=piece, shape=spec.shape: expert_tensors(e)[p][q].reshape(shape),
+        )
+        for expert, projection, prefix in expert_projection_names(quantizer, names)
+        for piece, spec in specs[projection].items()
+    ]
     return plan, replaced_parameters(quantizer)
