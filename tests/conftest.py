@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable
 
 import pytest
@@ -11,6 +12,12 @@ import torch
 from tiny_models import TINY_MODELS, make_calibration_batches
 
 logging.getLogger("modelopt").setLevel(logging.ERROR)
+
+# A shell starts background jobs (`cmd &`, nohup) with SIGINT ignored, and children inherit that: the
+# interrupt tests (Ctrl-C in-process and in child processes) would then test nothing and fail. Give the
+# test process, and the children it starts, the SIGINT of an interactive run.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture

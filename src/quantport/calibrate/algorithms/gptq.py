@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ...algorithm_options import Algorithm, GptqOptions
-from ...errors import InvalidArgumentError
+from ...errors import InvalidArgumentError, QuantportError
 from ...formats.descriptors import ScaleGranularity
 from ...schemes import SchemeCodec
 from .hessian import HessianObserver
@@ -36,8 +36,9 @@ logger = logging.getLogger(__name__)
 _DAMP_RETRIES = 4
 
 
-class NotPositiveDefiniteError(RuntimeError):
-    """The dampened Hessian has no Cholesky factor even with more dampening."""
+class NotPositiveDefiniteError(QuantportError, RuntimeError):
+    """The dampened Hessian has no Cholesky factor even with more dampening (the layer then stays at
+    round-to-nearest and is named in the summary)."""
 
 
 @dataclass(frozen=True, slots=True)
