@@ -113,71 +113,37 @@ def disk_floor(directory: Path, nbytes: int) -> dict:
     return out
 
 
-class StageTimes:
-    """Wall time of the export's stages: functions of ``quantport.export`` wrapped while the export runs."""
+class Timed:
+    """Sums the wall time spent in attributes ``names`` of ``owner`` (functions of a module, or methods of a
+    class, called from any thread) while the context is open: ``seconds[label]``, label = prefix + name."""
 
-    STAGES = ("write_sharded_safetensors", "check_written")
-
-    def __init__(self) -> None:
-        import importlib
-
-        self.module = importlib.import_module("quantport.export")  # the module (quantport.export is also a function)
+    def __init__(self, owner: object, names: tuple[str, ...], prefix: str = "") -> None:
+        self.owner, self.names, self.prefix = owner, names, prefix
         self.seconds: dict[str, float] = {}
+        self.lock = threading.Lock()
         self.originals: dict[str, object] = {}
 
-    def __enter__(self) -> StageTimes:
-        for name in self.STAGES:
-            original = getattr(self.module, name, None)
-            if original is None:
+    def __enter__(self) -> Timed:
+        for name in self.names:
+            original = getattr(self.owner, name, None)
+            if original is None:  # a stage this version of quantport does not have
                 continue
             self.originals[name] = original
 
-            def timed(*args, _original=original, _name=name, **kwargs):
-                start = time.perf_counter()
-                try:
-                    return _original(*args, **kwargs)
-                finally:
-                    self.seconds[_name] = self.seconds.get(_name, 0.0) + time.perf_counter() - start
-
-            setattr(self.module, name, timed)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for name, original in self.originals.items():
-            setattr(self.module, name, original)
-
-
-class ThreadBusy:
-    """Sums the time spent in CheckpointFile.write (writer thread) and _write_at (I/O threads)."""
-
-    def __init__(self) -> None:
-        from quantport.export import checkpoint_file
-
-        self.module = checkpoint_file
-        self.seconds = {"CheckpointFile.write": 0.0, "CheckpointFile._write_at": 0.0}
-        self.lock = threading.Lock()
-        self.originals = {}
-
-    def __enter__(self) -> ThreadBusy:
-        cls = self.module.CheckpointFile
-        for name in ("write", "_write_at"):
-            original = getattr(cls, name)
-            self.originals[name] = original
-
-            def timed(*args, _original=original, _key=f"CheckpointFile.{name}", **kwargs):
+            def timed(*args, _original=original, _label=self.prefix + name, **kwargs):
                 start = time.perf_counter()
                 try:
                     return _original(*args, **kwargs)
                 finally:
                     with self.lock:
-                        self.seconds[_key] += time.perf_counter() - start
+                        self.seconds[_label] = self.seconds.get(_label, 0.0) + time.perf_counter() - start
 
-            setattr(cls, name, timed)
+            setattr(self.owner, name, timed)
         return self
 
     def __exit__(self, *exc: object) -> None:
         for name, original in self.originals.items():
-            setattr(self.module.CheckpointFile, name, original)
+            setattr(self.owner, name, original)
 
 
 def run_quantport(model, recipe: str, calib, out: Path, device, profile: bool) -> dict:
@@ -190,7 +156,15 @@ def run_quantport(model, recipe: str, calib, out: Path, device, profile: bool) -
     result = {"calibrate_s": time.perf_counter() - start}
     torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
     profiler = cProfile.Profile() if profile else None
-    with ThreadBusy() as busy, StageTimes() as stages:
+    import importlib
+
+    from quantport.export.checkpoint_file import CheckpointFile
+
+    export_module = importlib.import_module("quantport.export")  # the module (quantport.export is also a function)
+    stages = Timed(export_module, ("write_sharded_safetensors", "check_written"))
+    # busy time of the writer threads (CheckpointFile.write) and of the I/O threads (_write_at)
+    busy = Timed(CheckpointFile, ("write", "_write_at"), prefix="CheckpointFile.")
+    with busy, stages:
         start = time.perf_counter()
         if profiler:
             profiler.enable()

@@ -79,13 +79,15 @@ class OneSlotCache:
     holds more than one module's tensors per shard being written.
     """
 
+    _EMPTY = object()
+
     def __init__(self) -> None:
         self._slot = threading.local()
 
     def get(self, key: object, compute: Callable[[], object]) -> object:
         slot = self._slot
-        if getattr(slot, "key", None) != key or not hasattr(slot, "value"):
-            slot.key, slot.value = None, None  # drop the old value before computing the new one
+        if getattr(slot, "key", self._EMPTY) != key:
+            slot.key, slot.value = self._EMPTY, None  # drop the old value before computing the new one
             slot.value = compute()
             slot.key = key
         return slot.value
