@@ -46,8 +46,9 @@ from ...schemes import TensorSpec
 from ...state import QuantizationState
 from ..content import CheckpointContent
 from ..shards import OneSlotCache, PlannedTensor
-from ..unquantized import excluded_modules, unquantized_plan
+from ..unquantized import excluded_modules
 from .ct_experts import ct_expert_plan
+from .walk import model_plan
 
 __all__ = [
     "SCHEMES",
@@ -181,19 +182,14 @@ def ct_tensor_plan(model: nn.Module, state: QuantizationState) -> list[PlannedTe
     row = CT_SCHEMES[state.recipe.scheme]
     names = HubNames(model)
     cache = OneSlotCache()
-    replaced: set[str] = set()
-    plan: list[PlannedTensor] = []
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            plan.extend(_linear_entries(names.module(name), module, row, cache))
-            replaced.add(f"{name}.weight")
-        plan.extend(_kv_entries(names.module(name), module))
-        experts = experts_quantizer_of(module)
-        if experts is not None:
-            entries, parameters = ct_expert_plan(experts, names, row, cache)
-            plan.extend(entries)
-            replaced |= parameters
-    return plan + unquantized_plan(model, replaced, names, cache)
+    return model_plan(
+        model,
+        names,
+        cache,
+        linear=lambda prefix, module: _linear_entries(prefix, module, row, cache),
+        kv=_kv_entries,
+        experts=lambda quantizer: ct_expert_plan(quantizer, names, row, cache),
+    )
 
 
 def compressed_tensors_content(model: nn.Module, state: QuantizationState) -> CheckpointContent:

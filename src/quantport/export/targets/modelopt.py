@@ -23,7 +23,6 @@ from ...arch.hub_names import HubNames
 from ...dialects.modelopt import FP8_ARGS, MODELOPT_ALGOS, ModeloptAlgo, fused_name, linear_suffix, quant_algo
 from ...formats.pieces import Piece
 from ...modules.kv_cache import kv_quantizer_of
-from ...modules.quant_experts import experts_quantizer_of
 from ...modules.quant_linear import QuantLinear
 from ...recipes import KVCacheFormat, LinearScheme
 from ...schemes import SchemeCodec, TensorSpec, codec_for
@@ -31,8 +30,9 @@ from ...state import QuantizationState
 from ..content import CheckpointContent
 from ..experts import expert_plan, replaced_parameters
 from ..shards import OneSlotCache, PlannedTensor
-from ..unquantized import excluded_modules, unquantized_plan
+from ..unquantized import excluded_modules
 from .base import UnsupportedFormatError
+from .walk import model_plan
 
 __all__ = [
     "MODELOPT_ALGOS",
@@ -83,18 +83,14 @@ def modelopt_tensor_plan(model: nn.Module) -> list[PlannedTensor]:
     """Every tensor of the checkpoint under its checkpoint name, computed lazily; the model is only read."""
     names = HubNames(model)
     cache = OneSlotCache()
-    replaced: set[str] = set()
-    plan: list[PlannedTensor] = []
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            plan.extend(_linear_entries(names.module(name), module, cache))
-            replaced.add(f"{name}.weight")
-        plan.extend(_kv_entries(names.module(name), module))
-        experts = experts_quantizer_of(module)
-        if experts is not None:
-            plan.extend(expert_plan(experts, names, cache))
-            replaced |= replaced_parameters(experts)
-    return plan + unquantized_plan(model, replaced, names, cache)
+    return model_plan(
+        model,
+        names,
+        cache,
+        linear=lambda prefix, module: _linear_entries(prefix, module, cache),
+        kv=_kv_entries,
+        experts=lambda quantizer: (expert_plan(quantizer, names, cache), replaced_parameters(quantizer)),
+    )
 
 
 def _config_groups(scheme: LinearScheme) -> dict[str, Any] | None:
