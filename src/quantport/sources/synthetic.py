@@ -159,7 +159,8 @@ def model_tensor_infos(config, *, dtype: torch.dtype | None = None) -> dict[str,
     ``revert_weight_conversion``, so fused MoE experts appear as ``save_pretrained`` writes them (per expert
     ``mlp.experts.N.gate_proj.weight`` for DeepSeek-V3/Qwen3-MoE/Mixtral-style models, fused
     ``mlp.experts.gate_up_proj`` for GPT-OSS and Llama 4). Tied weights appear once. Floating tensors get
-    ``dtype`` (default the config's dtype, else bf16); tensors the model keeps in another dtype keep it.
+    ``dtype`` (default the config's dtype, else bf16), except what transformers keeps in another dtype (its
+    ``_keep_in_fp32_modules``: DeepSeek-V3's router ``mlp.gate`` is fp32 here, bf16 in the published checkpoint).
     """
     from transformers import AutoModelForCausalLM
     from transformers.core_model_loading import revert_weight_conversion
