@@ -121,7 +121,8 @@ class SyntheticSource:
         whole = rows % block_rows == 0 and cols % block_cols == 0
         padding = (0, grid_cols * block_cols - cols, 0, grid_rows * block_rows - rows)
         padded = normal if whole else F.pad(normal, padding)
-        amax = padded.view(grid_rows, block_rows, grid_cols, block_cols).abs().amax(dim=(1, 3))
+        # two reductions, the contiguous one first: one amax over dims (1, 3) is ~100x slower on the CPU
+        amax = padded.abs().view(grid_rows, block_rows, grid_cols, block_cols).amax(dim=3).amax(dim=1)
         del padded
         factor = FP8_MAX / amax.clamp_(min=torch.finfo(torch.float32).tiny)
         if whole:
