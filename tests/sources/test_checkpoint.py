@@ -242,6 +242,22 @@ def test_not_a_checkpoint_directory(tmp_path):
         open_source(tmp_path)
 
 
+def test_index_naming_missing_tensors_is_refused(tmp_path):
+    write_checkpoint(tmp_path, deepseek_config(divisible=True), {"a": torch.zeros(2), "b": torch.ones(3)}, None)
+    index = tmp_path / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    weight_map["c"] = weight_map["a"]
+    weight_map["b"] = weight_map["a"]
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(SourceError, match=r"lists 2 tensor\(s\) that are not in the shard it names"):
+        open_source(tmp_path)
+
+
+def test_dtype_must_be_floating(fp8_divisible):
+    with pytest.raises(SourceError, match="floating-point torch.dtype"):
+        open_source(fp8_divisible[0], dtype=torch.int8)
+
+
 def test_close_then_read_reopens(mxfp4):
     directory, _ = mxfp4
     source = open_source(directory)
@@ -250,3 +266,14 @@ def test_close_then_read_reopens(mxfp4):
     source.close()
     assert torch.equal(bits(source.read([name], "cpu")[name]), bits(first))
     source.close()
+
+
+def test_a_truncated_shard_is_refused_before_any_read(tmp_path):
+    write_checkpoint(tmp_path, deepseek_config(divisible=True), {"a": torch.zeros(64), "b": torch.ones(64)}, None)
+    shard = sorted(tmp_path.glob("*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(SourceError, match=rf"{shard.name}: .* only 246 bytes \(an interrupted download"):
+        open_source(tmp_path)
+    shard.unlink()
+    with pytest.raises(SourceError, match=rf"{shard.name}: cannot be read"):
+        open_source(tmp_path)

@@ -218,6 +218,8 @@ def open_source(path: str | Path, *, dtype: torch.dtype | None = None) -> Safete
     config = read_json_object(config_path) if config_path.exists() else {}
     format, block = _format_of(directory, config)
     block_size = _block_size(block, directory) if format is SourceFormat.FP8_BLOCK else None
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise SourceError(f"dtype must be a floating-point torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
     logical = dtype or _config_dtype(config)
     source = SafetensorsSource(directory, format, dtype=logical, block_size=block_size)
     logger.info("weight source %s: %s, %d logical tensors", directory, format.value, len(source.tensors()))

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..read import read_json_object, read_safetensors_header
+from ..read import UnreadableFileError, read_json_object, read_safetensors_header
 from ..read.safetensors_header import TensorInfo as StoredTensor
 from .base import SourceError
 
@@ -37,21 +37,18 @@ def torch_dtype_of(stored: StoredTensor) -> torch.dtype:
     return dtype
 
 
-def _shard_files(directory: Path) -> list[str]:
+def _weight_map(directory: Path) -> dict[str, str] | None:
+    """The index's tensor name -> shard file map (None without an index)."""
     index = directory / INDEX_FILE
-    if index.exists():
-        weight_map = read_json_object(index).get("weight_map")
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise SourceError(f"{index}: 'weight_map' must map tensor names to shard file names")
-        files = sorted(set(weight_map.values()))
-        bad = [f for f in files if Path(f).name != f or not f.endswith(".safetensors")]
-        if bad:
-            raise SourceError(f"{index}: shard names must be plain '*.safetensors' file names, got {bad[:3]}")
-        return files
-    files = sorted(p.name for p in directory.glob("*.safetensors"))
-    if not files:
-        raise SourceError(f"{directory}: no *.safetensors files and no {INDEX_FILE}; point at a checkpoint directory")
-    return files
+    if not index.exists():
+        return None
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise SourceError(f"{index}: 'weight_map' must map tensor names to shard file names")
+    bad = sorted({f for f in weight_map.values() if Path(f).name != f or not f.endswith(".safetensors")})
+    if bad:
+        raise SourceError(f"{index}: shard names must be plain '*.safetensors' file names, got {bad[:3]}")
+    return weight_map
 
 
 class Shards:
@@ -60,14 +57,33 @@ class Shards:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self.stored: dict[str, StoredTensor] = {}
-        for file in _shard_files(self.directory):
-            header = read_safetensors_header(self.directory / file)
+        weight_map = _weight_map(self.directory)
+        if weight_map is not None:
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in self.directory.glob("*.safetensors"))
+        if not files:
+            raise SourceError(
+                f"{directory}: no *.safetensors files and no {INDEX_FILE}; point at a checkpoint directory"
+            )
+        for file in files:
+            try:
+                header = read_safetensors_header(self.directory / file)
+            except UnreadableFileError as exc:
+                hint = "an interrupted download or copy" if exc.truncated else "a corrupt or foreign file"
+                raise SourceError(f"{exc.located()} ({hint}; fetch the shard again)") from None
             for name, info in header.tensors.items():
                 if name in self.stored:
                     raise SourceError(
                         f"{self.directory}: tensor {name!r} is stored twice ({self.stored[name].file} and {file})"
                     )
                 self.stored[name] = info
+        misplaced = [n for n, f in (weight_map or {}).items() if n not in self.stored or self.stored[n].file != f]
+        if misplaced:
+            raise SourceError(
+                f"{self.directory / INDEX_FILE} lists {len(misplaced)} tensor(s) that are not in the shard it names, "
+                f"e.g. {misplaced[:3]}: the download is incomplete or the index belongs to other shards"
+            )
         self._handles: dict[str, Any] = {}
 
     def load(self, name: str, device: torch.device) -> torch.Tensor:

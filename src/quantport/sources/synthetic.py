@@ -152,6 +152,12 @@ class SyntheticSource:
     def close(self) -> None:
         self._generators.clear()
 
+    def __enter__(self) -> SyntheticSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def model_tensor_infos(config, *, dtype: torch.dtype | None = None) -> dict[str, TensorInfo]:
     """Checkpoint (hub) names -> info of every tensor a transformers ``config``'s causal LM saves.
