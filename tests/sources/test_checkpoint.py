@@ -277,3 +277,27 @@ def test_a_truncated_shard_is_refused_before_any_read(tmp_path):
     shard.unlink()
     with pytest.raises(SourceError, match=rf"{shard.name}: cannot be read"):
         open_source(tmp_path)
+
+
+def test_a_shard_truncated_after_opening_fails_the_read(tmp_path):
+    write_checkpoint(tmp_path, deepseek_config(divisible=True), {"a": torch.zeros(64), "b": torch.ones(64)}, None)
+    with open_source(tmp_path) as source:
+        shard = sorted(tmp_path.glob("*.safetensors"))[0]
+        shard.write_bytes(shard.read_bytes()[:-10])
+        with pytest.raises(SourceError, match="ends past the end of the file"):
+            source.read(["a"], "cpu")
+
+
+def test_reads_are_copies_that_do_not_map_the_shards(tmp_path):
+    """A read returns tensors the caller owns (no view into a memory-mapped shard) of exactly the stored bytes."""
+    tensors = {"a": torch.randn(64, 3, dtype=torch.bfloat16), "b": torch.tensor(2.5), "c": torch.zeros(0, 4)}
+    write_checkpoint(tmp_path, deepseek_config(divisible=True), tensors, None)
+    with open_source(tmp_path) as source:
+        first = source.read(["a"], "cpu")["a"]
+        first.zero_()
+        again = source.read(tensors, "cpu")
+        maps = Path("/proc/self/maps")
+        if maps.exists():
+            assert str(tmp_path) not in maps.read_text()
+    for name, tensor in tensors.items():
+        assert again[name].shape == tensor.shape and torch.equal(bits(again[name]), bits(tensor)), name

@@ -1,19 +1,21 @@
 """The safetensors shards of a checkpoint directory: which file holds each stored tensor, and reading a few.
 
 Headers go through quantport's validated reader (:func:`quantport.read.read_safetensors_header`), so a
-hostile or truncated shard is refused before any tensor is read. Tensor bytes are read with
-``safetensors.safe_open``, one handle per shard kept open until :meth:`Shards.close`: a read touches only
-the requested tensors' bytes.
+hostile or truncated shard is refused before any tensor is read. A tensor is then read with ``pread`` at
+its validated offsets into a buffer of exactly its size (pinned when it goes on to a GPU, copied there
+asynchronously): only the requested bytes are read, and nothing is memory-mapped, so the process's resident
+memory does not grow with the pages of the shards it has read (a mapping keeps them counted until it is
+closed). One descriptor per shard stays open until :meth:`Shards.close`.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from ..read import UnreadableFileError, read_json_object, read_safetensors_header
+from ..read import UnreadableFileError, open_regular, read_json_object, read_safetensors_header
 from ..read.safetensors_header import TensorInfo as StoredTensor
 from .base import SourceError
 
@@ -57,6 +59,7 @@ class Shards:
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
         self.stored: dict[str, StoredTensor] = {}
+        self._data_start: dict[str, int] = {}
         weight_map = _weight_map(self.directory)
         if weight_map is not None:
             files = sorted(set(weight_map.values()))
@@ -72,6 +75,7 @@ class Shards:
             except UnreadableFileError as exc:
                 hint = "an interrupted download or copy" if exc.truncated else "a corrupt or foreign file"
                 raise SourceError(f"{exc.located()} ({hint}; fetch the shard again)") from None
+            self._data_start[file] = 8 + header.header_bytes
             for name, info in header.tensors.items():
                 if name in self.stored:
                     raise SourceError(
@@ -84,24 +88,44 @@ class Shards:
                 f"{self.directory / INDEX_FILE} lists {len(misplaced)} tensor(s) that are not in the shard it names, "
                 f"e.g. {misplaced[:3]}: the download is incomplete or the index belongs to other shards"
             )
-        self._handles: dict[str, Any] = {}
+        self._descriptors: dict[str, int] = {}
+
+    def _descriptor(self, file: str) -> int:
+        fd = self._descriptors.get(file)
+        if fd is None:
+            handle, _ = open_regular(self.directory / file)
+            fd = self._descriptors[file] = os.dup(handle.fileno())
+            handle.close()
+        return fd
 
     def load(self, name: str, device: torch.device) -> torch.Tensor:
         """One stored tensor, as stored, on ``device`` (read on the host, then copied)."""
         stored = self.stored[name]
-        torch_dtype_of(stored)
-        handle = self._handles.get(stored.file)
-        if handle is None:
-            from safetensors import safe_open
-
-            handle = safe_open(str(self.directory / stored.file), framework="pt", device="cpu")
-            self._handles[stored.file] = handle
-        tensor = handle.get_tensor(name)
-        return tensor if device.type == "cpu" else tensor.to(device)
+        dtype = torch_dtype_of(stored)
+        begin, end = stored.offsets
+        gpu = device.type == "cuda"
+        buffer = torch.empty(end - begin, dtype=torch.uint8, pin_memory=gpu)
+        if end > begin:
+            _read_exactly(self._descriptor(stored.file), buffer, self._data_start[stored.file] + begin, stored)
+        tensor = buffer.view(dtype).reshape(stored.shape)
+        if device.type == "cpu":
+            return tensor
+        return tensor.to(device, non_blocking=gpu)
 
     def close(self) -> None:
-        for handle in self._handles.values():
-            exit_ = getattr(handle, "__exit__", None)
-            if exit_ is not None:
-                exit_(None, None, None)
-        self._handles.clear()
+        for fd in self._descriptors.values():
+            os.close(fd)
+        self._descriptors.clear()
+
+
+def _read_exactly(fd: int, buffer: torch.Tensor, offset: int, stored: StoredTensor) -> None:
+    view = memoryview(buffer.numpy()).cast("B")
+    done = 0
+    while done < len(view):
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if count <= 0:
+            raise SourceError(
+                f"{stored.file}: tensor {stored.name!r} ends past the end of the file (it changed or was truncated "
+                "after it was opened); fetch the shard again"
+            )
+        done += count
