@@ -64,7 +64,7 @@ def test_tensors_match_what_read_returns(deepseek_infos):
 
 def test_reads_are_deterministic_per_name_and_seed(deepseek_infos):
     names = ["model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.experts.0.gate_proj.weight"]
-    first = SyntheticSource(deepseek_infos, seed=7, fp8_block=True).read(names, "cpu")
+    first = SyntheticSource(deepseek_infos, 7, True).read(names, "cpu")
     again = SyntheticSource(deepseek_infos, seed=7, fp8_block=True)
     for _ in range(2):
         second = again.read(names[::-1], "cpu")

@@ -64,9 +64,9 @@ class SyntheticSource:
     def __init__(
         self,
         infos: Mapping[str, TensorInfo],
-        *,
         seed: int = 0,
         fp8_block: bool = False,
+        *,
         block_size: tuple[int, int] = (128, 128),
         quantized: Callable[[str, TensorInfo], bool] = is_fp8_linear_weight,
         std: float = WEIGHT_STD,
