@@ -136,3 +136,15 @@ def test_unknown_names_raise(deepseek_infos):
 def test_integer_tensors_are_zeros():
     source = SyntheticSource({"position_ids": TensorInfo((4,), torch.int64)})
     assert torch.equal(source.read(["position_ids"], "cpu")["position_ids"], torch.zeros(4, dtype=torch.int64))
+
+
+def test_reads_from_threads_give_the_same_bytes(deepseek_infos):
+    from concurrent.futures import ThreadPoolExecutor
+
+    source = SyntheticSource(deepseek_infos, 5, True)
+    names = [n for n in deepseek_infos if ".layers.1.mlp.experts." in n]
+    alone = source.read(names, "cpu")
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda n: source.read([n], "cpu")[n], names))
+    for name, tensor in zip(names, together, strict=True):
+        assert torch.equal(bits(tensor), bits(alone[name])), name

@@ -11,6 +11,7 @@ closed). One descriptor per shard stays open until :meth:`Shards.close`.
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -89,14 +90,16 @@ class Shards:
                 f"e.g. {misplaced[:3]}: the download is incomplete or the index belongs to other shards"
             )
         self._descriptors: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def _descriptor(self, file: str) -> int:
-        fd = self._descriptors.get(file)
-        if fd is None:
-            handle, _ = open_regular(self.directory / file)
-            fd = self._descriptors[file] = os.dup(handle.fileno())
-            handle.close()
-        return fd
+        with self._lock:  # reads may come from a prefetching thread too (pread itself needs no lock)
+            fd = self._descriptors.get(file)
+            if fd is None:
+                handle, _ = open_regular(self.directory / file)
+                fd = self._descriptors[file] = os.dup(handle.fileno())
+                handle.close()
+            return fd
 
     def load(self, name: str, device: torch.device) -> torch.Tensor:
         """One stored tensor, as stored, on ``device`` (read on the host, then copied)."""
@@ -113,9 +116,10 @@ class Shards:
         return tensor.to(device, non_blocking=gpu)
 
     def close(self) -> None:
-        for fd in self._descriptors.values():
-            os.close(fd)
-        self._descriptors.clear()
+        with self._lock:
+            for fd in self._descriptors.values():
+                os.close(fd)
+            self._descriptors.clear()
 
 
 def _read_exactly(fd: int, buffer: torch.Tensor, offset: int, stored: StoredTensor) -> None:

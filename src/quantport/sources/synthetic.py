@@ -78,7 +78,6 @@ class SyntheticSource:
         self.std = std
         self.format = SourceFormat.FP8_BLOCK if fp8_block else SourceFormat.PLAIN
         self._fp8 = {n for n, info in self._infos.items() if fp8_block and quantized(n, info)}
-        self._generators: dict[torch.device, torch.Generator] = {}
 
     def tensors(self) -> Mapping[str, TensorInfo]:
         return dict(self._infos)
@@ -88,9 +87,8 @@ class SyntheticSource:
         return name in self._fp8
 
     def _generator(self, device: torch.device, name: str) -> torch.Generator:
-        generator = self._generators.get(device)
-        if generator is None:
-            generator = self._generators[device] = torch.Generator(device=device)
+        # a fresh generator per tensor (a few microseconds): reads from several threads stay deterministic
+        generator = torch.Generator(device=device)
         generator.manual_seed(_tensor_seed(name, self.seed))
         return generator
 
@@ -150,7 +148,7 @@ class SyntheticSource:
         return values.mul_(self.std).to(info.dtype)
 
     def close(self) -> None:
-        self._generators.clear()
+        """Nothing to release (kept for the :class:`WeightSource` protocol)."""
 
     def __enter__(self) -> SyntheticSource:
         return self
