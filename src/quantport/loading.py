@@ -143,7 +143,7 @@ def check_loading_info(directory: Path, info: dict[str, Any]) -> None:
 
 
 @contextmanager
-def _quiet_transformers_loading(progress: bool) -> Iterator[None]:
+def quiet_transformers_loading(progress: bool) -> Iterator[None]:
     """transformers logs its load report as a multi-line warning (:func:`check_loading_info` reports what
     matters, as one error); its progress bar follows ``progress``."""
     from transformers.utils import logging as hf_logging
@@ -170,7 +170,7 @@ def load_model(model: str | Path, *, device: str = "auto", progress: bool = True
     directory = resolve_model_dir(model)
     target = resolve_device(device)
     try:
-        with _quiet_transformers_loading(progress):
+        with quiet_transformers_loading(progress):
             loaded, info = AutoModelForCausalLM.from_pretrained(
                 directory, dtype="auto", device_map=str(target), output_loading_info=True
             )
