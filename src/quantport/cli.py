@@ -84,6 +84,13 @@ def _parser(*, quantize_only: bool = False) -> argparse.ArgumentParser:
     add_dataset_arguments(q)
     q.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     q.add_argument(
+        "--sequential",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read, calibrate and write one decoder layer at a time, so any model runs on one device (default: "
+        "when the weights do not fit the device's free memory, or the checkpoint is FP8-block or MXFP4)",
+    )
+    q.add_argument(
         "--exclude",
         action="append",
         default=[],
@@ -137,7 +144,7 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
     check_quantize_args(args)  # every argument, before torch is imported and before OUT is claimed
     from .export import ExportFormat, claim_output, export
     from .export.targets import default_format, recipe_for_format
-    from .loading import load_model, resolve_device
+    from .loading import resolve_device
     from .pipeline import quantize
     from .state import state_of
 
@@ -147,7 +154,7 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
     _check_coverage_recipe(args, recipe)
     # OUT is decided and proven writable once, before loading; main() removes its staging directory on failure
     outputs.append(claim_output(args.out, overwrite=args.overwrite, source=_local_model(args.model)))
-    model, directory = load_model(args.model, device=args.device, progress=not args.quiet)
+    model, directory, why = _open_model(args)
     quantize(
         model,
         recipe,
@@ -173,9 +180,11 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
         progress=not args.quiet,
         allow_check_errors=args.allow_check_errors,
     )
-    state = state_of(model)
-    elapsed = time.perf_counter() - start
-    print(f"quantport: {args.recipe} ({fmt.value}) of {directory} -> {args.out}")
+    _print_summary(args, fmt.value, directory, state_of(model), why, time.perf_counter() - start)
+
+
+def _print_summary(args: argparse.Namespace, fmt: str, directory: Path, state, why: str, elapsed: float) -> None:
+    print(f"quantport: {args.recipe} ({fmt}) of {directory} -> {args.out}")
     print(f"  quantized layers : {len(state.quantized)}")
     print(f"  excluded layers  : {len(state.excluded)}")
     for name, reason in sorted(state.excluded.items())[:10]:
@@ -199,8 +208,38 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
             context = PlotContext(args.model, args.recipe, state.calibration_tokens)
             print(f"  coverage plot    : {write_coverage_plot(state.coverage, args.coverage_png, context)}")
     print(f"  calibration      : {state.calibration_tokens} tokens")
+    print(f"  path             : {state.path} ({why})")
+    _print_memory(state.memory)
     print(f"  output size      : {_directory_size(args.out) / 1e6:.1f} MB")
     print(f"  time             : {elapsed:.1f} s")
+
+
+def _print_memory(memory: dict | None) -> None:
+    if memory is None:
+        return
+    peaks = [f"host RSS {memory['peak_host_rss_bytes'] / 2**30:.2f} GiB"]
+    if "peak_device_bytes" in memory:
+        peaks.insert(0, f"{memory['device']} {memory['peak_device_bytes'] / 2**30:.2f} GiB")
+    print(f"  peak memory      : {', '.join(peaks)}")
+
+
+def _open_model(args: argparse.Namespace):
+    """The model, whole or layer by layer (``--sequential``, or chosen from its size); (model, directory, why)."""
+    from .loading import load_model, read_model_config, resolve_device, resolve_model_dir
+    from .sequential.choice import choose_layer_by_layer
+
+    directory = resolve_model_dir(args.model)
+    device = resolve_device(args.device)
+    if args.sequential is None:
+        sequential, why = choose_layer_by_layer(directory, read_model_config(directory), device)
+    else:
+        sequential, why = args.sequential, "--sequential" if args.sequential else "--no-sequential"
+    if not sequential:
+        model, directory = load_model(args.model, device=args.device, progress=not args.quiet)
+        return model, directory, why
+    from .sequential import open_layer_by_layer
+
+    return open_layer_by_layer(directory, device=device), directory, why
 
 
 def _check_coverage_recipe(args: argparse.Namespace, recipe: QuantRecipe) -> None:

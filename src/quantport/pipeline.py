@@ -295,6 +295,56 @@ class _Attach:
         return _install_experts(blocks, self.codec, self.options, experts_amax)
 
 
+def _install_kv_quantizers(model: nn.Module, state: QuantizationState) -> None:
+    if state.recipe.kv_cache is not KVCacheFormat.FP8:
+        return
+    for name, attention in find_attention_modules(model):
+        install_kv_quantizer(attention)
+        state.kv_modules.append(name)
+    if not state.kv_modules:
+        raise InvalidArgumentError(
+            "--kv-cache fp8 was asked for, but the model has no attention with k_proj/v_proj; quantize without "
+            "--kv-cache"
+        )
+
+
+def _quantize_layer_by_layer(
+    model: nn.Module,
+    store,
+    names: list[str],
+    blocks: list[MoEBlock],
+    codec: SchemeCodec,
+    state: QuantizationState,
+    algorithm,
+    calib_data: Iterable[Any] | None,
+    options: dict[str, Any],
+) -> list[ExpertsQuantizer]:
+    """A model opened with :func:`quantport.sequential.open_layer_by_layer`: one decoder layer at a time."""
+    from .sequential.calibrate import quantize_layer_by_layer
+
+    if algorithm.algorithm is not Algorithm.MAX:
+        raise InvalidArgumentError(
+            f"--algorithm {algorithm.algorithm.value} does not run layer by layer yet; use --algorithm max "
+            "with --sequential, or quantize the model whole"
+        )
+    forward = _needs_forward(codec, state, False, blocks, calib_data)
+    batches = _calibration_data(model, calib_data, options, whole=False) if forward else None
+    experts = quantize_layer_by_layer(
+        model,
+        store,
+        names,
+        blocks,
+        _Attach(model, codec, options),
+        batches,
+        state,
+        progress=options.get("progress", True),
+    )
+    if forward:
+        check_finite_statistics(model)
+        _drop_uncalibrated(model, state)
+    return experts
+
+
 def _quantize_whole(
     model: nn.Module,
     names: list[str],
@@ -395,36 +445,13 @@ def quantize(
             experts_quantized=bool(blocks),
             allow_check_errors=options.get("allow_check_errors", False),
         )
-    if recipe.kv_cache is KVCacheFormat.FP8:  # before any forward: it sets the attention implementation
-        for name, attention in find_attention_modules(model):
-            install_kv_quantizer(attention)
-            state.kv_modules.append(name)
-        if not state.kv_modules:
-            raise InvalidArgumentError(
-                "--kv-cache fp8 was asked for, but the model has no attention with k_proj/v_proj; quantize without "
-                "--kv-cache"
-            )
+    _install_kv_quantizers(model, state)  # before any forward: it sets the attention implementation
     state.quantized = names
     state.experts = [b.experts_name for b in blocks]
     store = layer_store_of(model)
+    step = mapped = None
     if store is not None:
-        from .sequential.calibrate import quantize_layer_by_layer
-
-        if algorithm.algorithm is not Algorithm.MAX:
-            raise InvalidArgumentError(
-                f"--algorithm {algorithm.algorithm.value} does not run layer by layer yet; use --algorithm max "
-                "with --sequential, or quantize the model whole"
-            )
-        forward = _needs_forward(codec, state, False, blocks, calib_data)
-        batches = _calibration_data(model, calib_data, options, whole=False) if forward else None
-        attach = _Attach(model, codec, options)
-        experts = quantize_layer_by_layer(
-            model, store, names, blocks, attach, batches, state, progress=options.get("progress", True)
-        )
-        if forward:
-            check_finite_statistics(model)
-            _drop_uncalibrated(model, state)
-        step = None
+        experts = _quantize_layer_by_layer(model, store, names, blocks, codec, state, algorithm, calib_data, options)
     else:
         mapped = MappedWeights() if options.get("release_weights", True) else MappedWeights.disabled()
         experts, step = _quantize_whole(model, names, blocks, codec, state, algorithm, calib_data, options, mapped)

@@ -9,6 +9,7 @@ rotary embeddings and positions; nothing here knows a family.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,10 +78,8 @@ def capture_layer_inputs(
             for i, layer in enumerate(layers):
                 layer.forward = _recorder(i, i == len(layers) - 1, inputs, batch_index)
             arguments = model_inputs(batch, device)
-            try:
+            with contextlib.suppress(_PassEnd):
                 target(**arguments, use_cache=False)
-            except _PassEnd:
-                pass
             ids = arguments.get("input_ids")
             inputs.tokens += int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
             if on_host:
