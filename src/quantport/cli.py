@@ -117,6 +117,12 @@ def _parser(*, quantize_only: bool = False) -> argparse.ArgumentParser:
         help="also write a plot of calibration tokens per expert per MoE layer (MoE models; needs quantport[plot])",
     )
     add_algorithm_arguments(q)
+    q.add_argument(
+        "--save-statistics",
+        type=Path,
+        metavar="PATH",
+        help="also save what calibration found (safetensors), to export other formats later with quantport export",
+    )
     q.add_argument("--max-shard-size", type=shard_size, default="5GB", help="largest safetensors shard (default 5GB)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     q.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
@@ -129,8 +135,10 @@ def _parser(*, quantize_only: bool = False) -> argparse.ArgumentParser:
     if not quantize_only:
         from .check.commands import add_commands as add_check_commands
         from .eval_commands import add_commands as add_eval_commands
+        from .export_command import add_export_command
 
         add_check_commands(commands)
+        add_export_command(commands)
         add_eval_commands(commands)
     return parser
 
@@ -144,7 +152,7 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
     check_quantize_args(args)  # every argument, before torch is imported and before OUT is claimed
     from .export import ExportFormat, claim_output, export
     from .export.targets import default_format, recipe_for_format
-    from .loading import resolve_device
+    from .loading import open_model, resolve_device
     from .pipeline import quantize
     from .state import state_of
 
@@ -154,7 +162,9 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
     _check_coverage_recipe(args, recipe)
     # OUT is decided and proven writable once, before loading; main() removes its staging directory on failure
     outputs.append(claim_output(args.out, overwrite=args.overwrite, source=_local_model(args.model)))
-    model, directory, why = _open_model(args)
+    model, directory, why = open_model(
+        args.model, device=args.device, sequential=args.sequential, progress=not args.quiet
+    )
     quantize(
         model,
         recipe,
@@ -172,6 +182,10 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
         allow_check_errors=args.allow_check_errors,
         algorithm=algorithm_from_args(args),
     )
+    if args.save_statistics is not None:  # first: a failed export still leaves the calibration
+        from .calibration_statistics import save_statistics
+
+        save_statistics(model, args.save_statistics)
     export(
         model,
         outputs[-1],
@@ -221,25 +235,6 @@ def _print_memory(memory: dict | None) -> None:
     if "peak_device_bytes" in memory:
         peaks.insert(0, f"{memory['device']} {memory['peak_device_bytes'] / 2**30:.2f} GiB")
     print(f"  peak memory      : {', '.join(peaks)}")
-
-
-def _open_model(args: argparse.Namespace):
-    """The model, whole or layer by layer (``--sequential``, or chosen from its size); (model, directory, why)."""
-    from .loading import load_model, read_model_config, resolve_device, resolve_model_dir
-    from .sequential.choice import choose_layer_by_layer
-
-    directory = resolve_model_dir(args.model)
-    device = resolve_device(args.device)
-    if args.sequential is None:
-        sequential, why = choose_layer_by_layer(directory, read_model_config(directory), device)
-    else:
-        sequential, why = args.sequential, "--sequential" if args.sequential else "--no-sequential"
-    if not sequential:
-        model, directory = load_model(args.model, device=args.device, progress=not args.quiet)
-        return model, directory, why
-    from .sequential import open_layer_by_layer
-
-    return open_layer_by_layer(directory, device=device), directory, why
 
 
 def _check_coverage_recipe(args: argparse.Namespace, recipe: QuantRecipe) -> None:
@@ -318,6 +313,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _signals_stop_the_run():
             if args.command == "quantize":
                 _quantize_command(args, outputs)
+            elif args.command == "export":
+                from .export_command import export_command
+
+                export_command(args, outputs)
             elif hasattr(args, "func"):
                 return args.func(args)
     except KeyboardInterrupt as exc:

@@ -251,6 +251,18 @@ def _check_coverage_png(path: Path, config: dict[str, Any], model: str) -> None:
         raise InvalidArgumentError(f"--coverage-png {path}: directory {parent} is not writable; choose another path")
 
 
+def _check_statistics_path(path: Path, algorithm: str) -> None:
+    if algorithm != "max":
+        raise InvalidArgumentError(
+            f"--save-statistics keeps amax values only; --algorithm {algorithm} also changes weights: drop one of them"
+        )
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise InvalidArgumentError(f"--save-statistics {path} is a directory; give a file path")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidArgumentError(f"--save-statistics {path}: directory {parent} does not exist or is not writable")
+
+
 def _check_not_quantized(config: dict[str, Any], directory: Path, sequential: bool | None) -> None:
     from .sequential.choice import is_dequantizing_source
 
@@ -355,4 +367,6 @@ def check_quantize_args(args: argparse.Namespace) -> QuantizeInputs:
         )
     if args.coverage_png is not None:
         _check_coverage_png(args.coverage_png, config, args.model)
+    if args.save_statistics is not None:
+        _check_statistics_path(args.save_statistics, args.algorithm)
     return QuantizeInputs(recipe=recipe, directory=directory, config=config)
