@@ -120,14 +120,14 @@ def save_statistics(model: nn.Module, path: str | Path) -> Path:
 
 def load_statistics(path: str | Path) -> CalibrationStatistics:
     """Statistics saved by :func:`save_statistics`; a clear error for any other file."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118  (safe_open API)
         record = json.loads(metadata[METADATA_KEY])
-    except (OSError, KeyError, ValueError, json.JSONDecodeError) as exc:
+    except (OSError, KeyError, ValueError, SafetensorError) as exc:
         raise InvalidArgumentError(
             f"{path} is not a quantport statistics file ({type(exc).__name__}); write one with "
             "quantport quantize --save-statistics PATH"
