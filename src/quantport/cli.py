@@ -118,6 +118,12 @@ def _parser(*, quantize_only: bool = False) -> argparse.ArgumentParser:
     )
     add_algorithm_arguments(q)
     q.add_argument(
+        "--resume",
+        action="store_true",
+        help="layer by layer: save the calibration progress as layers finish, and go on from the progress a killed "
+        "or interrupted run with --resume left for the same OUT (same recipe, model and calibration data)",
+    )
+    q.add_argument(
         "--save-statistics",
         type=Path,
         metavar="PATH",
@@ -161,10 +167,11 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
     resolve_device(args.device)  # --device cuda without a GPU
     _check_coverage_recipe(args, recipe)
     # OUT is decided and proven writable once, before loading; main() removes its staging directory on failure
-    outputs.append(claim_output(args.out, overwrite=args.overwrite, source=_local_model(args.model)))
-    model, directory, why = open_model(
-        args.model, device=args.device, sequential=args.sequential, progress=not args.quiet
+    outputs.append(
+        claim_output(args.out, overwrite=args.overwrite, source=_local_model(args.model), resume=args.resume)
     )
+    sequential = True if args.resume and args.sequential is None else args.sequential  # --resume is layer by layer
+    model, directory, why = open_model(args.model, device=args.device, sequential=sequential, progress=not args.quiet)
     quantize(
         model,
         recipe,
@@ -181,6 +188,7 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
         format=fmt.value,  # a form known not to load is refused before calibration
         allow_check_errors=args.allow_check_errors,
         algorithm=algorithm_from_args(args),
+        **({"resume_dir": outputs[-1].resume_dir} if args.resume else {}),
     )
     if args.save_statistics is not None:  # first: a failed export still leaves the calibration
         from .calibration_statistics import save_statistics
@@ -292,6 +300,9 @@ def _abort(outputs: list[OutputTarget]) -> list[Path]:
 
 def _left_behind(outputs: list[OutputTarget], removed: list[Path]) -> str:
     written = [target.path for target in outputs if target.committed]
+    kept = [target.kept for target in outputs if target.kept is not None]
+    if kept:
+        return f"kept the calibration progress in {kept[0]}: run the same command with --resume to go on"
     if removed:
         return f"removed the partial output {removed[0]}"
     return f"{written[0]} was complete before it" if written else "nothing was left behind"

@@ -287,8 +287,9 @@ class _Attach:
         self.options = options
         self.mapped = mapped or MappedWeights.disabled()
 
-    def __call__(self, names: list[str], blocks: list[MoEBlock]) -> list[ExpertsQuantizer]:
-        weight_amax, experts_amax = _weight_amax_checked(self.model, names, blocks, self.mapped)
+    def __call__(self, names: list[str], blocks: list[MoEBlock], amax=None) -> list[ExpertsQuantizer]:
+        """``amax``: (Linear -> weight amax, experts -> projection -> amax) saved by an earlier run (else computed)."""
+        weight_amax, experts_amax = amax or _weight_amax_checked(self.model, names, blocks, self.mapped)
         modules = dict(self.model.named_modules())
         for name in names:
             QuantLinear.convert(modules[name], self.codec, weight_amax[name])
@@ -338,6 +339,7 @@ def _quantize_layer_by_layer(
         batches,
         state,
         progress=options.get("progress", True),
+        resume_dir=options.get("resume_dir"),
     )
     if forward:
         check_finite_statistics(model)
@@ -401,7 +403,9 @@ def quantize(
             refused here, before calibration), ``allow_check_errors`` (False: True lets such a form through
             with a warning, as ``export(..., allow_check_errors=True)``), ``progress`` (True),
             ``algorithm`` ("max" | "mse" | "gptq", an :class:`quantport.algorithm_options.Algorithm`, or its
-            typed options such as ``GptqOptions(act_order=True)``; default "max": round to nearest).
+            typed options such as ``GptqOptions(act_order=True)``; default "max": round to nearest),
+            ``resume_dir`` (a model opened layer by layer: save the progress there as layers finish, and go on
+            from an interrupted run's progress found there; :mod:`quantport.sequential.resume`).
     """
     unknown = set(options) - {
         "exclude",
@@ -418,6 +422,7 @@ def quantize(
         "progress",
         "allow_check_errors",
         "algorithm",
+        "resume_dir",
     }
     if unknown:
         raise TypeError(f"unknown quantize option(s): {', '.join(sorted(unknown))}")
@@ -453,6 +458,10 @@ def quantize(
     if store is not None:
         experts = _quantize_layer_by_layer(model, store, names, blocks, codec, state, algorithm, calib_data, options)
     else:
+        if options.get("resume_dir") is not None:
+            raise InvalidArgumentError(
+                "resume_dir saves progress layer by layer: open the model with quantport.sequential.open_layer_by_layer"
+            )
         mapped = MappedWeights() if options.get("release_weights", True) else MappedWeights.disabled()
         experts, step = _quantize_whole(model, names, blocks, codec, state, algorithm, calib_data, options, mapped)
     _finish_experts(experts, state, options)

@@ -166,6 +166,7 @@ def export(
         if generation_config is not None:
             generation_config.save_pretrained(staging)
         _copy_tokenizer(model, staging, tokenizer)
+        target.drop_progress()  # a resumable run's saved calibration progress is not part of the checkpoint
         # self-check (2/2): quantport's checker on the staged files; an error leaves nothing at out_dir
         check_written(staging, state.recipe.scheme, allow_check_errors=allow_check_errors)
     return target.commit()  # fsync, then rename to out_dir as claimed

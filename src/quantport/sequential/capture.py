@@ -10,6 +10,7 @@ rotary embeddings and positions; nothing here knows a family.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,13 +43,19 @@ class LayerInputs:
     calls: list[list[tuple[tuple[Any, ...], dict[str, Any]]]]
     tokens: int = 0
     on_host: bool = field(default=False)
+    digest: str = ""
+    """sha256 of the calibration tokens (a resumed run must see the same)."""
 
     def batch(self, layer: int, index: int, device: torch.device) -> tuple[torch.Tensor, tuple, dict[str, Any]]:
         args, kwargs = self.calls[layer][index]
         return self.hidden[index].to(device, non_blocking=True), args, kwargs
 
+    def placed(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` where the hidden states are kept (host memory, or the device as computed)."""
+        return hidden.to("cpu") if self.on_host else hidden
+
     def store(self, index: int, hidden: torch.Tensor) -> None:
-        self.hidden[index] = hidden.to("cpu", non_blocking=False) if self.on_host else hidden
+        self.hidden[index] = self.placed(hidden)
 
 
 def _recorder(layer: int, last: bool, inputs: LayerInputs, batch: int):
@@ -73,6 +80,7 @@ def capture_layer_inputs(
     language_model = getattr(model, "language_model", None)
     target = language_model if isinstance(language_model, nn.Module) else model
     inputs = LayerInputs(hidden=[], calls=[[] for _ in layers], on_host=on_host)
+    digest = hashlib.sha256()
     try:
         for batch_index, batch in enumerate(batches):
             for i, layer in enumerate(layers):
@@ -81,7 +89,9 @@ def capture_layer_inputs(
             with contextlib.suppress(_PassEnd):
                 target(**arguments, use_cache=False)
             ids = arguments.get("input_ids")
-            inputs.tokens += int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+            if isinstance(ids, torch.Tensor):
+                inputs.tokens += int(ids.numel())
+                digest.update(ids.to("cpu").contiguous().numpy().tobytes())
             if on_host:
                 inputs.hidden[-1] = inputs.hidden[-1].to("cpu")
     finally:
@@ -89,4 +99,5 @@ def capture_layer_inputs(
             layer.__dict__.pop("forward", None)
     if not inputs.hidden:
         raise CalibrationDataError("calibration data is empty")
+    inputs.digest = digest.hexdigest()
     return inputs
