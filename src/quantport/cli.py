@@ -84,6 +84,13 @@ def _parser(*, quantize_only: bool = False) -> argparse.ArgumentParser:
     add_dataset_arguments(q)
     q.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N or auto (default)")
     q.add_argument(
+        "--sequential",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read, calibrate and write one decoder layer at a time, so any model runs on one device (default: "
+        "when the weights do not fit the device's free memory, or the checkpoint is FP8-block or MXFP4)",
+    )
+    q.add_argument(
         "--exclude",
         action="append",
         default=[],
@@ -110,6 +117,18 @@ def _parser(*, quantize_only: bool = False) -> argparse.ArgumentParser:
         help="also write a plot of calibration tokens per expert per MoE layer (MoE models; needs quantport[plot])",
     )
     add_algorithm_arguments(q)
+    q.add_argument(
+        "--resume",
+        action="store_true",
+        help="layer by layer: save the calibration progress as layers finish, and go on from the progress a killed "
+        "or interrupted run with --resume left for the same OUT (same recipe, model and calibration data)",
+    )
+    q.add_argument(
+        "--save-statistics",
+        type=Path,
+        metavar="PATH",
+        help="also save what calibration found (safetensors), to export other formats later with quantport export",
+    )
     q.add_argument("--max-shard-size", type=shard_size, default="5GB", help="largest safetensors shard (default 5GB)")
     q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     q.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
@@ -122,8 +141,10 @@ def _parser(*, quantize_only: bool = False) -> argparse.ArgumentParser:
     if not quantize_only:
         from .check.commands import add_commands as add_check_commands
         from .eval_commands import add_commands as add_eval_commands
+        from .export_command import add_export_command
 
         add_check_commands(commands)
+        add_export_command(commands)
         add_eval_commands(commands)
     return parser
 
@@ -137,7 +158,7 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
     check_quantize_args(args)  # every argument, before torch is imported and before OUT is claimed
     from .export import ExportFormat, claim_output, export
     from .export.targets import default_format, recipe_for_format
-    from .loading import load_model, resolve_device
+    from .loading import open_model, resolve_device
     from .pipeline import quantize
     from .state import state_of
 
@@ -146,8 +167,11 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
     resolve_device(args.device)  # --device cuda without a GPU
     _check_coverage_recipe(args, recipe)
     # OUT is decided and proven writable once, before loading; main() removes its staging directory on failure
-    outputs.append(claim_output(args.out, overwrite=args.overwrite, source=_local_model(args.model)))
-    model, directory = load_model(args.model, device=args.device, progress=not args.quiet)
+    outputs.append(
+        claim_output(args.out, overwrite=args.overwrite, source=_local_model(args.model), resume=args.resume)
+    )
+    sequential = True if args.resume and args.sequential is None else args.sequential  # --resume is layer by layer
+    model, directory, why = open_model(args.model, device=args.device, sequential=sequential, progress=not args.quiet)
     quantize(
         model,
         recipe,
@@ -164,7 +188,12 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
         format=fmt.value,  # a form known not to load is refused before calibration
         allow_check_errors=args.allow_check_errors,
         algorithm=algorithm_from_args(args),
+        **({"resume_dir": outputs[-1].resume_dir} if args.resume else {}),
     )
+    if args.save_statistics is not None:  # first: a failed export still leaves the calibration
+        from .calibration_statistics import save_statistics
+
+        save_statistics(model, args.save_statistics)
     export(
         model,
         outputs[-1],
@@ -173,9 +202,11 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
         progress=not args.quiet,
         allow_check_errors=args.allow_check_errors,
     )
-    state = state_of(model)
-    elapsed = time.perf_counter() - start
-    print(f"quantport: {args.recipe} ({fmt.value}) of {directory} -> {args.out}")
+    _print_summary(args, fmt.value, directory, state_of(model), why, time.perf_counter() - start)
+
+
+def _print_summary(args: argparse.Namespace, fmt: str, directory: Path, state, why: str, elapsed: float) -> None:
+    print(f"quantport: {args.recipe} ({fmt}) of {directory} -> {args.out}")
     print(f"  quantized layers : {len(state.quantized)}")
     print(f"  excluded layers  : {len(state.excluded)}")
     for name, reason in sorted(state.excluded.items())[:10]:
@@ -199,8 +230,19 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
             context = PlotContext(args.model, args.recipe, state.calibration_tokens)
             print(f"  coverage plot    : {write_coverage_plot(state.coverage, args.coverage_png, context)}")
     print(f"  calibration      : {state.calibration_tokens} tokens")
+    print(f"  path             : {state.path} ({why})")
+    _print_memory(state.memory)
     print(f"  output size      : {_directory_size(args.out) / 1e6:.1f} MB")
     print(f"  time             : {elapsed:.1f} s")
+
+
+def _print_memory(memory: dict | None) -> None:
+    if memory is None:
+        return
+    peaks = [f"host RSS {memory['peak_host_rss_bytes'] / 2**30:.2f} GiB"]
+    if "peak_device_bytes" in memory:
+        peaks.insert(0, f"{memory['device']} {memory['peak_device_bytes'] / 2**30:.2f} GiB")
+    print(f"  peak memory      : {', '.join(peaks)}")
 
 
 def _check_coverage_recipe(args: argparse.Namespace, recipe: QuantRecipe) -> None:
@@ -258,6 +300,9 @@ def _abort(outputs: list[OutputTarget]) -> list[Path]:
 
 def _left_behind(outputs: list[OutputTarget], removed: list[Path]) -> str:
     written = [target.path for target in outputs if target.committed]
+    kept = [target.kept for target in outputs if target.kept is not None]
+    if kept:
+        return f"kept the calibration progress in {kept[0]}: run the same command with --resume to go on"
     if removed:
         return f"removed the partial output {removed[0]}"
     return f"{written[0]} was complete before it" if written else "nothing was left behind"
@@ -279,6 +324,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _signals_stop_the_run():
             if args.command == "quantize":
                 _quantize_command(args, outputs)
+            elif args.command == "export":
+                from .export_command import export_command
+
+                export_command(args, outputs)
             elif hasattr(args, "func"):
                 return args.func(args)
     except KeyboardInterrupt as exc:

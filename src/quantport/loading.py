@@ -22,6 +22,7 @@ __all__ = [
     "BUNDLED_MODELS",
     "check_loading_info",
     "load_model",
+    "open_model",
     "read_model_config",
     "resolve_device",
     "resolve_model_dir",
@@ -143,7 +144,7 @@ def check_loading_info(directory: Path, info: dict[str, Any]) -> None:
 
 
 @contextmanager
-def _quiet_transformers_loading(progress: bool) -> Iterator[None]:
+def quiet_transformers_loading(progress: bool) -> Iterator[None]:
     """transformers logs its load report as a multi-line warning (:func:`check_loading_info` reports what
     matters, as one error); its progress bar follows ``progress``."""
     from transformers.utils import logging as hf_logging
@@ -170,7 +171,7 @@ def load_model(model: str | Path, *, device: str = "auto", progress: bool = True
     directory = resolve_model_dir(model)
     target = resolve_device(device)
     try:
-        with _quiet_transformers_loading(progress):
+        with quiet_transformers_loading(progress):
             loaded, info = AutoModelForCausalLM.from_pretrained(
                 directory, dtype="auto", device_map=str(target), output_loading_info=True
             )
@@ -181,3 +182,24 @@ def load_model(model: str | Path, *, device: str = "auto", progress: bool = True
     loaded.eval()
     logger.info("loaded %s (%s) on %s", directory, type(loaded).__name__, target)
     return loaded, directory
+
+
+def open_model(
+    model: str | Path, *, device: str = "auto", sequential: bool | None = None, progress: bool = True
+) -> tuple[nn.Module, Path, str]:
+    """The model whole (:func:`load_model`) or layer by layer (:func:`quantport.sequential.open_layer_by_layer`):
+    ``sequential`` None chooses from its size and format. Returns (model, its directory, why that path)."""
+    from .sequential.choice import choose_layer_by_layer
+
+    directory = resolve_model_dir(model)
+    target = resolve_device(device)
+    if sequential is None:
+        sequential, why = choose_layer_by_layer(directory, read_model_config(directory), target)
+    else:
+        why = "--sequential" if sequential else "--no-sequential"
+    if not sequential:
+        loaded, directory = load_model(model, device=device, progress=progress)
+        return loaded, directory, why
+    from .sequential import open_layer_by_layer
+
+    return open_layer_by_layer(directory, device=target), directory, why

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .algorithm_options import algorithm_options
+from .algorithm_options import Algorithm, algorithm_options
 from .arch.experts import ForwardContract, MoEBlock, find_moe_blocks
 from .arch.family import MTP_PREFIXES, is_vision_module
 from .arch.fused_groups import find_attention_modules, find_shared_input_groups
@@ -32,6 +32,7 @@ from .modules.quant_linear import QuantLinear, QuantMode
 from .recipes import KVCacheFormat, QuantRecipe, get_recipe
 from .report.coverage import ExpertCoverage, LayerCoverage
 from .schemes import SchemeCodec, codec_for
+from .sequential.attached import layer_store_of
 from .state import QuantizationState, attach_state, set_mode
 
 __all__ = ["quantize", "simulate"]
@@ -170,7 +171,9 @@ def _check_plan(
     )
 
 
-def _calibration_data(model: nn.Module, calib_data: Iterable[Any] | None, options: dict[str, Any]) -> Iterable[Any]:
+def _calibration_data(
+    model: nn.Module, calib_data: Iterable[Any] | None, options: dict[str, Any], *, whole: bool = True
+) -> Iterable[Any]:
     from .calibration_sources import CalibrationData
 
     if calib_data is not None and not isinstance(calib_data, CalibrationData):
@@ -189,8 +192,8 @@ def _calibration_data(model: nn.Module, calib_data: Iterable[Any] | None, option
             ) from exc
     seq_len = options.get("calib_seq_len", 512)
     batch_size = options.get("batch_size", 8)
-    if batch_size == "auto":  # fill the GPU: measured on one probe forward (8 on the CPU)
-        batch_size = auto_batch_size(model, seq_len)
+    if batch_size == "auto":  # fill the GPU: measured on one probe forward of the whole model (else 8)
+        batch_size = auto_batch_size(model, seq_len) if whole else 8
     if isinstance(calib_data, CalibrationData):  # data sets, mixed and shuffled (calibrate/mixing.py)
         from .calibrate.mixing import dataset_batches
 
@@ -267,6 +270,113 @@ def _install_experts(
     return quantizers
 
 
+def _needs_forward(codec: SchemeCodec, state: QuantizationState, observes: bool, blocks, calib_data) -> bool:
+    """Weight-only recipes need no forward, except for an algorithm that observes inputs, or to report expert
+    coverage when data was given."""
+    return bool(codec.static_input_scale or state.kv_modules or observes or (blocks and calib_data is not None))
+
+
+class _Attach:
+    """Attaches the quantizers to some of the planned modules (all of them, or one decoder layer's)."""
+
+    def __init__(
+        self, model: nn.Module, codec: SchemeCodec, options: dict[str, Any], mapped: MappedWeights | None = None
+    ):
+        self.model = model
+        self.codec = codec
+        self.options = options
+        self.mapped = mapped or MappedWeights.disabled()
+
+    def __call__(self, names: list[str], blocks: list[MoEBlock], amax=None) -> list[ExpertsQuantizer]:
+        """``amax``: (Linear -> weight amax, experts -> projection -> amax) saved by an earlier run (else computed)."""
+        weight_amax, experts_amax = amax or _weight_amax_checked(self.model, names, blocks, self.mapped)
+        modules = dict(self.model.named_modules())
+        for name in names:
+            QuantLinear.convert(modules[name], self.codec, weight_amax[name])
+        return _install_experts(blocks, self.codec, self.options, experts_amax)
+
+
+def _install_kv_quantizers(model: nn.Module, state: QuantizationState) -> None:
+    if state.recipe.kv_cache is not KVCacheFormat.FP8:
+        return
+    for name, attention in find_attention_modules(model):
+        install_kv_quantizer(attention)
+        state.kv_modules.append(name)
+    if not state.kv_modules:
+        raise InvalidArgumentError(
+            "--kv-cache fp8 was asked for, but the model has no attention with k_proj/v_proj; quantize without "
+            "--kv-cache"
+        )
+
+
+def _quantize_layer_by_layer(
+    model: nn.Module,
+    store,
+    names: list[str],
+    blocks: list[MoEBlock],
+    codec: SchemeCodec,
+    state: QuantizationState,
+    algorithm,
+    calib_data: Iterable[Any] | None,
+    options: dict[str, Any],
+) -> list[ExpertsQuantizer]:
+    """A model opened with :func:`quantport.sequential.open_layer_by_layer`: one decoder layer at a time."""
+    from .sequential.calibrate import quantize_layer_by_layer
+
+    if algorithm.algorithm is not Algorithm.MAX:
+        raise InvalidArgumentError(
+            f"--algorithm {algorithm.algorithm.value} does not run layer by layer yet; use --algorithm max "
+            "with --sequential, or quantize the model whole"
+        )
+    forward = _needs_forward(codec, state, False, blocks, calib_data)
+    batches = _calibration_data(model, calib_data, options, whole=False) if forward else None
+    experts = quantize_layer_by_layer(
+        model,
+        store,
+        names,
+        blocks,
+        _Attach(model, codec, options),
+        batches,
+        state,
+        progress=options.get("progress", True),
+        resume_dir=options.get("resume_dir"),
+    )
+    if forward:
+        check_finite_statistics(model)
+        _drop_uncalibrated(model, state)
+    return experts
+
+
+def _quantize_whole(
+    model: nn.Module,
+    names: list[str],
+    blocks: list[MoEBlock],
+    codec: SchemeCodec,
+    state: QuantizationState,
+    algorithm,
+    calib_data: Iterable[Any] | None,
+    options: dict[str, Any],
+    mapped: MappedWeights,
+):
+    """Attach every quantizer, then one calibration forward of the whole model."""
+    experts = _Attach(model, codec, options, mapped)(names, blocks)
+    step = start_algorithm(model, codec, algorithm)  # hooks the Linears when the algorithm observes inputs
+    if _needs_forward(codec, state, step.needs_forward, experts, calib_data):
+        batches = _calibration_data(model, calib_data, options)
+        set_mode(model, QuantMode.CALIBRATE)
+        hooks = mapped.release_after_forward(model)
+        try:
+            state.calibration_tokens = run_calibration(model, batches, progress=options.get("progress", True))
+        finally:
+            set_mode(model, QuantMode.OFF)
+            step.stop_observing()
+            for hook in hooks:
+                hook.remove()
+        check_finite_statistics(model)  # once, after the loop: no host synchronisation per batch
+        _drop_uncalibrated(model, state)
+    return experts, step
+
+
 def quantize(
     model: nn.Module,
     recipe: str | QuantRecipe,
@@ -293,7 +403,9 @@ def quantize(
             refused here, before calibration), ``allow_check_errors`` (False: True lets such a form through
             with a warning, as ``export(..., allow_check_errors=True)``), ``progress`` (True),
             ``algorithm`` ("max" | "mse" | "gptq", an :class:`quantport.algorithm_options.Algorithm`, or its
-            typed options such as ``GptqOptions(act_order=True)``; default "max": round to nearest).
+            typed options such as ``GptqOptions(act_order=True)``; default "max": round to nearest),
+            ``resume_dir`` (a model opened layer by layer: save the progress there as layers finish, and go on
+            from an interrupted run's progress found there; :mod:`quantport.sequential.resume`).
     """
     unknown = set(options) - {
         "exclude",
@@ -310,6 +422,7 @@ def quantize(
         "progress",
         "allow_check_errors",
         "algorithm",
+        "resume_dir",
     }
     if unknown:
         raise TypeError(f"unknown quantize option(s): {', '.join(sorted(unknown))}")
@@ -337,42 +450,25 @@ def quantize(
             experts_quantized=bool(blocks),
             allow_check_errors=options.get("allow_check_errors", False),
         )
-    mapped = MappedWeights() if options.get("release_weights", True) else MappedWeights.disabled()
-    weight_amax, experts_amax = _weight_amax_checked(model, names, blocks, mapped)
-    modules = dict(model.named_modules())
-    for name in names:
-        QuantLinear.convert(modules[name], codec, weight_amax[name])
+    _install_kv_quantizers(model, state)  # before any forward: it sets the attention implementation
     state.quantized = names
-    experts = _install_experts(blocks, codec, options, experts_amax)
     state.experts = [b.experts_name for b in blocks]
-    if recipe.kv_cache is KVCacheFormat.FP8:
-        for name, attention in find_attention_modules(model):
-            install_kv_quantizer(attention)
-            state.kv_modules.append(name)
-        if not state.kv_modules:
+    store = layer_store_of(model)
+    step = mapped = None
+    if store is not None:
+        experts = _quantize_layer_by_layer(model, store, names, blocks, codec, state, algorithm, calib_data, options)
+    else:
+        if options.get("resume_dir") is not None:
             raise InvalidArgumentError(
-                "--kv-cache fp8 was asked for, but the model has no attention with k_proj/v_proj; quantize without "
-                "--kv-cache"
+                "resume_dir saves progress layer by layer: open the model with quantport.sequential.open_layer_by_layer"
             )
-    step = start_algorithm(model, codec, algorithm)  # hooks the Linears when the algorithm observes inputs
-    # Weight-only recipes need no forward, except for the algorithm or to report expert coverage when data was given.
-    if codec.static_input_scale or state.kv_modules or step.needs_forward or (experts and calib_data is not None):
-        batches = _calibration_data(model, calib_data, options)
-        set_mode(model, QuantMode.CALIBRATE)
-        hooks = mapped.release_after_forward(model)
-        try:
-            state.calibration_tokens = run_calibration(model, batches, progress=options.get("progress", True))
-        finally:
-            set_mode(model, QuantMode.OFF)
-            step.stop_observing()
-            for hook in hooks:
-                hook.remove()
-        check_finite_statistics(model)  # once, after the loop: no host synchronisation per batch
-        _drop_uncalibrated(model, state)
+        mapped = MappedWeights() if options.get("release_weights", True) else MappedWeights.disabled()
+        experts, step = _quantize_whole(model, names, blocks, codec, state, algorithm, calib_data, options, mapped)
     _finish_experts(experts, state, options)
     _unify_groups(model, state, codec)
-    finish_algorithm(step, state)
-    mapped.release_all()
+    if step is not None:
+        finish_algorithm(step, state)
+        mapped.release_all()
     attach_state(model, state)
     logger.info("quantized %d Linear layers, %d left unquantized", len(state.quantized), len(state.excluded))
     return model

@@ -251,15 +251,36 @@ def _check_coverage_png(path: Path, config: dict[str, Any], model: str) -> None:
         raise InvalidArgumentError(f"--coverage-png {path}: directory {parent} is not writable; choose another path")
 
 
-def _check_not_quantized(config: dict[str, Any], directory: Path) -> None:
+def _check_statistics_path(path: Path, algorithm: str) -> None:
+    if algorithm != "max":
+        raise InvalidArgumentError(
+            f"--save-statistics keeps amax values only; --algorithm {algorithm} also changes weights: drop one of them"
+        )
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise InvalidArgumentError(f"--save-statistics {path} is a directory; give a file path")
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise InvalidArgumentError(f"--save-statistics {path}: directory {parent} does not exist or is not writable")
+
+
+def _check_not_quantized(config: dict[str, Any], directory: Path, sequential: bool | None) -> None:
+    from .sequential.choice import is_dequantizing_source
+
+    if is_dequantizing_source(config):  # FP8 blocks / MXFP4: dequantized a layer at a time
+        if sequential is False:
+            method = config["quantization_config"]["quant_method"]
+            raise InvalidArgumentError(
+                f"{directory} is {method}-quantized: quantport reads it only layer by layer; drop --no-sequential"
+            )
+        return
     for part in (config, _text_config(config)):
         qconfig = part.get("quantization_config")
         if qconfig is not None:
             method = qconfig.get("quant_method", "unknown") if isinstance(qconfig, dict) else "unknown"
             raise AlreadyQuantizedError(
                 f"{directory} is already quantized (config.json quantization_config, quant_method {method!r}); "
-                "quantport quantizes full-precision (bf16/fp16/fp32) checkpoints only: give the original "
-                "unquantized model"
+                "quantport quantizes full-precision (bf16/fp16/fp32) checkpoints, and FP8 128x128-block and "
+                "MXFP4 ones layer by layer: give the original unquantized model"
             )
 
 
@@ -337,7 +358,7 @@ def check_quantize_args(args: argparse.Namespace) -> QuantizeInputs:
     check_calib_datasets(args)
     directory = resolve_model_dir(args.model)
     config = read_model_config(directory)
-    _check_not_quantized(config, directory)
+    _check_not_quantized(config, directory, args.sequential)
     limit = _max_positions(config)
     if limit is not None and args.calib_seq_len > limit:
         raise InvalidArgumentError(
@@ -346,4 +367,8 @@ def check_quantize_args(args: argparse.Namespace) -> QuantizeInputs:
         )
     if args.coverage_png is not None:
         _check_coverage_png(args.coverage_png, config, args.model)
+    if args.save_statistics is not None:
+        _check_statistics_path(args.save_statistics, args.algorithm)
+    if args.resume and args.sequential is False:
+        raise InvalidArgumentError("--resume saves progress layer by layer: drop --no-sequential")
     return QuantizeInputs(recipe=recipe, directory=directory, config=config)

@@ -36,6 +36,8 @@ class QuantizationState:
         coverage: calibration tokens per expert and the policy that filled the gaps (MoE models).
         algorithm: the calibration algorithm (:class:`quantport.algorithm_options.Algorithm` value).
         left_at_rtn: quantized modules the algorithm left at round-to-nearest -> why (never silently).
+        path: how the model ran: ``"whole-model"`` or ``"layer-by-layer"`` (:mod:`quantport.sequential`).
+        memory: peak memory of a layer-by-layer run (device, host RSS), for the summary and the report.
     """
 
     recipe: QuantRecipe
@@ -48,6 +50,8 @@ class QuantizationState:
     coverage: ExpertCoverage | None = None
     algorithm: str = "max"
     left_at_rtn: dict[str, str] = field(default_factory=dict)
+    path: str = "whole-model"
+    memory: dict[str, int | str] | None = None
 
 
 def attach_state(model: nn.Module, state: QuantizationState) -> None:

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..errors import CalibrationDataError
 
-__all__ = ["auto_batch_size", "run_calibration"]
+__all__ = ["auto_batch_size", "model_inputs", "run_calibration"]
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.to(device)
 
 
-def _model_inputs(batch: Any, device: torch.device) -> dict[str, Any]:
+def model_inputs(batch: Any, device: torch.device) -> dict[str, Any]:
     if isinstance(batch, torch.Tensor):
         if batch.dim() != 2:
             raise CalibrationDataError(f"calibration batch must be input_ids [B, T], got shape {list(batch.shape)}")
@@ -51,7 +51,7 @@ def run_calibration(model: nn.Module, batches: Iterable[Any], *, progress: bool 
     total = len(batches) if hasattr(batches, "__len__") else None
     tokens = 0
     for batch in tqdm(batches, total=total, desc="calibrating", unit="batch", disable=not progress):
-        inputs = _model_inputs(batch, device)
+        inputs = model_inputs(batch, device)
         target(**inputs, use_cache=False)
         ids = inputs.get("input_ids")
         tokens += int(ids.numel()) if isinstance(ids, torch.Tensor) else 0

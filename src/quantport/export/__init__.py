@@ -71,6 +71,18 @@ def _copy_tokenizer(model: nn.Module, staging: Path, tokenizer: Any) -> None:
             shutil.copyfile(source / name, staging / name)
 
 
+def _layer_stream(model: nn.Module):
+    """For a model opened layer by layer, what reads each layer's weights while its tensors are written."""
+    from ..sequential.attached import layer_store_of
+
+    store = layer_store_of(model)
+    if store is None:
+        return None
+    from ..sequential.streaming import LayerStream
+
+    return LayerStream(store)
+
+
 def _report(state: QuantizationState, fmt: ExportFormat, exclude: list[str]) -> dict[str, Any]:
     return {
         "quantport_version": __version__,
@@ -87,6 +99,7 @@ def _report(state: QuantizationState, fmt: ExportFormat, exclude: list[str]) -> 
         "coverage": state.coverage.to_json() if state.coverage is not None else None,
         "algorithm": state.algorithm,
         "left_at_round_to_nearest": dict(sorted(state.left_at_rtn.items())),
+        "run": {"path": state.path, "memory": state.memory},
     }
 
 
@@ -132,13 +145,19 @@ def export(
         # finding the memory-mapped weights reads /proc/self/smaps (~15 ms): done beside the first writes
         mapped = scan.submit(MappedWeights)
         content = FORMAT_CONTENT[fmt](model, state)
-        write_sharded_safetensors(
-            content.plan,
-            staging,
-            max_shard_size=max_shard_size,
-            progress=progress,
-            release=lambda: mapped.result().release_all(),  # drops the weights quantized so far
-        )
+        stream = _layer_stream(model)
+        try:
+            write_sharded_safetensors(
+                content.plan if stream is None else stream.wrap(content.plan),
+                staging,
+                max_shard_size=max_shard_size,
+                progress=progress,
+                release=lambda: mapped.result().release_all(),  # drops the weights quantized so far
+                shard_workers=None if stream is None else 1,  # one layer read at a time
+            )
+        finally:
+            if stream is not None:
+                stream.close()
         for name, data in content.side_files.items():
             write_json(staging / name, data)
         write_json(staging / "config.json", _config_dict(model, content.quantization_config))
@@ -147,6 +166,7 @@ def export(
         if generation_config is not None:
             generation_config.save_pretrained(staging)
         _copy_tokenizer(model, staging, tokenizer)
+        target.drop_progress()  # a resumable run's saved calibration progress is not part of the checkpoint
         # self-check (2/2): quantport's checker on the staged files; an error leaves nothing at out_dir
         check_written(staging, state.recipe.scheme, allow_check_errors=allow_check_errors)
     return target.commit()  # fsync, then rename to out_dir as claimed

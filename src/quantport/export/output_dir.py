@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ..errors import OutputChangedError, OutputExistsError, OutputPathError
 from .durable import fsync_directory, fsync_tree, os_error, rename_noreplace, signals_deferred
-from .leftovers import LeftoverKind, hidden_name, remove_stale_leftovers
+from .leftovers import LeftoverKind, find_leftovers, hidden_name, owner_is_alive, remove_stale_leftovers
 
 __all__ = ["OutputMode", "OutputTarget", "claim_output"]
 
@@ -123,6 +123,10 @@ def _probe(directory: Path) -> None:
     probe.unlink()
 
 
+RESUME_DIR = ".quantport-resume"
+"""The staging directory's subdirectory of a resumable run's progress (:mod:`quantport.sequential.resume`)."""
+
+
 @dataclass
 class OutputTarget:
     """OUT as claimed at the start of a run: where it is written, and what the commit will do.
@@ -136,6 +140,9 @@ class OutputTarget:
     identity: tuple[int, int] | None
     staging: Path = field(init=False)
     removed: Path | None = field(default=None, init=False)
+    resumable: bool = field(default=False, init=False)
+    """Saved progress survives an abort (``--resume``), for the next ``--resume`` run to take over."""
+    kept: Path | None = field(default=None, init=False)
     _created: list[Path] = field(default_factory=list, init=False, repr=False)
     _state: _State = field(default=_State.CLAIMED, init=False, repr=False)
 
@@ -156,6 +163,41 @@ class OutputTarget:
         except BaseException:
             self.abort()
             raise
+
+    @property
+    def resume_dir(self) -> Path:
+        """Where a resumable run keeps its progress: inside the staging directory, removed before the commit."""
+        return self.staging / RESUME_DIR
+
+    def _adopt_progress(self) -> None:
+        """Move the saved progress of the newest killed run to this OUT into this run's staging directory."""
+        dead = [
+            leftover
+            for leftover in find_leftovers(self.real)
+            if leftover.kind is LeftoverKind.STAGING
+            and not owner_is_alive(leftover)
+            and (leftover.path / RESUME_DIR / "progress.json").is_file()
+        ]
+        if not dead:
+            logger.info("--resume: no interrupted run of %s found; starting from the first layer", self.path)
+            return
+        newest = max(dead, key=lambda leftover: (leftover.path / RESUME_DIR / "progress.json").stat().st_mtime)
+        try:
+            os.rename(newest.path / RESUME_DIR, self.resume_dir)
+        except OSError as error:
+            raise os_error(f"cannot take over the progress saved in {newest.path}", error) from error
+        logger.info("--resume: continuing the run saved in %s", newest.path)
+
+    def _keep_only_progress(self, staging: Path) -> None:
+        for entry in staging.iterdir():
+            if entry.name != RESUME_DIR:
+                shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        self.kept = staging
+        logger.warning("kept the calibration progress in %s: run the same command with --resume to go on", staging)
+
+    def drop_progress(self) -> None:
+        """The checkpoint is written: the saved progress is not part of it."""
+        shutil.rmtree(self.staging / RESUME_DIR, ignore_errors=True)
 
     @property
     def committed(self) -> bool:
@@ -207,6 +249,9 @@ class OutputTarget:
         self._state = _State.ABORTED
         with signals_deferred():
             staging = getattr(self, "staging", None)
+            if self.resumable and staging is not None and (staging / RESUME_DIR / "progress.json").is_file():
+                self._keep_only_progress(staging)
+                return None
             if staging is not None and os.path.lexists(staging):
                 shutil.rmtree(staging, ignore_errors=True)
                 if os.path.lexists(staging):
@@ -279,10 +324,13 @@ class OutputTarget:
         return None
 
 
-def claim_output(out_dir: str | Path, *, overwrite: bool = False, source: Path | str | None = None) -> OutputTarget:
+def claim_output(
+    out_dir: str | Path, *, overwrite: bool = False, source: Path | str | None = None, resume: bool = False
+) -> OutputTarget:
     """Decide once, now, how OUT will be written, and prove that it can be (see the module docstring).
 
-    ``source``: the model directory, which OUT may not be or contain. Raises :class:`OutputExistsError`,
+    ``source``: the model directory, which OUT may not be or contain. ``resume``: take over the saved progress
+    (:attr:`OutputTarget.resume_dir`) of a run to the same OUT that was killed. Raises :class:`OutputExistsError`,
     :class:`OutputPathError` or :class:`~quantport.errors.OutputWriteError` with the fix; nothing is left
     behind then."""
     path = Path(out_dir)
@@ -306,6 +354,11 @@ def claim_output(out_dir: str | Path, *, overwrite: bool = False, source: Path |
             )
         mode = OutputMode.REPLACE if overwrite else OutputMode.REPLACE_EMPTY
     target = OutputTarget(path, real, mode, None if existing is None else _identity(existing))
-    remove_stale_leftovers(real)
+    if not resume:
+        remove_stale_leftovers(real)
     target._create_staging()
+    if resume:
+        target.resumable = True
+        target._adopt_progress()
+        remove_stale_leftovers(real)
     return target

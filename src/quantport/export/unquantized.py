@@ -6,6 +6,9 @@ and tensors transformers fused at load (unquantized experts) are split back as t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -39,8 +42,9 @@ def tied_aliases(model: nn.Module) -> set[str]:
     untied = output_weight if output_weight is not None and not _engine_ties(model) else None
     by_storage: dict[tuple[int, tuple[int, ...]], list[tuple[str, torch.Tensor]]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if tensor.numel():
-            by_storage.setdefault((tensor.data_ptr(), tuple(tensor.shape)), []).append((name, tensor))
+        if tensor.numel():  # meta tensors (a layer-by-layer model) have no storage: tied ones are one object
+            key = id(tensor) if tensor.is_meta else tensor.data_ptr()
+            by_storage.setdefault((key, tuple(tensor.shape)), []).append((name, tensor))
     aliases: set[str] = set()
     for members in by_storage.values():
         if len(members) > 1:
@@ -49,16 +53,21 @@ def tied_aliases(model: nn.Module) -> set[str]:
     return aliases
 
 
-def passthrough_entries(name: str, tensor: torch.Tensor, names: HubNames, cache: OneSlotCache) -> list[PlannedTensor]:
-    """An unquantized tensor under its checkpoint name(s); split when transformers fused it at load."""
+def passthrough_entries(
+    name: str, tensor: torch.Tensor, names: HubNames, cache: OneSlotCache, current: Callable[[], torch.Tensor]
+) -> list[PlannedTensor]:
+    """An unquantized tensor under its checkpoint name(s); split when transformers fused it at load.
+
+    ``current()`` gives the tensor when it is written (a model opened layer by layer gives a layer its
+    tensors only then; ``tensor`` is what the model held when the plan was made)."""
     meta = names.split(name, torch.empty(tensor.shape, dtype=tensor.dtype, device="meta"))
     if len(meta) == 1:
         (target,) = meta
         spec = TensorSpec(tensor.dtype, tuple(tensor.shape))
-        return [PlannedTensor(target, spec, lambda: tensor.detach(), borrowed=True)]
+        return [PlannedTensor(target, spec, lambda: current().detach(), borrowed=True)]
 
     def pieces() -> dict[str, torch.Tensor]:
-        return cache.get(name, lambda: names.split(name, tensor.detach()))
+        return cache.get(name, lambda: names.split(name, current().detach()))
 
     return [
         PlannedTensor(target, TensorSpec(t.dtype, tuple(t.shape)), lambda k=target: pieces()[k].contiguous())
@@ -72,8 +81,15 @@ def unquantized_plan(model: nn.Module, replaced: set[str], names: HubNames, cach
     plan: list[PlannedTensor] = []
     for name, tensor in model.state_dict(keep_vars=True).items():
         if name not in replaced and name not in aliases:
-            plan.extend(passthrough_entries(name, tensor, names, cache))
+            plan.extend(passthrough_entries(name, tensor, names, cache, partial(_tensor_named, model, name)))
     return plan
+
+
+def _tensor_named(model: nn.Module, name: str) -> torch.Tensor:
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    tensor = module._parameters.get(leaf)
+    return module._buffers[leaf] if tensor is None else tensor
 
 
 def excluded_modules(model: nn.Module) -> list[str]:

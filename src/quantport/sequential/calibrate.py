@@ -1,0 +1,110 @@
+"""Quantization one decoder layer at a time: the calibration half of the layer-sequential path.
+
+For each decoder layer: its tensors are read onto the device, its quantizers attached (weight amax from
+the real weights), the cached hidden states of every calibration batch run through it in calibration mode
+(activations propagate unquantized, as in a whole-model forward, so every statistic is the same), its
+outputs become the next layer's inputs, and its tensors are dropped. The statistics stay on the modules
+(on the meta device otherwise); export reads each layer's weights again (:mod:`.streaming`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..arch.experts import MoEBlock
+from ..modules.quant_experts import ExpertsQuantizer
+from ..modules.quant_linear import QuantMode
+from ..state import QuantizationState, set_mode
+from .capture import LayerInputs, capture_layer_inputs
+from .layer_store import LayerStore
+from .memory import MemoryPeaks
+from .resume import LayerProgress, fingerprint, layer_statistics, restore_layer_statistics, saved_weight_amax
+
+__all__ = ["quantize_layer_by_layer"]
+
+logger = logging.getLogger(__name__)
+
+
+def _in_layer(name: str, prefix: str) -> bool:
+    return name.startswith(prefix)
+
+
+@torch.no_grad()
+def _run_layer(layer: nn.Module, index: int, inputs: LayerInputs, device: torch.device) -> None:
+    for b in range(len(inputs.hidden)):
+        hidden, args, kwargs = inputs.batch(index, b, device)
+        output = layer(hidden, *args, **kwargs)
+        inputs.store(b, output[0] if isinstance(output, tuple) else output)
+
+
+def quantize_layer_by_layer(
+    model: nn.Module,
+    store: LayerStore,
+    names: list[str],
+    blocks: list[MoEBlock],
+    attach: Callable[..., list[ExpertsQuantizer]],
+    batches: Iterable[Any] | None,
+    state: QuantizationState,
+    *,
+    progress: bool = True,
+    resume_dir: Path | None = None,
+) -> list[ExpertsQuantizer]:
+    """Attach and calibrate the planned modules (``names``, ``blocks``) layer by layer; returns the experts
+    quantizers. ``attach(names, blocks)`` attaches the quantizers of some planned modules (weights loaded).
+    ``batches`` None: no forward is needed (weight-only), each layer is only read once for its weight amax.
+    ``resume_dir``: save the progress there as layers finish, and go on from an interrupted run's (:mod:`.resume`)."""
+    skeleton = store.skeleton
+    peaks = MemoryPeaks(store.device)
+    inside = [skeleton.layer_name(i) + "." for i in range(len(skeleton.layers))]
+    outside_names = [n for n in names if not any(_in_layer(n, p) for p in inside)]
+    experts = attach(outside_names, [b for b in blocks if not any(_in_layer(b.experts_name, p) for p in inside)])
+    inputs = None
+    if batches is not None:
+        inputs = capture_layer_inputs(model, skeleton.layers, batches, store.device, on_host=store.activations_on_host)
+        state.calibration_tokens = inputs.tokens
+        logger.info("calibration: %d tokens in %d batches", inputs.tokens, len(inputs.hidden))
+    saved = None
+    if resume_dir is not None:
+        saved = LayerProgress(
+            resume_dir, fingerprint(model, state.recipe, inputs.digest if inputs else ""), store.device
+        )
+    done = saved.layers_done() if saved is not None else 0
+    if done:
+        logger.info("resuming after layer %d of %d (%s)", done - 1, len(skeleton.layers), resume_dir)
+        if inputs is not None:
+            inputs.hidden = [inputs.placed(h) for h in saved.hidden()]
+    bar = tqdm(range(len(skeleton.layers)), desc="layers", unit="layer", disable=not progress)
+    for index in bar:
+        prefix = inside[index]
+        layer_names = [n for n in names if _in_layer(n, prefix)]
+        layer_blocks = [b for b in blocks if _in_layer(b.experts_name, prefix)]
+        if index < done:  # finished by the interrupted run: its statistics, not its weights
+            statistics = saved.layer(index)
+            amax = saved_weight_amax(statistics, layer_names, [b.experts_name for b in layer_blocks])
+            experts += attach(layer_names, layer_blocks, amax)
+            restore_layer_statistics(skeleton.layers[index], prefix, statistics)
+            continue
+        layer = store.load(index)
+        experts += attach(layer_names, layer_blocks)
+        if inputs is not None:
+            set_mode(layer, QuantMode.CALIBRATE)
+            try:
+                _run_layer(layer, index, inputs, store.device)
+            finally:
+                set_mode(layer, QuantMode.OFF)
+        store.free(index)
+        if saved is not None:
+            saved.save(
+                index, layer_statistics(layer, prefix), inputs.hidden if inputs else [], state.calibration_tokens
+            )
+        bar.set_postfix_str(peaks.sample().postfix())
+    state.path = "layer-by-layer"
+    state.memory = peaks.summary()
+    return experts
