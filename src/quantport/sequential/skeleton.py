@@ -76,10 +76,19 @@ def _model_dtype(config, first_float: torch.dtype | None) -> torch.dtype:
     return first_float or torch.float32
 
 
+def _generation_config(directory: Path):
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(directory)
+    except OSError:
+        return GenerationConfig.from_pretrained(directory, config_file_name="config.json", _from_model_config=True)
+
+
 def build_skeleton(directory: Path, first_float: torch.dtype | None = None) -> Skeleton:
     """The model ``directory/config.json`` describes, on the meta device (its quantization_config dropped:
     the source dequantizes the weights, transformers must not)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
     try:
@@ -96,9 +105,9 @@ def build_skeleton(directory: Path, first_float: torch.dtype | None = None) -> S
         raise ModelLoadError(f"{directory}/config.json: transformers cannot build the model: {exc!r:.300}") from None
     model.name_or_path = str(directory)
     model.config._name_or_path = str(directory)
-    if (directory / "generation_config.json").is_file():
+    if model.can_generate():  # as from_pretrained does: the file, else the generation fields of config.json
         try:
-            model.generation_config = GenerationConfig.from_pretrained(directory)
+            model.generation_config = _generation_config(directory)
         except Exception as exc:  # noqa: BLE001  (a broken generation config does not affect the weights)
-            logger.warning("%s/generation_config.json is ignored: %s", directory, exc)
+            logger.warning("%s: generation config ignored: %s", directory, exc)
     return Skeleton(model.eval(), decoder_layers(model), dtype)
