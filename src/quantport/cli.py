@@ -118,6 +118,13 @@ def _parser(*, quantize_only: bool = False) -> argparse.ArgumentParser:
     )
     add_algorithm_arguments(q)
     q.add_argument(
+        "--propagate",
+        choices=("unquantized", "quantized"),
+        default="unquantized",
+        help="layer by layer: each layer is calibrated on the full-precision outputs of the one before (default; "
+        "the same result as the whole model) or on its quantized outputs",
+    )
+    q.add_argument(
         "--resume",
         action="store_true",
         help="layer by layer: save the calibration progress as layers finish, and go on from the progress a killed "
@@ -170,7 +177,8 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
     outputs.append(
         claim_output(args.out, overwrite=args.overwrite, source=_local_model(args.model), resume=args.resume)
     )
-    sequential = True if args.resume and args.sequential is None else args.sequential  # --resume is layer by layer
+    layered = args.resume or args.propagate != "unquantized"  # options of the layer-by-layer path
+    sequential = True if layered and args.sequential is None else args.sequential
     model, directory, why = open_model(args.model, device=args.device, sequential=sequential, progress=not args.quiet)
     quantize(
         model,
@@ -189,6 +197,7 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
         allow_check_errors=args.allow_check_errors,
         algorithm=algorithm_from_args(args),
         **({"resume_dir": outputs[-1].resume_dir} if args.resume else {}),
+        **({"propagate": args.propagate} if args.propagate != "unquantized" else {}),
     )
     if args.save_statistics is not None:  # first: a failed export still leaves the calibration
         from .calibration_statistics import save_statistics

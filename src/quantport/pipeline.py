@@ -208,13 +208,16 @@ def _calibration_data(
     )
 
 
-def _unify_groups(model: nn.Module, state: QuantizationState, codec: SchemeCodec) -> None:
+def _unify_groups(model: nn.Module, state: QuantizationState, codec: SchemeCodec, *, within: str = "") -> None:
+    """One input amax and one weight amax per shared-input group (engines fuse them); ``within`` a module
+    prefix: only that module's groups, not recorded in the state (the whole model's pass records them)."""
     modules = dict(model.named_modules())
     for group in find_shared_input_groups(model):
         members = [modules[m] for m in group.members]
-        if not all(isinstance(m, QuantLinear) for m in members):
+        if not all(isinstance(m, QuantLinear) for m in members) or not group.members[0].startswith(within):
             continue
-        state.groups.append(group)
+        if not within:
+            state.groups.append(group)
         if codec.static_input_scale:
             shared_input = torch.stack([m.input_amax for m in members]).amax()
             for m in members:
@@ -225,8 +228,10 @@ def _unify_groups(model: nn.Module, state: QuantizationState, codec: SchemeCodec
                 m.shared_weight_amax = shared_weight
 
 
-def _drop_uncalibrated(model: nn.Module, state: QuantizationState) -> None:
+def _drop_uncalibrated(model: nn.Module, state: QuantizationState, *, within: str = "") -> None:
     for name, module in model.named_modules():
+        if not name.startswith(within):
+            continue
         if isinstance(module, QuantLinear) and module.codec.static_input_scale and module.input_amax is None:
             module.revert()
             state.quantized.remove(name)
@@ -321,7 +326,7 @@ def _quantize_layer_by_layer(
     options: dict[str, Any],
 ) -> list[ExpertsQuantizer]:
     """A model opened with :func:`quantport.sequential.open_layer_by_layer`: one decoder layer at a time."""
-    from .sequential.calibrate import quantize_layer_by_layer
+    from .sequential.calibrate import Propagation, quantize_layer_by_layer
 
     if algorithm.algorithm is not Algorithm.MAX:
         raise InvalidArgumentError(
@@ -340,11 +345,30 @@ def _quantize_layer_by_layer(
         state,
         progress=options.get("progress", True),
         resume_dir=options.get("resume_dir"),
+        propagate=Propagation(options.get("propagate", Propagation.UNQUANTIZED)),
+        finish_layer=_FinishLayer(model, state, codec, options),
     )
     if forward:
         check_finite_statistics(model)
         _drop_uncalibrated(model, state)
     return experts
+
+
+class _FinishLayer:
+    """The end of calibration for one decoder layer, so that it can run quantized (quantized propagation):
+    uncalibrated Linears dropped, experts input scales filled by the policy, shared-input groups unified. The
+    whole model's pass at the end repeats them (same values) and records them in the state."""
+
+    def __init__(self, model: nn.Module, state: QuantizationState, codec: SchemeCodec, options: dict[str, Any]):
+        self.model, self.state, self.codec = model, state, codec
+        self.policy = MoEInputScales(options.get("moe_input_scales", MoEInputScales.SHARED))
+
+    def __call__(self, prefix: str, experts: list[ExpertsQuantizer]) -> None:
+        _drop_uncalibrated(self.model, self.state, within=prefix)
+        if self.codec.static_input_scale:
+            for quantizer in experts:
+                apply_input_policy(quantizer, self.policy)
+        _unify_groups(self.model, self.state, self.codec, within=prefix)
 
 
 def _quantize_whole(
@@ -405,7 +429,9 @@ def quantize(
             ``algorithm`` ("max" | "mse" | "gptq", an :class:`quantport.algorithm_options.Algorithm`, or its
             typed options such as ``GptqOptions(act_order=True)``; default "max": round to nearest),
             ``resume_dir`` (a model opened layer by layer: save the progress there as layers finish, and go on
-            from an interrupted run's progress found there; :mod:`quantport.sequential.resume`).
+            from an interrupted run's progress found there; :mod:`quantport.sequential.resume`), ``propagate``
+            (layer by layer: "unquantized", the default, gives each layer the full-precision outputs of the one
+            before, as a whole-model forward does; "quantized" gives it the simulated quantized outputs).
     """
     unknown = set(options) - {
         "exclude",
@@ -423,6 +449,7 @@ def quantize(
         "allow_check_errors",
         "algorithm",
         "resume_dir",
+        "propagate",
     }
     if unknown:
         raise TypeError(f"unknown quantize option(s): {', '.join(sorted(unknown))}")
@@ -458,9 +485,10 @@ def quantize(
     if store is not None:
         experts = _quantize_layer_by_layer(model, store, names, blocks, codec, state, algorithm, calib_data, options)
     else:
-        if options.get("resume_dir") is not None:
+        if options.get("resume_dir") is not None or options.get("propagate", "unquantized") != "unquantized":
             raise InvalidArgumentError(
-                "resume_dir saves progress layer by layer: open the model with quantport.sequential.open_layer_by_layer"
+                "resume_dir and propagate work layer by layer: open the model with "
+                "quantport.sequential.open_layer_by_layer"
             )
         mapped = MappedWeights() if options.get("release_weights", True) else MappedWeights.disabled()
         experts, step = _quantize_whole(model, names, blocks, codec, state, algorithm, calib_data, options, mapped)

@@ -369,6 +369,8 @@ def check_quantize_args(args: argparse.Namespace) -> QuantizeInputs:
         _check_coverage_png(args.coverage_png, config, args.model)
     if args.save_statistics is not None:
         _check_statistics_path(args.save_statistics, args.algorithm)
+    if args.propagate != "unquantized" and args.sequential is False:
+        raise InvalidArgumentError("--propagate quantized runs layer by layer: drop --no-sequential")
     if args.resume and args.sequential is False:
         raise InvalidArgumentError("--resume saves progress layer by layer: drop --no-sequential")
     return QuantizeInputs(recipe=recipe, directory=directory, config=config)

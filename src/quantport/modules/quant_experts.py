@@ -111,6 +111,12 @@ class ExpertsQuantizer:
             self._simulator = ExpertsSimulator(self.block, self.codec, weights, self._input_scales())
         return self._simulator
 
+    def drop_simulation(self) -> None:
+        """Forget the simulated weights (one dequantized copy of the experts), e.g. when the layer's own
+        weights are freed."""
+        self._simulator = None
+        self._simulated_weights = None
+
     def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.mode is QuantMode.CALIBRATE:
             return self.calibrator.forward(*args, **kwargs)

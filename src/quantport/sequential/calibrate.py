@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +20,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch.experts import MoEBlock
-from ..modules.quant_experts import ExpertsQuantizer
-from ..modules.quant_linear import QuantMode
+from ..modules.quant_experts import ExpertsQuantizer, experts_quantizer_of
+from ..modules.quant_linear import QuantLinear, QuantMode
 from ..state import QuantizationState, set_mode
 from .capture import LayerInputs, capture_layer_inputs
 from .layer_store import LayerStore
 from .memory import MemoryPeaks
 from .resume import LayerProgress, fingerprint, layer_statistics, restore_layer_statistics, saved_weight_amax
 
-__all__ = ["quantize_layer_by_layer"]
+__all__ = ["Propagation", "quantize_layer_by_layer"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,12 +37,39 @@ def _in_layer(name: str, prefix: str) -> bool:
     return name.startswith(prefix)
 
 
+class Propagation(str, Enum):
+    """What each decoder layer's calibration sees as its input."""
+
+    UNQUANTIZED = "unquantized"
+    """The full-precision outputs of the layer before, as in a whole-model forward (statistics and bytes equal
+    the whole-model path's)."""
+    QUANTIZED = "quantized"
+    """The outputs of the layer before as the engine computes them (simulated quantization): each layer is
+    calibrated on the errors of the ones before, which error-correcting algorithms (GPTQ) build on."""
+
+
 @torch.no_grad()
-def _run_layer(layer: nn.Module, index: int, inputs: LayerInputs, device: torch.device) -> None:
+def _run_layer(layer: nn.Module, index: int, inputs: LayerInputs, device: torch.device, *, keep: bool) -> None:
     for b in range(len(inputs.hidden)):
         hidden, args, kwargs = inputs.batch(index, b, device)
         output = layer(hidden, *args, **kwargs)
-        inputs.store(b, output[0] if isinstance(output, tuple) else output)
+        if keep:
+            inputs.store(b, output[0] if isinstance(output, tuple) else output)
+
+
+def _run_quantized(layer: nn.Module, index: int, inputs: LayerInputs, device: torch.device) -> None:
+    """The layer's outputs with its quantization simulated; the simulation's weight copies dropped after."""
+    set_mode(layer, QuantMode.SIMULATE)
+    try:
+        _run_layer(layer, index, inputs, device, keep=True)
+    finally:
+        set_mode(layer, QuantMode.OFF)
+        for module in layer.modules():
+            if isinstance(module, QuantLinear):
+                module.cache_simulated_weight(False)
+            experts = experts_quantizer_of(module)
+            if experts is not None:
+                experts.drop_simulation()
 
 
 def quantize_layer_by_layer(
@@ -55,11 +83,15 @@ def quantize_layer_by_layer(
     *,
     progress: bool = True,
     resume_dir: Path | None = None,
+    propagate: Propagation = Propagation.UNQUANTIZED,
+    finish_layer: Callable[[str, list[ExpertsQuantizer]], None] | None = None,
 ) -> list[ExpertsQuantizer]:
     """Attach and calibrate the planned modules (``names``, ``blocks``) layer by layer; returns the experts
     quantizers. ``attach(names, blocks)`` attaches the quantizers of some planned modules (weights loaded).
     ``batches`` None: no forward is needed (weight-only), each layer is only read once for its weight amax.
-    ``resume_dir``: save the progress there as layers finish, and go on from an interrupted run's (:mod:`.resume`)."""
+    ``resume_dir``: save the progress there as layers finish, and go on from an interrupted run's (:mod:`.resume`).
+    ``propagate``: what the next layer sees; with :attr:`Propagation.QUANTIZED`, ``finish_layer(prefix, experts)``
+    completes a layer's statistics before its quantized outputs are computed."""
     skeleton = store.skeleton
     peaks = MemoryPeaks(store.device)
     inside = [skeleton.layer_name(i) + "." for i in range(len(skeleton.layers))]
@@ -72,9 +104,8 @@ def quantize_layer_by_layer(
         logger.info("calibration: %d tokens in %d batches", inputs.tokens, len(inputs.hidden))
     saved = None
     if resume_dir is not None:
-        saved = LayerProgress(
-            resume_dir, fingerprint(model, state.recipe, inputs.digest if inputs else ""), store.device
-        )
+        tokens = (inputs.digest if inputs else "") + propagate.value
+        saved = LayerProgress(resume_dir, fingerprint(model, state.recipe, tokens), store.device)
     done = saved.layers_done() if saved is not None else 0
     if done:
         logger.info("resuming after layer %d of %d (%s)", done - 1, len(skeleton.layers), resume_dir)
@@ -92,13 +123,18 @@ def quantize_layer_by_layer(
             restore_layer_statistics(skeleton.layers[index], prefix, statistics)
             continue
         layer = store.load(index)
-        experts += attach(layer_names, layer_blocks)
+        attached = attach(layer_names, layer_blocks)
+        experts += attached
         if inputs is not None:
+            quantized = propagate is Propagation.QUANTIZED
             set_mode(layer, QuantMode.CALIBRATE)
             try:
-                _run_layer(layer, index, inputs, store.device)
+                _run_layer(layer, index, inputs, store.device, keep=not quantized)
             finally:
                 set_mode(layer, QuantMode.OFF)
+            if quantized:
+                finish_layer(prefix, attached)
+                _run_quantized(layer, index, inputs, store.device)
         store.free(index)
         if saved is not None:
             saved.save(
