@@ -1,7 +1,8 @@
-"""The codec registry: every codec module of this package registers its codecs when imported.
+"""The codec registry: every module of :mod:`quantport.formats` that defines a scheme's codec registers it when
+imported.
 
-:func:`discover_codecs` imports every module of :mod:`quantport.schemes` (a new codec file needs no
-import line elsewhere); :mod:`quantport.schemes` runs it once when it is imported.
+:func:`discover_codecs` imports every module of :mod:`quantport.formats` (a new format's file needs no import
+line elsewhere); :mod:`quantport.schemes` runs it once when it is imported.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ if TYPE_CHECKING:
 
 __all__ = ["CODECS", "codec_for", "discover_codecs", "quantizes_stacks", "register"]
 
-_INFRASTRUCTURE = frozenset({"codec", "registry"})
-
 CODECS: dict[LinearScheme, SchemeCodec] = {}
 """Every registered codec by scheme."""
 
@@ -32,12 +31,10 @@ def register(codec: C) -> C:
 
 
 def discover_codecs() -> None:
-    """Import every codec module of :mod:`quantport.schemes` (each registers its codecs)."""
-    package = __name__.rsplit(".", 1)[0]
-    path = importlib.import_module(package).__path__
-    for module in pkgutil.iter_modules(path):
-        if module.name not in _INFRASTRUCTURE:
-            importlib.import_module(f"{package}.{module.name}")
+    """Import every module of :mod:`quantport.formats` (each format's file registers its codecs)."""
+    formats = importlib.import_module(__name__.rsplit(".", 2)[0] + ".formats")
+    for module in pkgutil.iter_modules(formats.__path__):
+        importlib.import_module(f"{formats.__name__}.{module.name}")
 
 
 def codec_for(scheme: LinearScheme) -> SchemeCodec:
