@@ -94,3 +94,17 @@ def test_descriptor_validation():
     fmt = codec_for(LinearScheme.FP8).format
     with pytest.raises(dataclasses.FrozenInstanceError):
         fmt.stacks = False  # type: ignore[misc]
+
+
+def test_a_scheme_names_exactly_one_numeric_format():
+    """LinearScheme is one concept: every member names one descriptor and no two members share one, so a
+    scheme's name never stands for how a dialect stores the same numbers."""
+    formats = [codec_for(scheme).format for scheme in LinearScheme]
+    assert len(set(formats)) == len(formats) == 16
+    nvfp4, nvfp4_ct = codec_for(LinearScheme.NVFP4).format, codec_for(LinearScheme.NVFP4_CT).format
+    assert dataclasses.replace(nvfp4_ct, convention=ScaleConvention.MULTIPLIER, stacks=True) == nvfp4
+
+
+def test_two_level_scales_are_the_fp8_scaled_formats():
+    two_level = {scheme.value for scheme in LinearScheme if codec_for(scheme).format.global_scale}
+    assert two_level == {"nvfp4", "w4a16-nvfp4", "nvfp4-ct", "w4a16-nvfp4-ct"}

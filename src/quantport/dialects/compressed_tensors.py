@@ -113,7 +113,7 @@ def _weight_args(fmt: NumericFormat) -> dict[str, Any]:
         args["block_structure"] = [fmt.block_size, fmt.block_size]
     elif fmt.granularity is ScaleGranularity.GROUP:
         args["group_size"] = fmt.block_size
-    if fmt.element is Element.E2M1 and fmt.scale_type is ScaleType.FLOAT:  # NVFP4: FP8 group scales + global
+    if fmt.global_scale:  # NVFP4: FP8 group scales under a global scale
         args |= {"strategy": "tensor_group", "scale_dtype": fmt.scale_dtype}
     if fmt.scale_type is ScaleType.E8M0:
         args |= {"scale_dtype": torch.uint8, "zp_dtype": torch.uint8}
