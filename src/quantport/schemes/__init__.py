@@ -9,14 +9,14 @@ simulated model computes is what is exported, bit for bit. Which tensor names, s
 the pieces get is each checkpoint dialect's (:mod:`quantport.dialects`).
 
 :mod:`.codec` holds the protocol and mixins, :mod:`.registry` the registry, which imports (and so
-registers) every format's codecs by :func:`~.registry.discover_codecs`.
+registers) every format's codecs on its first look-up (:func:`~.registry.discover_codecs`).
 """
 
 from __future__ import annotations
 
 from ..formats.pieces import Piece, QuantizedPieces
 from .codec import DynamicActivations, FormatCapabilities, SchemeCodec, TensorSpec, WeightOnly
-from .registry import CODECS, codec_for, discover_codecs, quantizes_stacks, register
+from .registry import CODECS, codec_for, quantizes_stacks, register
 
 __all__ = [
     "CODECS",
@@ -31,5 +31,3 @@ __all__ = [
     "quantizes_stacks",
     "register",
 ]
-
-discover_codecs()
