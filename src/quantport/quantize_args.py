@@ -18,6 +18,7 @@ from typing import Any
 
 from .algorithm_options import Algorithm, AlgorithmOptions, GptqOptions, MseOptions, algorithm_options
 from .calibration_sources import CalibrationData, CalibrationSource, locate, require_datasets
+from .dialects import ExportFormat
 from .errors import AlreadyQuantizedError, CalibrationDataError, InvalidArgumentError
 from .loading import read_model_config, resolve_model_dir
 from .recipes import QuantRecipe, get_recipe
@@ -42,8 +43,8 @@ __all__ = [
     "shard_size",
 ]
 
-EXPORT_FORMATS = ("modelopt", "compressed-tensors", "mxfp4")
-"""The values of :class:`quantport.export.ExportFormat` (that module imports torch; a test keeps them equal)."""
+EXPORT_FORMATS = tuple(fmt.value for fmt in ExportFormat)
+"""The values of :class:`quantport.export.ExportFormat` (read from :mod:`quantport.dialects`, without torch)."""
 
 MOE_CONFIG_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 """``config.json`` keys that give the number of routed experts in the MoE families quantport reads

@@ -16,6 +16,7 @@ from .errors import QuantportError
 __all__ = [
     "DEFAULT_EXCLUDES",
     "PRESETS",
+    "VARIANTS",
     "KVCacheFormat",
     "LinearScheme",
     "QuantRecipe",
@@ -25,7 +26,18 @@ __all__ = [
 
 
 class LinearScheme(str, Enum):
-    """Numeric format of a quantized Linear layer (weights and activations)."""
+    """The numbers of a quantized Linear layer (weights and activations): the name of exactly one numeric
+    format, i.e. one :class:`~quantport.formats.descriptors.NumericFormat` descriptor registered with its codec
+    in :mod:`quantport.formats` (``codec_for(scheme).format``; no two schemes share a descriptor).
+
+    Members that look alike differ in the numbers, never only in how a checkpoint names them: ``nvfp4`` and
+    ``nvfp4-ct`` round the global scale differently (``amax / 2688`` vs its reciprocal), ``w4a16`` and
+    ``w4a16-modelopt`` divide by 7.5 in the model dtype vs 7 in fp32, ``w8a16-modelopt`` is per channel where
+    ``w8a16`` is per 128 inputs. The suffix names the :class:`~quantport.formats.descriptors.ScaleConvention`
+    of the dialect that stores those numbers; tensor names, ``quant_algo`` strings and config blocks are the
+    dialects' (:mod:`quantport.dialects`). Every member that is no other's variant (:data:`VARIANTS`) is a
+    preset recipe of the same name.
+    """
 
     FP8 = "fp8"
     """FP8 E4M3 weights, one fp32 scale per tensor; static per-tensor FP8 activations (W8A8)."""
@@ -142,24 +154,31 @@ class QuantRecipe:
         return any(fnmatch.fnmatchcase(module_name, pattern) for pattern in self.exclude)
 
 
-PRESETS: dict[str, QuantRecipe] = {
-    recipe.name: recipe
-    for recipe in (
-        QuantRecipe("fp8", LinearScheme.FP8),
-        QuantRecipe("fp8-dynamic", LinearScheme.FP8_DYNAMIC),
-        QuantRecipe("fp8-block", LinearScheme.FP8_BLOCK),
-        QuantRecipe("nvfp4", LinearScheme.NVFP4, variants=(LinearScheme.NVFP4_CT,)),
-        QuantRecipe("w4a16-nvfp4", LinearScheme.W4A16_NVFP4, variants=(LinearScheme.W4A16_NVFP4_CT,)),
-        QuantRecipe("mxfp8", LinearScheme.MXFP8),
-        QuantRecipe("mxfp4", LinearScheme.MXFP4),
-        QuantRecipe("mxfp4-experts", LinearScheme.MXFP4, linears=False),
-        QuantRecipe("int8", LinearScheme.INT8),
-        QuantRecipe("w4a16", LinearScheme.W4A16, variants=(LinearScheme.W4A16_MODELOPT,)),
-        QuantRecipe("w4a16-asym", LinearScheme.W4A16_ASYM),
-        QuantRecipe("w8a16", LinearScheme.W8A16, variants=(LinearScheme.W8A16_MODELOPT,)),
-        QuantRecipe("w8a16-asym", LinearScheme.W8A16_ASYM),
-    )
+VARIANTS: dict[LinearScheme, tuple[LinearScheme, ...]] = {
+    LinearScheme.NVFP4: (LinearScheme.NVFP4_CT,),
+    LinearScheme.W4A16_NVFP4: (LinearScheme.W4A16_NVFP4_CT,),
+    LinearScheme.W4A16: (LinearScheme.W4A16_MODELOPT,),
+    LinearScheme.W8A16: (LinearScheme.W8A16_MODELOPT,),
 }
+"""Schemes with the intent of the key whose numerics another checkpoint dialect stores exactly; they are
+the preset's :attr:`QuantRecipe.variants` and get no preset of their own."""
+
+
+def _presets() -> dict[str, QuantRecipe]:
+    """One preset per scheme named by its value (variants excepted), and ``mxfp4-experts``: MXFP4 experts only
+    (gpt-oss's native format), after ``mxfp4``."""
+    variant_schemes = {variant for variants in VARIANTS.values() for variant in variants}
+    presets: dict[str, QuantRecipe] = {}
+    for scheme in LinearScheme:
+        if scheme not in variant_schemes:
+            presets[scheme.value] = QuantRecipe(scheme.value, scheme, variants=VARIANTS.get(scheme, ()))
+        if scheme is LinearScheme.MXFP4:
+            presets["mxfp4-experts"] = QuantRecipe("mxfp4-experts", scheme, linears=False)
+    return presets
+
+
+PRESETS: dict[str, QuantRecipe] = _presets()
+"""Every preset recipe by name: adding a :class:`LinearScheme` member adds its preset."""
 
 
 class UnknownRecipeError(QuantportError, ValueError):

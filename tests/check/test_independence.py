@@ -1,4 +1,5 @@
-"""The checker shares no code with the exporter: only the numeric formats, the family descriptors and the reader."""
+"""The checker shares no code with the exporter: only the numeric formats, the dialects' vocabularies, the family
+descriptors and the reader."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import quantport.check
 
 ALLOWED_OUTSIDE = (
     "quantport.formats",
+    "quantport.dialects",
     "quantport.arch.experts",
     "quantport.arch.family",
     "quantport.arch.engines",
@@ -16,7 +18,8 @@ ALLOWED_OUTSIDE = (
     "quantport.read",
     "quantport.errors",
 )
-"""Pure numerics, model-family and engine descriptors (data), the shared file reader and the error classes."""
+"""Pure numerics and their descriptors, the dialects' vocabularies, model-family and engine descriptors (data), the
+shared file reader and the error classes."""
 SOURCES = sorted(Path(quantport.check.__file__).parent.rglob("*.py")) + [
     Path(quantport.check.__file__).parents[1] / "inspect_checkpoint.py"
 ]

@@ -158,3 +158,18 @@ def test_quantport_moe_exports_pass(tmp_path, family, recipe, fmt, kv):
     )
     out = quantport.export(model, tmp_path / "out", fmt, progress=False)
     assert_clean(out, "vllm")
+
+
+@pytest.mark.parametrize("recipe", ["w4a16", "w8a16"])
+def test_quantport_modelopt_integer_exports_have_the_tensors_their_algorithm_names(tmp_path, recipe):
+    """The ModelOpt tensors of W4A16_AWQ and W8A16 follow from the dialect's algorithm table and the numeric
+    format descriptor; vLLM's ModelOpt reader refuses both algorithms, which is the only finding."""
+    import quantport
+    from quantport.export import recipe_for_format
+    from tiny_models import TINY_MODELS, make_calibration_batches
+
+    model = TINY_MODELS["llama"](0)
+    quantport.quantize(model, recipe_for_format(recipe, "modelopt"), make_calibration_batches(), progress=False)
+    quantport.export(model, tmp_path / "out", format="modelopt", progress=False)
+    report = check_checkpoint(tmp_path / "out", "vllm")
+    assert report.rules() == {"config.quant-algo"}, render_report(report)

@@ -33,7 +33,9 @@ def _pieces(scheme: LinearScheme) -> set[Piece]:
 
 
 def test_compressed_tensors_names_follow_from_each_row():
-    assert set(CT_NAMES) == set(ct.CT_SCHEMES)
+    assert set(CT_NAMES) <= set(ct.CT_SCHEMES)  # a format added later is its own test's
+    modelopt_numerics = {LinearScheme.NVFP4, LinearScheme.W4A16_NVFP4, LinearScheme.W4A16_MODELOPT}
+    assert not (modelopt_numerics | {LinearScheme.W8A16_MODELOPT, LinearScheme.MXFP8}) & set(ct.CT_SCHEMES)
     for scheme, names in CT_NAMES.items():
         row = ct.CT_SCHEMES[scheme]
         assert {row.suffix(piece) for piece in _pieces(scheme)} == names, scheme
@@ -71,12 +73,11 @@ def test_native_mxfp4_names():
     assert mxfp4_native.blocks_shape((4, 8, 2)) == (4, 8, 2, 16)
 
 
-def test_every_codec_module_registers_without_an_import_line():
-    import pkgutil
-
-    import quantport.schemes as schemes
+def test_every_codec_is_found_in_the_formats_package_without_an_import_line():
+    import quantport.formats as formats
     from quantport.schemes.registry import CODECS
 
-    modules = {m.name for m in pkgutil.iter_modules(schemes.__path__)} - {"codec", "registry"}
     registered = {type(codec).__module__.rsplit(".", 1)[1] for codec in CODECS.values()}
-    assert registered == modules and len(CODECS) == 16
+    assert registered >= {"fp8", "nvfp4", "mx", "integer_ct", "integer_modelopt"}
+    assert all(type(codec).__module__.startswith(formats.__name__ + ".") for codec in CODECS.values())
+    assert len(CODECS) == len(LinearScheme) >= 16

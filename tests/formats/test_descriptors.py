@@ -41,7 +41,8 @@ EXPECTED = {
 
 def test_every_scheme_has_its_expected_capabilities():
     compared = 0
-    for scheme in LinearScheme:
+    for value in EXPECTED:
+        scheme = LinearScheme(value)
         codec = codec_for(scheme)
         fmt = codec.format
         assert isinstance(fmt, NumericFormat)
@@ -50,7 +51,7 @@ def test_every_scheme_has_its_expected_capabilities():
         assert codec.static_input_scale is fmt.needs_calibration is (fmt.activations is ActivationQuant.STATIC)
         assert codec.input_multiple == fmt.input_multiple and codec.group_size == fmt.group_size
         compared += 1
-    assert compared == len(EXPECTED) == len(CODECS) == 16
+    assert compared == len(EXPECTED) == 16 and len(CODECS) == len(LinearScheme)
 
 
 def test_codecs_carry_no_dialect_vocabulary():
@@ -94,3 +95,17 @@ def test_descriptor_validation():
     fmt = codec_for(LinearScheme.FP8).format
     with pytest.raises(dataclasses.FrozenInstanceError):
         fmt.stacks = False  # type: ignore[misc]
+
+
+def test_a_scheme_names_exactly_one_numeric_format():
+    """LinearScheme is one concept: every member names one descriptor and no two members share one, so a
+    scheme's name never stands for how a dialect stores the same numbers."""
+    formats = [codec_for(scheme).format for scheme in LinearScheme]
+    assert len(set(formats)) == len(formats) == len(LinearScheme) >= 16
+    nvfp4, nvfp4_ct = codec_for(LinearScheme.NVFP4).format, codec_for(LinearScheme.NVFP4_CT).format
+    assert dataclasses.replace(nvfp4_ct, convention=ScaleConvention.MULTIPLIER, stacks=True) == nvfp4
+
+
+def test_two_level_scales_are_the_fp8_scaled_formats():
+    two_level = {scheme.value for scheme in LinearScheme if codec_for(scheme).format.global_scale}
+    assert two_level == {"nvfp4", "w4a16-nvfp4", "nvfp4-ct", "w4a16-nvfp4-ct"}

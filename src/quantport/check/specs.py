@@ -2,17 +2,19 @@
 
 A :class:`Spec` gives the dtypes and the shape a parameter must have, derived from the module's
 weight; :func:`modelopt_specs` and :func:`ct_specs` return them for a ModelOpt ``quant_algo`` or a
-compressed-tensors config group. Block sizes come from :mod:`quantport.formats`.
+compressed-tensors config group. ModelOpt's follow from the numeric format descriptor the ModelOpt dialect's
+vocabulary (:mod:`quantport.dialects.modelopt`) names for the algorithm, compressed-tensors' from the
+group's ``QuantizationArgs``; block sizes come from :mod:`quantport.formats`. No codec is called.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from quantport.formats.fp8 import FP8_BLOCK
+from quantport.dialects.modelopt import numeric_format
+from quantport.formats.descriptors import Element, NumericFormat, ScaleGranularity, ScaleType
 from quantport.formats.mx import MX_BLOCK
 from quantport.formats.nvfp4 import NVFP4_BLOCK
 
@@ -67,51 +69,54 @@ def _scalar(dtypes: tuple[str, ...] = F32, required: bool = True) -> Spec:
     return Spec(dtypes, (SCALAR,), required)
 
 
-def _nvfp4(o: int, c: int, *, activations: bool) -> LayerSpec:
-    n = 2 * c
-    params = {
-        "weight": Spec(("U8",), ((o, c),)),
-        "weight_scale": Spec(FP8, ((o, n // NVFP4_BLOCK),)),
-        "weight_scale_2": _scalar(),
-    }
-    if activations:
-        params["input_scale"] = _scalar()
-    label = "NVFP4" if activations else "W4A16_NVFP4"
-    return LayerSpec(label, params, frozenset() if activations else frozenset({"input_scale"}), (n, NVFP4_BLOCK))
-
-
-def _fp8_block(o: int, i: int) -> LayerSpec:
-    bo, bi = FP8_BLOCK
-    grid = (math.ceil(o / bo), math.ceil(i / bi))
-    scale = Spec(F32, ((grid[0], 1, grid[1], 1), grid))
-    return LayerSpec("FP8_PB_WO", {"weight": Spec(FP8, ((o, i),)), "weight_scale": scale}, divisibility=(i, bi))
-
-
-_MODELOPT: dict[str, Callable[[int, int], LayerSpec]] = {
-    "FP8": lambda o, i: LayerSpec(
-        "FP8", {"weight": Spec(FP8, ((o, i),)), "weight_scale": _scalar(), "input_scale": _scalar()}
-    ),
-    "FP8_PER_CHANNEL_PER_TOKEN": lambda o, i: LayerSpec(
-        "FP8_PER_CHANNEL_PER_TOKEN", {"weight": Spec(FP8, ((o, i),)), "weight_scale": Spec(F32, ((o,), (o, 1)))}
-    ),
-    "FP8_PB_WO": _fp8_block,
-    "FP8_BLOCK_SCALES": _fp8_block,
-    "NVFP4": lambda o, c: _nvfp4(o, c, activations=True),
-    "W4A16_NVFP4": lambda o, c: _nvfp4(o, c, activations=False),
-    "MXFP8": lambda o, i: LayerSpec(
-        "MXFP8",
-        {"weight": Spec(FP8, ((o, i),)), "weight_scale": Spec(E8M0, ((o, i // MX_BLOCK),))},
-        divisibility=(i, MX_BLOCK),
-    ),
+_MODELOPT_ALIASES = {"FP8_BLOCK_SCALES": "FP8_PB_WO"}
+"""ModelOpt algorithms quantport does not write, stored like one it does (nvidia-modelopt's 128x128 FP8 blocks)."""
+_STORED_CODES: dict[Element, tuple[str, ...]] = {
+    Element.FP8_E4M3: FP8,
+    Element.E2M1: ("U8",),
+    Element.INT8: ("I8",),
+    Element.INT4: ("U8",),
 }
 
 
+def _modelopt_scale(fmt: NumericFormat, o: int, i: int) -> Spec:
+    """ModelOpt's ``weight_scale`` of an ``[out, in]`` weight in ``fmt``."""
+    if fmt.granularity is ScaleGranularity.TENSOR:
+        return _scalar()
+    if fmt.granularity is ScaleGranularity.CHANNEL:
+        return Spec(F32, ((o,), (o, 1)))
+    block = fmt.block_size or 1
+    if fmt.granularity is ScaleGranularity.BLOCK_2D:
+        grid = (math.ceil(o / block), math.ceil(i / block))
+        return Spec(F32, ((grid[0], 1, grid[1], 1), grid))
+    dtypes = E8M0 if fmt.scale_type is ScaleType.E8M0 else FP8 if fmt.global_scale else F32
+    return Spec(dtypes, ((o, i // block),))
+
+
+def _modelopt_layer(label: str, fmt: NumericFormat, stored: tuple[int, int]) -> LayerSpec:
+    """ModelOpt's tensors of a Linear whose stored ``weight`` has shape ``stored``: E2M1 codes two per byte along
+    the input, INT4 codes two per byte along the output (``W4A16_AWQ``), one per element otherwise."""
+    rows, cols = stored
+    o, i = {Element.E2M1: (rows, 2 * cols), Element.INT4: (2 * rows, cols)}.get(fmt.element, (rows, cols))
+    params = {"weight": Spec(_STORED_CODES[fmt.element], (stored,)), "weight_scale": _modelopt_scale(fmt, o, i)}
+    if fmt.global_scale:
+        params["weight_scale_2"] = _scalar()
+    tolerated: frozenset[str] = frozenset()
+    if fmt.needs_calibration:
+        params["input_scale"] = _scalar()
+    elif fmt.global_scale:
+        tolerated = frozenset({"input_scale"})  # nvidia-modelopt writes W4A16_NVFP4's unused input_scale
+    return LayerSpec(label, params, tolerated, (i, fmt.input_multiple) if fmt.input_multiple > 1 else None)
+
+
 def modelopt_specs(algo: str, weight: TensorInfo) -> LayerSpec | None:
-    """The tensors of a ModelOpt Linear quantized with ``algo`` whose ``weight`` is as given."""
-    make = _MODELOPT.get(algo)
-    if make is None or weight.ndim != 2:
+    """The tensors of a ModelOpt Linear quantized with ``algo`` whose ``weight`` is as given: derived from the
+    numeric format the ModelOpt dialect stores under ``algo`` (its descriptor, never its codec)."""
+    label = _MODELOPT_ALIASES.get(algo, algo)
+    fmt = numeric_format(label)
+    if fmt is None or weight.ndim != 2:
         return None
-    return make(*weight.shape)
+    return _modelopt_layer(label, fmt, weight.shape)
 
 
 def _ct_weight_scale(w: dict[str, Any], o: int, i: int) -> tuple[tuple[int, ...], ...]:

@@ -8,5 +8,26 @@ neutral pieces (:class:`~quantport.formats.pieces.Piece`), in both directions.
 * :mod:`.mxfp4_native`: gpt-oss's ``*_blocks`` / ``*_scales``.
 
 Nothing here imports :mod:`quantport.export`, compressed-tensors or a model: the loader reads these
-tables without the writers.
+tables without the writers. :class:`ExportFormat`, the dialects' names, is here because the command line
+reads it without importing torch.
 """
+
+from enum import Enum
+
+__all__ = ["ExportFormat"]
+
+
+class ExportFormat(str, Enum):
+    """Checkpoint formats (dialects) quantport writes; each has one writer module in
+    :mod:`quantport.export.targets`, found there by discovery."""
+
+    MODELOPT = "modelopt"
+    """NVIDIA ModelOpt unified HF checkpoint (``quant_method: modelopt``): vLLM, SGLang, TensorRT-LLM."""
+    COMPRESSED_TENSORS = "compressed-tensors"
+    """compressed-tensors checkpoint (``quant_method: compressed-tensors``): vLLM, SGLang, transformers."""
+    MXFP4 = "mxfp4"
+    """gpt-oss's native MXFP4 MoE checkpoint (``quant_method: mxfp4``, ``*_blocks`` / ``*_scales``):
+    vLLM, SGLang, transformers. MXFP4 experts only; everything else in the model dtype."""
+
+    def __str__(self) -> str:
+        return self.value

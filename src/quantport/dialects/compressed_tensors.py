@@ -2,9 +2,10 @@
 way back from stored arguments to a scheme.
 
 One row per :class:`~quantport.recipes.LinearScheme` that compressed-tensors stores exactly
-(:data:`CT_SCHEMES`): the keyword arguments of compressed-tensors' ``QuantizationArgs`` for weights and
-input activations and the ``format`` compressed-tensors infers for them (the exporter checks it against
-compressed-tensors' own inference). The loader's reverse lookup (:func:`scheme_for_args`) is derived
+(:data:`CT_SCHEMES`), derived from the scheme's numeric format descriptor (:func:`ct_scheme_of`): the
+keyword arguments of compressed-tensors' ``QuantizationArgs`` for weights and input activations and the
+``format`` compressed-tensors infers for them (the exporter checks it against compressed-tensors' own
+inference). The loader's reverse lookup (:func:`scheme_for_args`) is derived
 from the same rows. Tensor names follow from the row (:meth:`CtScheme.suffix`): codes are
 ``weight_packed`` in the ``*pack-quantized`` formats and ``weight`` otherwise; ``weight_scale``,
 ``weight_global_scale``, ``weight_zero_point``, ``weight_shape``; the activation scale is
@@ -20,8 +21,10 @@ from typing import Any
 
 import torch
 
+from ..formats.descriptors import ActivationQuant, Element, NumericFormat, ScaleConvention, ScaleGranularity, ScaleType
 from ..formats.pieces import Piece
 from ..recipes import LinearScheme
+from ..schemes import CODECS, codec_for
 
 __all__ = [
     "CT_SCHEMES",
@@ -29,6 +32,7 @@ __all__ = [
     "CtScheme",
     "InputKey",
     "WeightKey",
+    "ct_scheme_of",
     "ct_shape",
     "input_key",
     "schemes_by_args",
@@ -86,70 +90,75 @@ class CtScheme:
         return {by_suffix[suffix]: tensor for suffix, tensor in named.items() if suffix in by_suffix}
 
 
-_FP8 = {"num_bits": 8, "type": "float", "symmetric": True}
-_NVFP4 = {
-    "num_bits": 4, "type": "float", "strategy": "tensor_group", "group_size": 16, "symmetric": True,
-    "scale_dtype": torch.float8_e4m3fn,
-}  # fmt: skip
-_NVFP4_WEIGHTS = {**_NVFP4, "dynamic": False}
+_STORED_CONVENTIONS = (None, ScaleConvention.DIVISOR, ScaleConvention.HALF_STEP_MODEL_DTYPE)
+"""The scale conventions compressed-tensors decodes (its ``calculate_qparams`` / ``dequantize``)."""
+_ELEMENTS: Mapping[Element, tuple[str, int]] = {
+    Element.FP8_E4M3: ("float", 8),
+    Element.E2M1: ("float", 4),
+    Element.INT8: ("int", 8),
+    Element.INT4: ("int", 4),
+}
+_STRATEGIES: Mapping[ScaleGranularity, str] = {
+    ScaleGranularity.TENSOR: "tensor",
+    ScaleGranularity.CHANNEL: "channel",
+    ScaleGranularity.GROUP: "group",
+    ScaleGranularity.BLOCK_2D: "block",
+}
 
 
-def _int_group(bits: int, symmetric: bool) -> dict[str, Any]:
-    return {
-        "num_bits": bits,
-        "type": "int",
-        "strategy": "group",
-        "group_size": 128,
-        "symmetric": symmetric,
-        "dynamic": False,
-    }
+def _weight_args(fmt: NumericFormat) -> dict[str, Any]:
+    kind, bits = _ELEMENTS[fmt.element]
+    args: dict[str, Any] = {"num_bits": bits, "type": kind, "strategy": _STRATEGIES[fmt.granularity]}
+    if fmt.granularity is ScaleGranularity.BLOCK_2D:
+        args["block_structure"] = [fmt.block_size, fmt.block_size]
+    elif fmt.granularity is ScaleGranularity.GROUP:
+        args["group_size"] = fmt.block_size
+    if fmt.global_scale:  # NVFP4: FP8 group scales under a global scale
+        args |= {"strategy": "tensor_group", "scale_dtype": fmt.scale_dtype}
+    if fmt.scale_type is ScaleType.E8M0:
+        args |= {"scale_dtype": torch.uint8, "zp_dtype": torch.uint8}
+    return args | {"symmetric": fmt.symmetric, "dynamic": False}
+
+
+def _input_args(fmt: NumericFormat, weights: Mapping[str, Any]) -> dict[str, Any] | None:
+    if fmt.activations is ActivationQuant.NONE:
+        return None
+    if weights["strategy"] == "tensor_group":  # NVFP4 activations: static global scale, local block scales
+        return {**weights, "dynamic": "local"}
+    static = fmt.activations is ActivationQuant.STATIC
+    base = {key: weights[key] for key in ("num_bits", "type")}
+    return base | {"symmetric": True, "strategy": "tensor" if static else "token", "dynamic": not static}
+
+
+def _compression_format(fmt: NumericFormat) -> str:
+    """The ``CompressionFormat`` compressed-tensors infers, in its priority order (``infer_module_format``)."""
+    if fmt.element is Element.E2M1:
+        return "mxfp4-pack-quantized" if fmt.scale_type is ScaleType.E8M0 else "nvfp4-pack-quantized"
+    activations = fmt.activations is not ActivationQuant.NONE
+    if fmt.element in (Element.INT8, Element.INT4):
+        return "int-quantized" if activations else "pack-quantized"
+    return "float-quantized" if activations else "naive-quantized"
+
+
+def ct_scheme_of(fmt: NumericFormat) -> CtScheme | None:
+    """The compressed-tensors description of numeric format ``fmt``, derived from its descriptor; None where
+    compressed-tensors decodes other numbers (ModelOpt's scale conventions) or quantport writes no such form
+    (MXFP8: E8M0-scaled FP8, ``mxfp8-quantized``, has no round trip tested against compressed-tensors)."""
+    if fmt.convention not in _STORED_CONVENTIONS:
+        return None
+    if fmt.element is Element.FP8_E4M3 and fmt.scale_type is ScaleType.E8M0:
+        return None
+    weights = _weight_args(fmt)
+    return CtScheme(weights, _input_args(fmt, weights), _compression_format(fmt))
 
 
 CT_SCHEMES: dict[LinearScheme, CtScheme] = {
-    LinearScheme.FP8: CtScheme(
-        {**_FP8, "strategy": "tensor", "dynamic": False},
-        {**_FP8, "strategy": "tensor", "dynamic": False},
-        "float-quantized",
-    ),
-    LinearScheme.FP8_DYNAMIC: CtScheme(
-        {**_FP8, "strategy": "channel", "dynamic": False},
-        {**_FP8, "strategy": "token", "dynamic": True},
-        "float-quantized",
-    ),
-    LinearScheme.FP8_BLOCK: CtScheme(
-        {**_FP8, "strategy": "block", "block_structure": [128, 128], "dynamic": False}, None, "naive-quantized"
-    ),
-    LinearScheme.NVFP4_CT: CtScheme(
-        _NVFP4_WEIGHTS,
-        {**_NVFP4, "dynamic": "local"},
-        "nvfp4-pack-quantized",
-    ),
-    LinearScheme.W4A16_NVFP4_CT: CtScheme(_NVFP4_WEIGHTS, None, "nvfp4-pack-quantized"),
-    LinearScheme.MXFP4: CtScheme(
-        {
-            "num_bits": 4,
-            "type": "float",
-            "strategy": "group",
-            "group_size": 32,
-            "symmetric": True,
-            "dynamic": False,
-            "scale_dtype": torch.uint8,
-            "zp_dtype": torch.uint8,
-        },
-        None,
-        "mxfp4-pack-quantized",
-    ),
-    LinearScheme.INT8: CtScheme(
-        {"num_bits": 8, "type": "int", "strategy": "channel", "symmetric": True, "dynamic": False},
-        {"num_bits": 8, "type": "int", "strategy": "token", "symmetric": True, "dynamic": True},
-        "int-quantized",
-    ),
-    LinearScheme.W4A16: CtScheme(_int_group(4, True), None, "pack-quantized"),
-    LinearScheme.W4A16_ASYM: CtScheme(_int_group(4, False), None, "pack-quantized"),
-    LinearScheme.W8A16: CtScheme(_int_group(8, True), None, "pack-quantized"),
-    LinearScheme.W8A16_ASYM: CtScheme(_int_group(8, False), None, "pack-quantized"),
+    scheme: row
+    for scheme in LinearScheme
+    if scheme in CODECS and (row := ct_scheme_of(codec_for(scheme).format)) is not None
 }
-"""Every scheme with a compressed-tensors form."""
+"""Every scheme with a compressed-tensors form, in :class:`LinearScheme` order (derived: a new numeric format
+needs no row here)."""
 
 KV_CACHE_ARGS: dict[str, Any] = {
     "num_bits": 8,

@@ -15,8 +15,10 @@ from typing import Any
 from torch import Tensor
 
 from ..errors import QuantportError
+from ..formats.descriptors import NumericFormat
 from ..formats.pieces import Piece
 from ..recipes import LinearScheme
+from ..schemes import codec_for
 
 __all__ = [
     "ALGO_SCHEMES",
@@ -28,6 +30,7 @@ __all__ = [
     "fused_name",
     "linear_suffix",
     "named_tensors",
+    "numeric_format",
     "piece_of_suffix",
     "pieces_of",
     "quant_algo",
@@ -88,6 +91,12 @@ def quant_algo(scheme: LinearScheme) -> str | None:
     """ModelOpt's ``quant_algo`` of ``scheme``; None when ModelOpt has no form for it."""
     algo = MODELOPT_ALGOS.get(scheme)
     return None if algo is None else algo.quant_algo
+
+
+def numeric_format(algo: str) -> NumericFormat | None:
+    """The numeric format stored under ``quant_algo`` ``algo`` (exact spelling); None for other algorithms."""
+    scheme = ALGO_SCHEMES.get(algo)
+    return None if scheme is None else codec_for(scheme).format
 
 
 def scheme_for_algo(algo: str) -> LinearScheme | None:

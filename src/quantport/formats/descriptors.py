@@ -129,3 +129,8 @@ class NumericFormat:
     def group_size(self) -> int | None:
         """Inputs per scale along a row for group scales (the ``group_size`` configs write); None otherwise."""
         return self.block_size if self.granularity is ScaleGranularity.GROUP else None
+
+    @property
+    def global_scale(self) -> bool:
+        """Whether a per-tensor fp32 global scale sits above FP8 group scales (NVFP4's two-level scales)."""
+        return self.scale_dtype == torch.float8_e4m3fn

@@ -21,25 +21,35 @@ What modelopt's export computes (and these functions reproduce):
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .. import kernels
+from ..recipes import LinearScheme
+from ..schemes.codec import DynamicActivations, FormatCapabilities, TensorSpec, WeightOnly
+from ..schemes.registry import register
 from .descriptors import ActivationQuant, Element, NumericFormat, ScaleGranularity, ScaleType
 from .division import divide
+from .pieces import Piece, QuantizedPieces
 
 __all__ = [
-    "FP8_E4M3_MAX",
-    "FP8_BLOCK",
-    "FP8_BLOCK_WEIGHTS",
-    "FP8_PER_CHANNEL_DYNAMIC",
-    "FP8_PER_TENSOR_STATIC",
     "block_amax_2d",
     "dequantize_fp8",
     "fake_quantize_fp8",
     "fake_quantize_fp8_per_token",
+    "FP8_BLOCK",
     "fp8_block_scale_shape",
+    "FP8_BLOCK_WEIGHTS",
+    "FP8_E4M3_MAX",
+    "FP8_PER_CHANNEL_DYNAMIC",
+    "FP8_PER_TENSOR_STATIC",
     "fp8_scale_from_amax",
+    "Fp8BlockCodec",
+    "Fp8DynamicCodec",
+    "Fp8TensorCodec",
     "quantize_fp8_block",
     "quantize_fp8_per_channel",
     "quantize_fp8_per_tensor",
@@ -244,3 +254,92 @@ def fake_quantize_fp8_per_token(x: Tensor) -> Tensor:
     _check_float(x, "x")
     scale = fp8_scale_from_amax(x.detach().abs().amax(dim=-1))
     return dequantize_fp8(quantize_fp8_per_channel(x, scale), scale, x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# codecs: FP8 Linear schemes: per-tensor W8A8, per-channel weights with dynamic tokens, 128x128 blocks
+# --------------------------------------------------------------------------------------------
+
+_F32 = torch.float32
+
+
+@dataclass(frozen=True)
+class Fp8TensorCodec(FormatCapabilities):
+    """W8A8 FP8, static per-tensor scales (engines requantize fused shards to the max weight scale)."""
+
+    scheme: LinearScheme = LinearScheme.FP8
+    format: NumericFormat = FP8_PER_TENSOR_STATIC
+
+    def weight_specs(
+        self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
+    ) -> dict[Piece, TensorSpec]:
+        return {Piece.CODES: TensorSpec(_FP8, (out_features, in_features)), Piece.SCALE: TensorSpec(_F32, ())}
+
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> QuantizedPieces:
+        scale = fp8_scale_from_amax(weight_amax)
+        # weight_amax is the weight's own (or a larger shared) amax of finite weights: in range.
+        return QuantizedPieces(kernels.quantize_fp8_per_tensor(weight, scale, in_range=True), scale)
+
+    def dequantize_weight(self, pieces: Mapping[Piece, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_fp8(pieces[Piece.CODES], pieces[Piece.SCALE], dtype)
+
+    def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
+        return fp8_scale_from_amax(input_amax)
+
+    def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
+        return fake_quantize_fp8(x, input_scale)
+
+
+@dataclass(frozen=True)
+class Fp8DynamicCodec(DynamicActivations):
+    """FP8 weights with one scale per output channel, dynamic per-token FP8 activations."""
+
+    scheme: LinearScheme = LinearScheme.FP8_DYNAMIC
+    format: NumericFormat = FP8_PER_CHANNEL_DYNAMIC
+
+    def weight_specs(
+        self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
+    ) -> dict[Piece, TensorSpec]:
+        return {
+            Piece.CODES: TensorSpec(_FP8, (out_features, in_features)),
+            Piece.SCALE: TensorSpec(_F32, (out_features,)),
+        }
+
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> QuantizedPieces:
+        channel_amax = weight.abs().amax(dim=1).float()
+        scale = fp8_scale_from_amax(channel_amax)
+        return QuantizedPieces(quantize_fp8_per_channel(weight, scale), scale)
+
+    def dequantize_weight(self, pieces: Mapping[Piece, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_fp8(pieces[Piece.CODES], pieces[Piece.SCALE], dtype)
+
+    def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
+        return fake_quantize_fp8_per_token(x)
+
+
+@dataclass(frozen=True)
+class Fp8BlockCodec(WeightOnly):
+    """FP8 weights with one scale per 128x128 block, activations unquantized."""
+
+    scheme: LinearScheme = LinearScheme.FP8_BLOCK
+    format: NumericFormat = FP8_BLOCK_WEIGHTS
+
+    def weight_specs(
+        self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
+    ) -> dict[Piece, TensorSpec]:
+        return {
+            Piece.CODES: TensorSpec(_FP8, (out_features, in_features)),
+            Piece.SCALE: TensorSpec(_F32, fp8_block_scale_shape(out_features, in_features)),
+        }
+
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> QuantizedPieces:
+        codes, scale = quantize_fp8_block(weight)
+        return QuantizedPieces(codes, scale)
+
+    def dequantize_weight(self, pieces: Mapping[Piece, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_fp8(pieces[Piece.CODES], pieces[Piece.SCALE], dtype)
+
+
+register(Fp8TensorCodec())
+register(Fp8DynamicCodec())
+register(Fp8BlockCodec())

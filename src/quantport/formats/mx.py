@@ -23,25 +23,35 @@ All functions are pure. They accept any number of leading dimensions ``[..., in]
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import torch
 
+from .. import kernels
+from ..recipes import LinearScheme
+from ..schemes.codec import DynamicActivations, TensorSpec, WeightOnly
+from ..schemes.registry import register
 from .descriptors import ActivationQuant, Element, NumericFormat, ScaleGranularity, ScaleType
 from .division import divide
 from .nvfp4 import E2M1_MAX, e2m1_codes_to_float, pack_fp4, unpack_fp4
+from .pieces import Piece, QuantizedPieces
 
 __all__ = [
-    "MX_BLOCK",
-    "MXFP4_WEIGHTS",
-    "MXFP8_DYNAMIC",
+    "dequantize_mxfp4",
+    "dequantize_mxfp8",
     "E4M3_MAX",
     "e8m0_to_float",
-    "mx_shared_exponent",
-    "quantize_mxfp8",
-    "dequantize_mxfp8",
-    "quantize_mxfp4",
-    "dequantize_mxfp4",
-    "fake_quantize_mxfp8",
     "fake_quantize_mxfp4",
+    "fake_quantize_mxfp8",
+    "MX_BLOCK",
+    "mx_shared_exponent",
+    "MXFP4_WEIGHTS",
+    "Mxfp4Codec",
+    "MXFP8_DYNAMIC",
+    "Mxfp8Codec",
+    "quantize_mxfp4",
+    "quantize_mxfp8",
 ]
 
 MX_BLOCK = 32
@@ -215,3 +225,64 @@ def fake_quantize_mxfp4(x: torch.Tensor) -> torch.Tensor:
     """Dynamic MXFP4 quantize-dequantize along the last dim. Same shape and dtype as ``x``."""
     packed, scale = quantize_mxfp4(x)
     return dequantize_mxfp4(packed, scale, x.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# codecs: MXFP8 (weights and activations) and MXFP4 (weight-only) Linear schemes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Mxfp8Codec(DynamicActivations):
+    """MXFP8 W8A8; activations are quantized dynamically per 32-block."""
+
+    scheme: LinearScheme = LinearScheme.MXFP8
+    format: NumericFormat = MXFP8_DYNAMIC
+
+    def weight_specs(
+        self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
+    ) -> dict[Piece, TensorSpec]:
+        return {
+            Piece.CODES: TensorSpec(torch.float8_e4m3fn, (out_features, in_features)),
+            Piece.SCALE: TensorSpec(torch.uint8, (out_features, in_features // MX_BLOCK)),
+        }
+
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> QuantizedPieces:
+        codes, scale = quantize_mxfp8(weight)
+        return QuantizedPieces(codes, scale)
+
+    def dequantize_weight(self, pieces: Mapping[Piece, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_mxfp8(pieces[Piece.CODES], pieces[Piece.SCALE], dtype)
+
+    def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
+        return fake_quantize_mxfp8(x)
+
+
+register(Mxfp8Codec())
+
+
+@dataclass(frozen=True)
+class Mxfp4Codec(WeightOnly):
+    """Codes uint8 ``[out, in/2]`` (two E2M1 codes per byte, even column low), scale uint8 E8M0
+    ``[out, in/32]``; activations unquantized."""
+
+    scheme: LinearScheme = LinearScheme.MXFP4
+    format: NumericFormat = MXFP4_WEIGHTS
+
+    def weight_specs(
+        self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
+    ) -> dict[Piece, TensorSpec]:
+        return {
+            Piece.CODES: TensorSpec(torch.uint8, (out_features, in_features // 2)),
+            Piece.SCALE: TensorSpec(torch.uint8, (out_features, in_features // MX_BLOCK)),
+        }
+
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> QuantizedPieces:
+        packed, scale = kernels.quantize_mxfp4(weight.detach())
+        return QuantizedPieces(packed, scale)
+
+    def dequantize_weight(self, pieces: Mapping[Piece, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_mxfp4(pieces[Piece.CODES], pieces[Piece.SCALE], dtype)
+
+
+register(Mxfp4Codec())

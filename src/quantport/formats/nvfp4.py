@@ -40,24 +40,35 @@ a 0 / NaN amax by 6 (modelopt's own rule for exported activation amaxes), giving
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
 import torch
 from torch import Tensor
 
+from .. import kernels
+from ..recipes import LinearScheme
+from ..schemes.codec import FormatCapabilities, TensorSpec
+from ..schemes.registry import register
 from .descriptors import ActivationQuant, Element, NumericFormat, ScaleConvention, ScaleGranularity, ScaleType
 from .division import divide
+from .pieces import Piece, QuantizedPieces
 
 __all__ = [
-    "E2M1_MAX",
-    "E2M1_VALUES",
-    "NVFP4",
-    "NVFP4_BLOCK",
-    "NVFP4_GLOBAL_DIVISOR",
     "cast_to_e2m1_codes",
     "dequantize_nvfp4",
     "e2m1_codes_to_float",
+    "E2M1_MAX",
+    "E2M1_VALUES",
     "fake_quantize_nvfp4",
+    "NVFP4",
+    "NVFP4_BLOCK",
     "nvfp4_block_scales",
+    "NVFP4_DIVISOR",
+    "NVFP4_GLOBAL_DIVISOR",
     "nvfp4_global_scale",
+    "Nvfp4Codec",
+    "Nvfp4CtCodec",
     "pack_fp4",
     "quantize_nvfp4",
     "unpack_fp4",
@@ -282,3 +293,91 @@ def fake_quantize_nvfp4(x: Tensor, global_scale: Tensor | float, convention: Sca
     """
     packed, block_scale = quantize_nvfp4(x, global_scale, convention)
     return dequantize_nvfp4(packed, block_scale, global_scale, x.dtype, convention)
+
+
+# --------------------------------------------------------------------------------------------
+# codecs: NVFP4 Linear schemes: W4A4 and weight-only W4A16, in both global-scale conventions (a model meant
+# for compressed-tensors is quantized with the divisor from the start: converting afterwards would change decoded
+# weights in the last bit)
+# --------------------------------------------------------------------------------------------
+
+NVFP4_DIVISOR = replace(NVFP4, convention=ScaleConvention.DIVISOR, stacks=False)
+"""NVFP4 W4A4 with compressed-tensors' divisor global scale."""
+_WEIGHT_ONLY = ActivationQuant.NONE
+
+
+class _Nvfp4Activations(FormatCapabilities):
+    def input_scale(self, input_amax: torch.Tensor) -> torch.Tensor:
+        """The activation global scale in the format's convention (fp32, same shape as ``input_amax``)."""
+        return nvfp4_global_scale(input_amax, self.format.convention)
+
+    def fake_quantize_input(self, x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
+        if not self.format.needs_calibration:
+            return x
+        if input_scale is None:
+            raise ValueError("NVFP4 activations need the calibrated input global scale")
+        return fake_quantize_nvfp4(x, input_scale, self.format.convention)
+
+
+@dataclass(frozen=True)
+class Nvfp4Codec(_Nvfp4Activations):
+    """E2M1 weights, FP8 scale per 16 inputs, fp32 0-d multiplier global scale (``amax / 2688``)."""
+
+    scheme: LinearScheme = LinearScheme.NVFP4
+    format: NumericFormat = NVFP4
+
+    def weight_specs(
+        self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
+    ) -> dict[Piece, TensorSpec]:
+        block = NVFP4_BLOCK
+        return {
+            Piece.CODES: TensorSpec(torch.uint8, (out_features, in_features // 2)),
+            Piece.SCALE: TensorSpec(torch.float8_e4m3fn, (out_features, in_features // block)),
+            Piece.GLOBAL_SCALE: TensorSpec(torch.float32, ()),
+        }
+
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> QuantizedPieces:
+        global_scale = nvfp4_global_scale(weight_amax)
+        packed, block_scale = kernels.quantize_nvfp4(weight, global_scale)
+        return QuantizedPieces(packed, block_scale, global_scale)
+
+    def dequantize_weight(self, pieces: Mapping[Piece, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_nvfp4(pieces[Piece.CODES], pieces[Piece.SCALE], pieces[Piece.GLOBAL_SCALE], dtype)
+
+
+@dataclass(frozen=True)
+class Nvfp4CtCodec(_Nvfp4Activations):
+    """E2M1 weights, FP8 scale per 16 inputs, fp32 divisor global scale ``(1,)`` (``2688 / amax``); the input
+    scale is the divisor activation global scale."""
+
+    scheme: LinearScheme = LinearScheme.NVFP4_CT
+    format: NumericFormat = NVFP4_DIVISOR
+
+    def weight_specs(
+        self, out_features: int, in_features: int, dtype: torch.dtype = torch.bfloat16
+    ) -> dict[Piece, TensorSpec]:
+        return {
+            Piece.CODES: TensorSpec(torch.uint8, (out_features, in_features // 2)),
+            Piece.SCALE: TensorSpec(torch.float8_e4m3fn, (out_features, in_features // NVFP4_BLOCK)),
+            Piece.GLOBAL_SCALE: TensorSpec(torch.float32, (1,)),
+        }
+
+    def quantize_weight(self, weight: torch.Tensor, weight_amax: torch.Tensor) -> QuantizedPieces:
+        global_scale = nvfp4_global_scale(weight_amax, ScaleConvention.DIVISOR).reshape(1)
+        packed, block_scale = quantize_nvfp4(weight, global_scale, ScaleConvention.DIVISOR)
+        return QuantizedPieces(packed, block_scale, global_scale)
+
+    def dequantize_weight(self, pieces: Mapping[Piece, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        return dequantize_nvfp4(
+            pieces[Piece.CODES],
+            pieces[Piece.SCALE],
+            pieces[Piece.GLOBAL_SCALE],
+            dtype,
+            ScaleConvention.DIVISOR,
+        )
+
+
+register(Nvfp4Codec())
+register(Nvfp4Codec(LinearScheme.W4A16_NVFP4, replace(NVFP4, activations=_WEIGHT_ONLY)))
+register(Nvfp4CtCodec())
+register(Nvfp4CtCodec(LinearScheme.W4A16_NVFP4_CT, replace(NVFP4_DIVISOR, activations=_WEIGHT_ONLY)))

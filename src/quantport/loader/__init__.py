@@ -27,7 +27,9 @@ Anything else is a :class:`CheckpointError` naming what is unsupported.
 
 from __future__ import annotations
 
+import importlib
 import logging
+import pkgutil
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,13 +44,12 @@ from ..arch.hub_names import HubNames
 from ..formats.finite import all_finite
 from ..loading import resolve_device
 from ..modules.expert_simulation import attach_experts_simulator
-from ..read.dialect import CheckpointDialect, ModuleRole, QuantizedModule
+from ..read.dialect import CheckpointDialect, ModuleRole
 from ..read.quant_config import Dialect
 from .checkpoint import CheckpointError, TensorStore, read_config, read_dialect
-from .compressed_tensors import CtDecoder
 from .experts import ExpertsRecord, load_experts
-from .linear import DecodedLinear, LinearDecoder
-from .modelopt import ModelOptDecoder, quantizes_activations
+from .linear import DecodedLinear, DialectDecoder, LinearDecoder, NoQuantizedLinears
+from .modelopt import quantizes_activations
 from .simulate import install_input_fake_quant, install_kv_scales
 
 __all__ = ["CheckpointError", "ExpertsRecord", "LoadReport", "load", "load_report", "validate_files"]
@@ -87,24 +88,17 @@ class LoadReport:
     unused_tensors: list[str] = field(default_factory=list)
 
 
-class _NoQuantizedLinears:
-    """The decoder of native MXFP4 checkpoints, whose Linear layers are all stored unquantized."""
-
-    def decode(
-        self, store: TensorStore, module: QuantizedModule, shape: tuple[int, int], dtype: torch.dtype
-    ) -> DecodedLinear:
-        raise CheckpointError(
-            f"{module.name} has quantization tensors, but a native MXFP4 (quant_method mxfp4) checkpoint "
-            "quantizes only the gpt-oss experts"
-        )
+def _discover_decoders() -> dict[Dialect, LinearDecoder]:
+    """The ``DECODER`` of every module of this package, by dialect (unquantized checkpoints: no Linear decoder)."""
+    table: dict[Dialect, LinearDecoder] = {Dialect.NONE: NoQuantizedLinears()}
+    for module in pkgutil.iter_modules(__path__):
+        found = getattr(importlib.import_module(f"{__name__}.{module.name}"), "DECODER", None)
+        if isinstance(found, DialectDecoder):
+            table[found.dialect] = found.decoder
+    return table
 
 
-_DECODERS: dict[Dialect, LinearDecoder] = {
-    Dialect.MODELOPT: ModelOptDecoder(),
-    Dialect.COMPRESSED_TENSORS: CtDecoder(),
-    Dialect.MXFP4: _NoQuantizedLinears(),
-    Dialect.NONE: _NoQuantizedLinears(),
-}
+_DECODERS: dict[Dialect, LinearDecoder] = _discover_decoders()
 """The Linear decoder of each dialect :func:`load` reads."""
 
 

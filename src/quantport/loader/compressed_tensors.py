@@ -22,13 +22,13 @@ import torch
 from ..dialects.compressed_tensors import CT_SCHEMES, InputKey, WeightKey, input_key, schemes_by_args, weight_key
 from ..formats.pieces import Piece
 from ..read.dialect import QuantizedModule
-from ..read.quant_config import CTGroup
+from ..read.quant_config import CTGroup, Dialect
 from ..recipes import LinearScheme
 from ..schemes import SchemeCodec, codec_for
 from .checkpoint import CheckpointError, TensorStore
-from .linear import DecodedLinear, read_tensors
+from .linear import DecodedLinear, DialectDecoder, read_tensors
 
-__all__ = ["CT_WEIGHT_SCHEMES", "CtDecoder", "CtSchemeMatch", "ct_scheme_for"]
+__all__ = ["CT_WEIGHT_SCHEMES", "DECODER", "CtDecoder", "CtSchemeMatch", "ct_scheme_for"]
 
 CT_WEIGHT_SCHEMES: dict[WeightKey, dict[InputKey, LinearScheme]] = schemes_by_args()
 """compressed-tensors weight arguments -> (input arguments -> scheme), from the exporter's rows; the first
@@ -103,3 +103,7 @@ class CtDecoder:
         codec = codec_for(match.scheme)
         weight, input_scale = decode_ct_weight(store, module.name, codec, shape, dtype)
         return DecodedLinear(weight, codec, input_scale, match.scheme.value, match.activations_known)
+
+
+DECODER = DialectDecoder(Dialect.COMPRESSED_TENSORS, CtDecoder())
+"""This dialect's Linear decoder, for :mod:`quantport.loader`."""

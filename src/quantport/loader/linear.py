@@ -2,7 +2,8 @@
 
 Each dialect module (:mod:`.modelopt`, :mod:`.compressed_tensors`) implements :class:`LinearDecoder`:
 given the checkpoint prefix of a module the dialect detection marked quantized, it reads that
-dialect's tensor names and layouts and decodes the weight with the scheme codec's numerics.
+dialect's tensor names and layouts and decodes the weight with the scheme codec's numerics. A dialect module
+names its decoder in ``DECODER`` (a :class:`DialectDecoder`); :mod:`quantport.loader` finds them by discovery.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import Protocol, TypeVar
 import torch
 
 from ..read.dialect import QuantizedModule
+from ..read.quant_config import Dialect
 from ..schemes import SchemeCodec
 from .checkpoint import CheckpointError, TensorStore
 
-__all__ = ["DecodedLinear", "LinearDecoder", "read_tensors"]
+__all__ = ["DecodedLinear", "DialectDecoder", "LinearDecoder", "NoQuantizedLinears", "read_tensors"]
 
 K = TypeVar("K")
 
@@ -49,6 +51,26 @@ class LinearDecoder(Protocol):
     ) -> DecodedLinear:
         """The dense weight of ``module`` (checkpoint prefix ``module.name``), expected ``shape`` ``[out, in]``."""
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class DialectDecoder:
+    """The Linear decoder of one dialect (a dialect module's ``DECODER``)."""
+
+    dialect: Dialect
+    decoder: LinearDecoder
+
+
+class NoQuantizedLinears:
+    """The decoder of dialects whose Linear layers are all stored unquantized (native MXFP4: experts only)."""
+
+    def decode(
+        self, store: TensorStore, module: QuantizedModule, shape: tuple[int, int], dtype: torch.dtype
+    ) -> DecodedLinear:
+        raise CheckpointError(
+            f"{module.name} has quantization tensors, but a native MXFP4 (quant_method mxfp4) checkpoint "
+            "quantizes only the gpt-oss experts"
+        )
 
 
 def read_tensors(store: TensorStore, names: dict[K, str], scheme: str) -> dict[K, torch.Tensor]:

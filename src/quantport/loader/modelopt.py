@@ -25,11 +25,13 @@ from ..dialects.modelopt import ALGO_SCHEMES, fused_name, linear_suffix, scheme_
 from ..formats.descriptors import ActivationQuant
 from ..formats.pieces import Piece
 from ..read.dialect import QuantizedModule
+from ..read.quant_config import Dialect
 from ..schemes import SchemeCodec, codec_for
 from .checkpoint import CheckpointError, TensorStore
-from .linear import DecodedLinear, read_tensors
+from .linear import DecodedLinear, DialectDecoder, read_tensors
 
 __all__ = [
+    "DECODER",
     "DenseWeight",
     "ModelOptDecoder",
     "codec_for_algo",
@@ -174,3 +176,7 @@ class ModelOptDecoder:
         codec = codec_for_algo(module.scheme)
         dense = dequantize_linear(store, module.name, codec, shape, dtype)
         return DecodedLinear(dense.weight, codec, dense.input_scale, module.scheme)
+
+
+DECODER = DialectDecoder(Dialect.MODELOPT, ModelOptDecoder())
+"""This dialect's Linear decoder, for :mod:`quantport.loader`."""

@@ -18,11 +18,12 @@ import torch
 from ..dialects.mxfp4_native import SCHEME, blocks_shape, stored_name
 from ..formats.mx import MX_BLOCK
 from ..formats.pieces import Piece
+from ..read.quant_config import Dialect
 from ..schemes import SchemeCodec, codec_for
 from .checkpoint import CheckpointError, TensorStore
-from .linear import read_tensors
+from .linear import DialectDecoder, NoQuantizedLinears, read_tensors
 
-__all__ = ["MXFP4_CODEC_SCHEME", "dequantize_native_mxfp4", "has_native_mxfp4"]
+__all__ = ["DECODER", "MXFP4_CODEC_SCHEME", "dequantize_native_mxfp4", "has_native_mxfp4"]
 
 MXFP4_CODEC_SCHEME = SCHEME
 """The scheme whose codec decodes native MXFP4 blocks."""
@@ -51,3 +52,7 @@ def dequantize_native_mxfp4(
             )
     weight = codec.dequantize_weight({Piece.CODES: blocks.flatten(-2), Piece.SCALE: scales}, dtype)
     return weight, codec
+
+
+DECODER = DialectDecoder(Dialect.MXFP4, NoQuantizedLinears())
+"""Native MXFP4 checkpoints store every Linear unquantized, for :mod:`quantport.loader`."""

@@ -2,21 +2,21 @@
 
 A codec turns a Linear's weight and calibration statistics into neutral pieces
 (:class:`~quantport.formats.pieces.QuantizedPieces`: codes, scale, global scale, zero point, shape),
-turns pieces back into a dense weight, and fake-quantizes activations. It only calls the pure functions
-of :mod:`quantport.formats` (weights through :mod:`quantport.kernels`, which runs those functions, or on
-CUDA a kernel proven to return the same bytes), so what the simulated model computes is what is
-exported, bit for bit. Which tensor names, shapes and config strings the pieces get is each
-checkpoint dialect's (:mod:`quantport.dialects`).
+turns pieces back into a dense weight, and fake-quantizes activations. Each codec lives beside its numerics
+in its format's file in :mod:`quantport.formats` and only calls those pure functions (weights through
+:mod:`quantport.kernels`, which runs them, or on CUDA a kernel proven to return the same bytes), so what the
+simulated model computes is what is exported, bit for bit. Which tensor names, shapes and config strings
+the pieces get is each checkpoint dialect's (:mod:`quantport.dialects`).
 
-:mod:`.codec` holds the protocol and mixins, :mod:`.registry` the registry; every other module of this
-package is a codec module, imported (and so registered) here by :func:`~.registry.discover_codecs`.
+:mod:`.codec` holds the protocol and mixins, :mod:`.registry` the registry, which imports (and so
+registers) every format's codecs on its first look-up (:func:`~.registry.discover_codecs`).
 """
 
 from __future__ import annotations
 
 from ..formats.pieces import Piece, QuantizedPieces
 from .codec import DynamicActivations, FormatCapabilities, SchemeCodec, TensorSpec, WeightOnly
-from .registry import CODECS, codec_for, discover_codecs, quantizes_stacks, register
+from .registry import CODECS, codec_for, quantizes_stacks, register
 
 __all__ = [
     "CODECS",
@@ -31,5 +31,3 @@ __all__ = [
     "quantizes_stacks",
     "register",
 ]
-
-discover_codecs()

@@ -20,20 +20,20 @@ is chosen before quantizing (``--format`` on the command line, :func:`recipe_for
 Asking for a (recipe, format) pair that does not exist is an error that names the formats that do,
 raised before anything is loaded or written.
 
-Adding a dialect (6 files, listed in :mod:`quantport.formats`): its vocabulary ``dialects/<dialect>.py``,
-``export/targets/<dialect>.py`` (tensor plan, config blocks, ``SCHEMES`` and the content builder), its
-:class:`ExportFormat` member and :data:`TARGETS` row (this package), a reader (``loader/``), a checker
-contract (``check/``) and a test.
+Each dialect's writer module defines ``TARGET`` (a :class:`Target` with its priority); this package
+imports every module of its own and collects them (:func:`discover_targets`), so a new dialect needs no
+line here. What adding a format or a dialect touches is listed in ``docs/extending.md``.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import replace
-from enum import Enum
 
+from ...dialects import ExportFormat
 from ...errors import ExportError
 from ...recipes import LinearScheme, QuantRecipe, get_recipe
-from . import compressed_tensors, modelopt, mxfp4_native
 from .base import Target, UnsupportedFormatError
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "UnsupportedFormatError",
     "check_exportable",
     "default_format",
+    "discover_targets",
     "formats_for",
     "parse_format",
     "recipe_for_format",
@@ -51,26 +52,17 @@ __all__ = [
 ]
 
 
-class ExportFormat(str, Enum):
-    """Checkpoint formats (dialects) quantport writes."""
-
-    MODELOPT = "modelopt"
-    """NVIDIA ModelOpt unified HF checkpoint (``quant_method: modelopt``): vLLM, SGLang, TensorRT-LLM."""
-    COMPRESSED_TENSORS = "compressed-tensors"
-    """compressed-tensors checkpoint (``quant_method: compressed-tensors``): vLLM, SGLang, transformers."""
-    MXFP4 = "mxfp4"
-    """gpt-oss's native MXFP4 MoE checkpoint (``quant_method: mxfp4``, ``*_blocks`` / ``*_scales``):
-    vLLM, SGLang, transformers. MXFP4 experts only; everything else in the model dtype."""
-
-    def __str__(self) -> str:
-        return self.value
+def discover_targets() -> tuple[Target, ...]:
+    """Every ``TARGET`` defined by a module of this package, by priority (lowest first)."""
+    found = []
+    for module in pkgutil.iter_modules(__path__):
+        target = getattr(importlib.import_module(f"{__name__}.{module.name}"), "TARGET", None)
+        if isinstance(target, Target):
+            found.append(target)
+    return tuple(sorted(found, key=lambda target: target.priority))
 
 
-TARGETS: tuple[Target, ...] = (
-    Target(ExportFormat.MODELOPT, modelopt.SCHEMES, modelopt.modelopt_content),
-    Target(ExportFormat.COMPRESSED_TENSORS, compressed_tensors.SCHEMES, compressed_tensors.compressed_tensors_content),
-    Target(ExportFormat.MXFP4, mxfp4_native.SCHEMES, mxfp4_native.native_mxfp4_content),
-)
+TARGETS: tuple[Target, ...] = discover_targets()
 """Every dialect, in priority order: the first that stores a scheme is its default (ModelOpt first)."""
 
 

@@ -1,6 +1,6 @@
 """What every checkpoint dialect is: its name, the schemes it stores exactly, and its content builder.
 
-The names (:class:`~quantport.export.targets.ExportFormat`) and the registry live in the package."""
+The names are :class:`~quantport.dialects.ExportFormat`; the package collects every module's ``TARGET``."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from ...recipes import LinearScheme
 if TYPE_CHECKING:
     from torch import nn
 
+    from ...dialects import ExportFormat
     from ...state import QuantizationState
     from ..content import CheckpointContent
-    from . import ExportFormat
 
 __all__ = ["Target", "UnsupportedFormatError"]
 
@@ -31,12 +31,14 @@ class Target:
 
     Attributes:
         format: its name.
+        priority: its rank among the dialects that store a scheme (lowest: the scheme's default format).
         schemes: the Linear schemes whose numerics it stores exactly and an engine reads.
         content: (quantized model, its state) -> the tensors, ``quantization_config`` and side files; it may
             refuse the model with an :class:`UnsupportedFormatError` before anything is written.
     """
 
     format: ExportFormat
+    priority: int
     schemes: frozenset[LinearScheme]
     content: Callable[[nn.Module, QuantizationState], CheckpointContent]
 

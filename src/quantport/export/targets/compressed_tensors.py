@@ -35,6 +35,7 @@ from torch import nn
 
 from ...arch.experts import ExpertIgnore, MoEBlock, find_moe_blocks
 from ...arch.hub_names import HubNames
+from ...dialects import ExportFormat
 from ...dialects.compressed_tensors import CT_SCHEMES, KV_CACHE_ARGS, CtScheme, ct_shape
 from ...errors import ExportError
 from ...formats.pieces import Piece
@@ -47,11 +48,13 @@ from ...state import QuantizationState
 from ..content import CheckpointContent
 from ..shards import OneSlotCache, PlannedTensor
 from ..unquantized import excluded_modules
+from .base import Target
 from .ct_experts import ct_expert_plan
 from .walk import model_plan
 
 __all__ = [
     "SCHEMES",
+    "TARGET",
     "compressed_tensors_content",
     "ct_ignore",
     "ct_quantization_config",
@@ -198,4 +201,7 @@ def compressed_tensors_content(model: nn.Module, state: QuantizationState) -> Ch
 
 
 SCHEMES: frozenset[LinearScheme] = frozenset(CT_SCHEMES)
-"""The schemes this dialect stores, for :data:`quantport.export.targets.TARGETS`."""
+"""The schemes this dialect stores."""
+
+TARGET = Target(ExportFormat.COMPRESSED_TENSORS, 1, SCHEMES, compressed_tensors_content)
+"""This dialect, for :data:`quantport.export.targets.TARGETS`."""

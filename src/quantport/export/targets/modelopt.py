@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ...arch.hub_names import HubNames
+from ...dialects import ExportFormat
 from ...dialects.modelopt import FP8_ARGS, MODELOPT_ALGOS, ModeloptAlgo, fused_name, linear_suffix, quant_algo
 from ...formats.pieces import Piece
 from ...modules.kv_cache import kv_quantizer_of
@@ -31,7 +32,7 @@ from ..content import CheckpointContent
 from ..experts import expert_plan, replaced_parameters
 from ..shards import OneSlotCache, PlannedTensor
 from ..unquantized import excluded_modules
-from .base import UnsupportedFormatError
+from .base import Target, UnsupportedFormatError
 from .walk import model_plan
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "MODELOPT_FORMAT_VERSION",
     "MOE_SCHEMES",
     "SCHEMES",
+    "TARGET",
     "ModeloptAlgo",
     "quant_algo",
     "excluded_modules",
@@ -149,4 +151,7 @@ def modelopt_content(model: nn.Module, state: QuantizationState) -> CheckpointCo
 
 
 SCHEMES: frozenset[LinearScheme] = frozenset(MODELOPT_ALGOS)
-"""The schemes this dialect stores, for :data:`quantport.export.targets.TARGETS`."""
+"""The schemes this dialect stores."""
+
+TARGET = Target(ExportFormat.MODELOPT, 0, SCHEMES, modelopt_content)
+"""This dialect, for :data:`quantport.export.targets.TARGETS`."""

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ...arch.hub_names import HubNames
+from ...dialects import ExportFormat
 from ...dialects.mxfp4_native import SCHEME, blocks_shape, stored_name
 from ...formats.mx import MX_BLOCK
 from ...formats.pieces import Piece
@@ -28,9 +29,9 @@ from ..content import CheckpointContent
 from ..experts import all_expert_tensors, replaced_parameters
 from ..shards import OneSlotCache, PlannedTensor
 from ..unquantized import excluded_modules, unquantized_plan
-from .base import UnsupportedFormatError
+from .base import Target, UnsupportedFormatError
 
-__all__ = ["SCHEMES", "check_native_mxfp4", "native_mxfp4_content"]
+__all__ = ["SCHEMES", "TARGET", "check_native_mxfp4", "native_mxfp4_content"]
 
 
 def check_native_mxfp4(model: nn.Module, state: QuantizationState) -> list[ExpertsQuantizer]:
@@ -107,4 +108,7 @@ def native_mxfp4_content(model: nn.Module, state: QuantizationState) -> Checkpoi
 
 
 SCHEMES: frozenset[LinearScheme] = frozenset({SCHEME})
-"""The schemes this dialect stores, for :data:`quantport.export.targets.TARGETS`."""
+"""The schemes this dialect stores."""
+
+TARGET = Target(ExportFormat.MXFP4, 2, SCHEMES, native_mxfp4_content)
+"""This dialect, for :data:`quantport.export.targets.TARGETS`."""

@@ -7,7 +7,7 @@
   = channel amax / 127.
 
 vLLM's ModelOpt reader rejects both algorithms; the compressed-tensors forms of these recipes
-(:mod:`quantport.schemes.integer`) are the ones vLLM runs. The numerics are modelopt 0.47's export
+(:mod:`quantport.formats.integer_ct`) are the ones vLLM runs. The numerics are modelopt 0.47's export
 arithmetic, from :mod:`quantport.formats.integer`.
 """
 
@@ -19,12 +19,12 @@ from dataclasses import dataclass, replace
 import torch
 
 from .. import kernels
-from ..formats import integer
-from ..formats.descriptors import NumericFormat, ScaleConvention
-from ..formats.pieces import Piece, QuantizedPieces
 from ..recipes import LinearScheme
-from .codec import TensorSpec, WeightOnly
-from .registry import register
+from ..schemes.codec import TensorSpec, WeightOnly
+from ..schemes.registry import register
+from . import integer
+from .descriptors import NumericFormat, ScaleConvention
+from .pieces import Piece, QuantizedPieces
 
 __all__ = ["ModeloptInt4Codec", "ModeloptInt8WeightCodec"]
 

@@ -1,4 +1,4 @@
-"""Integer Linear schemes with compressed-tensors' numerics: W8A8 INT8 and W4A16 / W8A16 (group 128).
+"""Integer Linear scheme codecs with compressed-tensors' numerics: W8A8 INT8 and W4A16 / W8A16 (group 128).
 
 Scales follow compressed-tensors' ``calculate_qparams`` (see :mod:`quantport.formats.integer`):
 symmetric ``scale = amax / ((2**bits - 1) / 2)`` (``/127.5`` for INT8, ``/7.5`` for INT4), asymmetric
@@ -28,8 +28,11 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from ..formats.descriptors import Element, NumericFormat
-from ..formats.integer import (
+from ..recipes import LinearScheme
+from ..schemes.codec import DynamicActivations, TensorSpec, WeightOnly
+from ..schemes.registry import register
+from .descriptors import Element, NumericFormat
+from .integer import (
     INT4_G128_WEIGHTS,
     INT8_G128_WEIGHTS,
     INT8_PER_CHANNEL_DYNAMIC,
@@ -40,10 +43,7 @@ from ..formats.integer import (
     quantize_int_group_ct,
     unpack_int_ct,
 )
-from ..formats.pieces import Piece, QuantizedPieces
-from ..recipes import LinearScheme
-from .codec import DynamicActivations, TensorSpec, WeightOnly
-from .registry import register
+from .pieces import Piece, QuantizedPieces
 
 __all__ = ["CT_GROUP", "CtInt8Codec", "CtIntGroupCodec"]
 
