@@ -20,6 +20,7 @@ from .self_check import check_written, refuse_known_failure
 from .shards import write_json, write_sharded_safetensors
 from .targets import TARGETS, ExportFormat, check_exportable, default_format, parse_format, recipe_for_format
 from .unquantized import excluded_modules
+from .value_witness import ValueWitness
 
 __all__ = ["ExportFormat", "OutputTarget", "claim_output", "export", "recipe_for_format"]
 
@@ -132,12 +133,14 @@ def export(
         # finding the memory-mapped weights reads /proc/self/smaps (~15 ms): done beside the first writes
         mapped = scan.submit(MappedWeights)
         content = FORMAT_CONTENT[fmt](model, state)
+        witness = ValueWitness()  # the self-check's value tests, run on the bytes as they are written
         write_sharded_safetensors(
             content.plan,
             staging,
             max_shard_size=max_shard_size,
             progress=progress,
             release=lambda: mapped.result().release_all(),  # drops the weights quantized so far
+            witness=witness,
         )
         for name, data in content.side_files.items():
             write_json(staging / name, data)
@@ -148,5 +151,5 @@ def export(
             generation_config.save_pretrained(staging)
         _copy_tokenizer(model, staging, tokenizer)
         # self-check (2/2): quantport's checker on the staged files; an error leaves nothing at out_dir
-        check_written(staging, state.recipe.scheme, allow_check_errors=allow_check_errors)
+        check_written(staging, state.recipe.scheme, allow_check_errors=allow_check_errors, witnessed=witness.result())
     return target.commit()  # fsync, then rename to out_dir as claimed

@@ -1,0 +1,168 @@
+"""The self-check's value tests, run on the bytes as they are written, while the other shards are still written.
+
+The checker that runs at the end of an export (:mod:`.self_check`) reads back the values of many tensors:
+every block scale (1.9 GB of an NVFP4 Qwen3-30B-A3B export), the unquantized float tensors and every
+one-element tensor. Read back after the files are written with ``O_DIRECT``, that is a second pass over
+the disk. Instead, each shard's writer thread hands the bytes it copies into the write buffer (the bytes
+the file gets) to a :class:`ShardWitness`, which gathers them per dtype and tests each batch of up to
+:data:`BATCH_BYTES` with the checker's own tests (:mod:`quantport.check.rules.scale_values`,
+:func:`~quantport.formats.finite.all_finite`); a tensor larger than :data:`TAPPED_BYTES` is tested on the
+tensor it was written from (its bytes are the file's), on its own device. The results
+(:class:`~quantport.check.witnessed.WitnessedValues`) go to the checker, which then reads only the
+tensors of a batch that was not clean, and reports on them exactly as it would have without this.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from enum import Flag, auto
+
+import torch
+
+from ..check.checkpoint import TORCH_DTYPES
+from ..check.rules.scale_values import clean_dtypes
+from ..check.rules.scales import SCALAR_SCALE_DTYPES, is_scale_name
+from ..check.rules.weights import FLOAT_DTYPES
+from ..check.scalars import SCALAR_DTYPES
+from ..check.tensor_batch import TensorBatch
+from ..check.witnessed import WitnessedValues
+from ..formats.finite import all_finite
+from .checkpoint_file import CheckpointFile
+
+__all__ = ["BATCH_BYTES", "TAPPED_BYTES", "ShardWitness", "ValueKind", "ValueWitness", "value_kind"]
+
+logger = logging.getLogger(__name__)
+
+BATCH_BYTES = 64 << 20
+"""Bytes of one kind gathered before they are tested (the checker's batch size)."""
+TAPPED_BYTES = 1 << 20
+"""Tensors up to this size are tested on the bytes copied into the write buffer; larger ones on their tensor."""
+
+
+class ValueKind(Flag):
+    """Which of the checker's value tests a tensor gets."""
+
+    NONE = 0
+    SCALAR = auto()
+    """A one-element tensor: its float32 value (the per-tensor scale, group and MoE rules compare values)."""
+    SCALE = auto()
+    """A scale tested as an array: finite, not negative; E8M0 never 255 (``scale.*`` rules)."""
+    FLOAT = auto()
+    """An unquantized float tensor: finite (``weight.not-finite``)."""
+
+
+def value_kind(name: str, dtype: str, numel: int) -> ValueKind:
+    """The tests tensor ``name`` (safetensors ``dtype``, ``numel`` elements) gets from the checker."""
+    kind = ValueKind.SCALAR if numel == 1 and dtype in SCALAR_DTYPES else ValueKind.NONE
+    if is_scale_name(name):
+        if not (numel == 1 and dtype in SCALAR_SCALE_DTYPES):
+            kind |= ValueKind.SCALE
+    elif dtype in FLOAT_DTYPES and numel > 0:
+        kind |= ValueKind.FLOAT
+    return kind
+
+
+class _Gathered:
+    """Bytes of one kind, per dtype, with the names of the tensors they hold, in order."""
+
+    def __init__(self) -> None:
+        self.raw: dict[str, bytearray] = {}
+        self.names: dict[str, list[str]] = {}
+        self.size = 0
+
+    def start(self, name: str, dtype: str) -> bytearray:
+        self.names.setdefault(dtype, []).append(name)
+        return self.raw.setdefault(dtype, bytearray())
+
+    def take(self) -> list[tuple[str, torch.Tensor, list[str]]]:
+        """(dtype, uint8 bytes, names) per dtype, emptying the gathered bytes."""
+        out = [(d, torch.frombuffer(r, dtype=torch.uint8), self.names[d]) for d, r in self.raw.items() if r]
+        self.raw, self.names, self.size = {}, {}, 0
+        return out
+
+
+class ValueWitness:
+    """Collects what the shards' witnesses established; :meth:`result` hands it to the checker."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._clean: set[str] = set()
+        self._scalars: dict[str, float] = {}
+
+    def shard(self) -> ShardWitness:
+        """A witness for one shard (used by that shard's writer thread only)."""
+        return ShardWitness(self)
+
+    def add(self, clean: set[str], scalars: dict[str, float]) -> None:
+        with self._lock:
+            self._clean |= clean
+            self._scalars.update(scalars)
+
+    def result(self) -> WitnessedValues:
+        with self._lock:
+            return WitnessedValues(frozenset(self._clean), dict(self._scalars))
+
+
+class ShardWitness:
+    """Writes tensors to a shard and tests the bytes of those the checker would read back (module docstring)."""
+
+    def __init__(self, sink: ValueWitness) -> None:
+        self._sink = sink
+        self._gathered = {kind: _Gathered() for kind in (ValueKind.SCALAR, ValueKind.SCALE, ValueKind.FLOAT)}
+        self._clean: set[str] = set()
+        self._scalars: dict[str, float] = {}
+
+    def write(self, handle: CheckpointFile, name: str, dtype: str, numel: int, data: torch.Tensor) -> None:
+        """``handle.write(data)`` (``data``: the flat uint8 bytes of tensor ``name``: safetensors ``dtype``,
+        ``numel`` elements), testing the values on the way."""
+        kind = value_kind(name, dtype, numel)
+        if kind is ValueKind.NONE:
+            handle.write(data)
+            return
+        if data.numel() > TAPPED_BYTES and ValueKind.SCALAR not in kind:
+            handle.write(data)
+            self._test_whole(kind, name, dtype, data)
+            return
+        sinks = [self._gathered[k].start(name, dtype) for k in self._gathered if k in kind]
+        if len(sinks) == 1:
+            handle.write(data, sinks[0].extend)
+        else:
+            handle.write(data, lambda piece: [sink.extend(piece) for sink in sinks])
+        for k, gathered in self._gathered.items():
+            if k in kind:
+                gathered.size += data.numel()
+                if gathered.size >= BATCH_BYTES:
+                    self._test(k)
+
+    def close(self) -> None:
+        """Test what is still gathered and hand the results to the :class:`ValueWitness`."""
+        for kind in self._gathered:
+            self._test(kind)
+        self._sink.add(self._clean, self._scalars)
+
+    def _test_whole(self, kind: ValueKind, name: str, dtype: str, data: torch.Tensor) -> None:
+        try:
+            if ValueKind.SCALE in kind:
+                clean = dtype in clean_dtypes(TensorBatch(buffers={dtype: data}))
+            else:
+                clean = all_finite(data.view(TORCH_DTYPES[dtype]))
+        except Exception:  # a test that fails leaves the tensor to the checker
+            logger.debug("%s: value test failed; the checker reads it back", name, exc_info=True)
+            return
+        if clean:
+            self._clean.add(name)
+
+    def _test(self, kind: ValueKind) -> None:
+        for dtype, raw, names in self._gathered[kind].take():
+            try:
+                if kind is ValueKind.SCALAR:
+                    values = raw.view(TORCH_DTYPES[dtype]).to(torch.float32).tolist()
+                    self._scalars.update(zip(names, values, strict=True))
+                elif kind is ValueKind.SCALE:
+                    if dtype in clean_dtypes(TensorBatch(buffers={dtype: raw})):
+                        self._clean.update(names)
+                elif all_finite(raw.view(TORCH_DTYPES[dtype])):
+                    self._clean.update(names)
+            except Exception:  # a test that fails leaves the tensors to the checker
+                logger.debug("%s %s values not tested; the checker reads them back", kind, dtype, exc_info=True)

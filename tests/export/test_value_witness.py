@@ -1,0 +1,163 @@
+"""The self-check's value tests run on the bytes as each shard is written (export/value_witness.py): they vouch
+for exactly what the checker would find clean, their scalars are the values read back from the files, and a bad
+tensor in one shard of several is still reported, with the same findings as a check that reads everything."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import replace
+
+import pytest
+import torch
+
+import quantport
+from moe_models import tiny_moe
+from quantport.check import check_checkpoint
+from quantport.check.checkpoint import Checkpoint
+from quantport.check.rules.scales import is_scale
+from quantport.check.scalars import read_scalars
+from quantport.export import FORMAT_CONTENT, ExportFormat, value_witness
+from quantport.export.self_check import SelfCheckError
+from quantport.export.value_witness import ValueKind, ValueWitness, value_kind
+from tiny_models import make_calibration_batches
+
+BATCHES = make_calibration_batches(vocab_size=256, n=1, seq=16)
+
+
+@pytest.fixture
+def witnesses(monkeypatch) -> list[ValueWitness]:
+    """The ValueWitness of every export in the test, kept for inspection."""
+    made: list[ValueWitness] = []
+
+    class Kept(ValueWitness):
+        def __init__(self) -> None:
+            super().__init__()
+            made.append(self)
+
+    monkeypatch.setattr(importlib.import_module("quantport.export"), "ValueWitness", Kept)
+    return made
+
+
+def _export(tmp_path, recipe: str, **kwargs):
+    model = tiny_moe("qwen3_moe")
+    quantport.quantize(model, recipe, BATCHES, progress=False)
+    return quantport.export(model, tmp_path / "out", progress=False, **kwargs)
+
+
+def _findings(report) -> list[tuple[str, str, str]]:
+    return sorted((f.rule, f.target, f.message) for f in report.findings)
+
+
+def test_value_kinds_follow_the_checker_rules():
+    assert value_kind("m.weight_scale", "F8_E4M3", 64) is ValueKind.SCALE
+    assert value_kind("m.input_scale", "F32", 1) is ValueKind.SCALAR  # a per-tensor value, not an array
+    assert value_kind("m.weight_scale", "I8", 1) == ValueKind.SCALE | ValueKind.SCALAR
+    assert value_kind("model.norm.weight", "BF16", 64) is ValueKind.FLOAT
+    assert value_kind("m.bias", "F32", 1) == ValueKind.FLOAT | ValueKind.SCALAR
+    assert value_kind("m.weight", "U8", 512) is ValueKind.NONE  # packed FP4: no value rule reads it
+    assert value_kind("m.weight", "F8_E4M3", 512) is ValueKind.NONE
+
+
+@pytest.mark.parametrize("recipe", ["nvfp4", "fp8"])
+@pytest.mark.parametrize("tapped_bytes", [1 << 20, 0], ids=["tapped", "whole-tensors"])
+def test_witness_vouches_for_every_value_the_checker_reads(tmp_path, witnesses, monkeypatch, recipe, tapped_bytes):
+    monkeypatch.setattr(value_witness, "TAPPED_BYTES", tapped_bytes)
+    out = _export(tmp_path, recipe, max_shard_size="40KB")  # several shards
+    assert len(list(out.glob("*.safetensors"))) > 2
+    witnessed = witnesses[0].result()
+    ckpt = Checkpoint.open(out)
+    try:
+        read_back = read_scalars(ckpt)  # nothing witnessed: every value from the files
+        kinds = {name: value_kind(name, info.dtype, info.numel) for name, info in ckpt.tensors.items()}
+        arrays = {n for n, k in kinds.items() if k & (ValueKind.SCALE | ValueKind.FLOAT)}
+        assert any(not is_scale(ckpt.tensors[n]) for n in arrays)  # norms, embeddings, routers
+        assert recipe == "fp8" or any(is_scale(ckpt.tensors[n]) for n in arrays)  # NVFP4 block scales
+    finally:
+        ckpt.close()
+    assert witnessed.clean == frozenset(arrays)  # a valid export: every tested tensor is clean
+    assert witnessed.scalars == read_back  # the very values a read of the files gives
+    assert _findings(check_checkpoint(out, witnessed=witnessed)) == _findings(check_checkpoint(out))
+
+
+def _poison(monkeypatch, suffix: str, value: float, *, first_only: bool = True) -> str:
+    """The ModelOpt plan writes ``value`` into the first element of one tensor whose name ends with ``suffix``."""
+    original = FORMAT_CONTENT[ExportFormat.MODELOPT]
+    victims: list[str] = []
+
+    def poisoned(model, state):
+        content = original(model, state)
+        plan = list(content.plan)
+        index = next(i for i, t in enumerate(plan) if t.name.endswith(suffix) and "layers.1." in t.name)
+        entry = plan[index]
+
+        def compute(entry=entry):
+            tensor = entry.compute().clone()
+            tensor.view(-1)[0] = value
+            return tensor
+
+        plan[index] = replace(entry, compute=compute, borrowed=False)
+        victims.append(entry.name)
+        return replace(content, plan=plan)
+
+    monkeypatch.setitem(FORMAT_CONTENT, ExportFormat.MODELOPT, poisoned)
+    return victims
+
+
+@pytest.mark.parametrize("tapped_bytes", [1 << 20, 0], ids=["tapped", "whole-tensors"])
+@pytest.mark.parametrize(
+    ("suffix", "value", "rule"),
+    [
+        ("experts.2.down_proj.weight_scale", float("nan"), "scale.not-finite"),  # a block scale (E4M3 array)
+        ("experts.1.up_proj.input_scale", 0.0, "scale.not-positive"),  # a per-tensor value
+        ("post_attention_layernorm.weight", float("inf"), "weight.not-finite"),  # an unquantized float
+    ],
+    ids=["block-scale-nan", "input-scale-zero", "norm-inf"],
+)
+def test_a_bad_tensor_in_one_shard_is_found_by_the_overlapped_check(
+    tmp_path, witnesses, monkeypatch, suffix, value, rule, tapped_bytes
+):
+    monkeypatch.setattr(value_witness, "TAPPED_BYTES", tapped_bytes)
+    victims = _poison(monkeypatch, suffix, value)
+    with pytest.raises(SelfCheckError, match=rf"\[[^]]*{rule}[^]]*\]") as error:
+        _export(tmp_path, "nvfp4", max_shard_size="40KB")
+    assert victims[0] in str(error.value)
+    assert not (tmp_path / "out").exists()
+    witnessed = witnesses[0].result()
+    assert victims[0] not in witnessed.clean
+    if rule == "scale.not-positive":
+        assert witnessed.scalars[victims[0]] == 0.0
+    assert witnessed.clean  # the other shards' tensors were vouched for
+
+
+def test_findings_with_and_without_the_witness_are_the_same_on_a_bad_export(tmp_path, witnesses, monkeypatch):
+    victims = _poison(monkeypatch, "experts.3.gate_proj.weight_scale", -1.0)
+    out = _export(tmp_path, "nvfp4", max_shard_size="40KB", allow_check_errors=True)
+    overlapped = check_checkpoint(out, witnessed=witnesses[0].result())
+    assert "scale.not-positive" in overlapped.rules()
+    assert any(f.target == victims[0] for f in overlapped.findings)
+    assert _findings(overlapped) == _findings(check_checkpoint(out))
+
+
+def test_a_failing_value_test_leaves_the_tensors_to_the_checker(tmp_path, witnesses, monkeypatch):
+    def broken(_batch):
+        raise RuntimeError("test failure")
+
+    monkeypatch.setattr(value_witness, "clean_dtypes", broken)
+    out = _export(tmp_path, "nvfp4")
+    witnessed = witnesses[0].result()
+    assert not any("weight_scale" in name and not name.endswith("_2") for name in witnessed.clean)
+    assert check_checkpoint(out).ok
+
+
+def test_scalar_values_are_float32_of_each_dtype(tmp_path):
+    from quantport.export.checkpoint_file import CheckpointFile
+
+    witness = ValueWitness()
+    shard = witness.shard()
+    values = {"a.input_scale": torch.tensor([0.1], dtype=torch.float32), "b.k_scale": torch.tensor(3.5).bfloat16()}
+    with CheckpointFile(tmp_path / "f.bin") as handle:
+        dtypes = {torch.float32: "F32", torch.bfloat16: "BF16"}
+        for name, tensor in values.items():
+            shard.write(handle, name, dtypes[tensor.dtype], 1, tensor.reshape(-1).view(torch.uint8))
+    shard.close()
+    assert witness.result().scalars == {n: t.float().item() for n, t in values.items()}
