@@ -16,9 +16,9 @@ from quantport.check import check_checkpoint
 from quantport.check.checkpoint import Checkpoint
 from quantport.check.rules.scales import is_scale
 from quantport.check.scalars import read_scalars
-from quantport.export import FORMAT_CONTENT, ExportFormat, value_witness
+from quantport.export import FORMAT_CONTENT, ExportFormat, small_tensors, value_witness
 from quantport.export.self_check import SelfCheckError
-from quantport.export.value_witness import ValueKind, ValueWitness, value_kind
+from quantport.export.value_witness import ValueKind, ValueWitness, WrittenTensor, value_kind
 from tiny_models import make_calibration_batches
 
 BATCHES = make_calibration_batches(vocab_size=256, n=1, seq=16)
@@ -36,6 +36,13 @@ def witnesses(monkeypatch) -> list[ValueWitness]:
 
     monkeypatch.setattr(importlib.import_module("quantport.export"), "ValueWitness", Kept)
     return made
+
+
+def _tapped(monkeypatch, tapped_bytes: int) -> None:
+    """0: no tensor is grouped with others or tapped: each is tested whole, on the tensor written."""
+    monkeypatch.setattr(value_witness, "TAPPED_BYTES", tapped_bytes)
+    if tapped_bytes == 0:
+        monkeypatch.setattr(small_tensors, "GATHERED_BYTES", -1)
 
 
 def _export(tmp_path, recipe: str, **kwargs):
@@ -59,9 +66,9 @@ def test_value_kinds_follow_the_checker_rules():
 
 
 @pytest.mark.parametrize("recipe", ["nvfp4", "fp8"])
-@pytest.mark.parametrize("tapped_bytes", [1 << 20, 0], ids=["tapped", "whole-tensors"])
+@pytest.mark.parametrize("tapped_bytes", [1 << 20, 0], ids=["grouped-tapped", "whole-tensors"])
 def test_witness_vouches_for_every_value_the_checker_reads(tmp_path, witnesses, monkeypatch, recipe, tapped_bytes):
-    monkeypatch.setattr(value_witness, "TAPPED_BYTES", tapped_bytes)
+    _tapped(monkeypatch, tapped_bytes)
     out = _export(tmp_path, recipe, max_shard_size="40KB")  # several shards
     assert len(list(out.glob("*.safetensors"))) > 2
     witnessed = witnesses[0].result()
@@ -103,7 +110,7 @@ def _poison(monkeypatch, suffix: str, value: float, *, first_only: bool = True) 
     return victims
 
 
-@pytest.mark.parametrize("tapped_bytes", [1 << 20, 0], ids=["tapped", "whole-tensors"])
+@pytest.mark.parametrize("tapped_bytes", [1 << 20, 0], ids=["grouped-tapped", "whole-tensors"])
 @pytest.mark.parametrize(
     ("suffix", "value", "rule"),
     [
@@ -116,7 +123,7 @@ def _poison(monkeypatch, suffix: str, value: float, *, first_only: bool = True) 
 def test_a_bad_tensor_in_one_shard_is_found_by_the_overlapped_check(
     tmp_path, witnesses, monkeypatch, suffix, value, rule, tapped_bytes
 ):
-    monkeypatch.setattr(value_witness, "TAPPED_BYTES", tapped_bytes)
+    _tapped(monkeypatch, tapped_bytes)
     victims = _poison(monkeypatch, suffix, value)
     with pytest.raises(SelfCheckError, match=rf"\[[^]]*{rule}[^]]*\]") as error:
         _export(tmp_path, "nvfp4", max_shard_size="40KB")
@@ -158,6 +165,35 @@ def test_scalar_values_are_float32_of_each_dtype(tmp_path):
     with CheckpointFile(tmp_path / "f.bin") as handle:
         dtypes = {torch.float32: "F32", torch.bfloat16: "BF16"}
         for name, tensor in values.items():
-            shard.write(handle, name, dtypes[tensor.dtype], 1, tensor.reshape(-1).view(torch.uint8))
+            shard.write(handle, [WrittenTensor(name, dtypes[tensor.dtype], 1)], tensor.reshape(-1).view(torch.uint8))
     shard.close()
     assert witness.result().scalars == {n: t.float().item() for n, t in values.items()}
+
+
+def test_a_group_split_across_write_chunks_reaches_each_tensor_kind(tmp_path):
+    """One write of several tensors back to back, crossing the file's chunk boundaries: each tensor's bytes
+    reach its kinds' batches, the others none."""
+    from quantport.export.checkpoint_file import CheckpointFile
+
+    gen = torch.Generator().manual_seed(0)
+    tensors = [
+        ("a.weight", torch.randint(0, 255, (3000,), generator=gen, dtype=torch.uint8), "U8"),  # packed: untested
+        ("a.weight_scale", torch.randint(0, 0x7E, (5000,), generator=gen, dtype=torch.uint8), "F8_E4M3"),
+        ("a.input_scale", torch.tensor([0.25]), "F32"),
+        ("b.empty_scale", torch.empty(0, dtype=torch.uint8), "F8_E4M3"),
+        ("norm.weight", torch.rand(2000, generator=gen).bfloat16(), "BF16"),
+        ("b.weight_scale", torch.tensor([0x7F, 1, 2], dtype=torch.uint8), "F8_E4M3"),  # NaN: its batch is not clean
+        ("c.k_scale", torch.tensor([2.0]).bfloat16(), "BF16"),
+    ]
+    data = torch.cat([t.reshape(-1).view(torch.uint8) for _, t, _ in tensors])
+    written = [WrittenTensor(name, dtype, t.numel()) for name, t, dtype in tensors]
+    witness = ValueWitness()
+    shard = witness.shard()
+    with CheckpointFile(tmp_path / "f.bin", chunk=4096) as handle:
+        handle.write(b"12345")  # the group starts mid-chunk
+        shard.write(handle, written, data)
+    shard.close()
+    result = witness.result()
+    assert (tmp_path / "f.bin").read_bytes() == b"12345" + data.numpy().tobytes()
+    assert result.scalars == {"a.input_scale": 0.25, "c.k_scale": 2.0}
+    assert result.clean == {"norm.weight"}  # the E4M3 batch holds a NaN: its scales are left to the checker

@@ -34,7 +34,8 @@ from ..errors import ExportError
 from ..schemes import TensorSpec
 from ..sizes import parse_size
 from .checkpoint_file import CheckpointFile, DirectPolicy
-from .value_witness import ShardWitness, ValueWitness
+from .small_tensors import SmallTensorGroup
+from .value_witness import ShardWitness, ValueWitness, WrittenTensor
 
 __all__ = [
     "DirectPolicy",
@@ -170,7 +171,7 @@ def _write_shard(
     (beyond the one being written), so one module's quantization overlaps the writing of the one before."""
     in_flight: deque[tuple[Future, int]] = deque([(writer.submit(handle.write, _header(entries)), 0)])
     try:
-        _queue_tensors(entries, handle, writer, release, bar, in_flight, stop, witness)
+        _queue_tensors(entries, _WriterQueue(handle, writer, in_flight, witness), release, bar, stop)
     except BaseException:
         # the file is closed next: no write may still be running into its buffers
         for future, _ in in_flight:
@@ -184,41 +185,63 @@ def _write_shard(
         future.result()
 
 
+class _WriterQueue:
+    """Hands data to a shard's writer thread, at most ``IN_FLIGHT_BYTES`` queued (``in_flight``: futures and
+    their queued bytes); with a ``witness``, the writer tests the values the self-check would read back."""
+
+    def __init__(self, handle: CheckpointFile, writer: ThreadPoolExecutor, in_flight: deque, witness) -> None:
+        self.handle, self.writer, self.in_flight, self.witness = handle, writer, in_flight, witness
+        self.queued = 0
+
+    def submit(self, tensors: list[WrittenTensor], data: torch.Tensor, cost: int) -> None:
+        in_flight = self.in_flight
+        while in_flight and (in_flight[0][0].done() or self.queued + cost > IN_FLIGHT_BYTES):
+            future, size = in_flight.popleft()
+            future.result()
+            self.queued -= size
+        if self.witness is None:
+            future = self.writer.submit(self.handle.write, data)
+        else:
+            future = self.writer.submit(self.witness.write, self.handle, tensors, data)
+        in_flight.append((future, cost))
+        self.queued += cost
+
+    def submit_group(self, group: SmallTensorGroup) -> None:
+        tensors, data = group.take()
+        self.submit(tensors, data, data.numel())
+
+
 def _queue_tensors(
     entries: list[PlannedTensor],
-    handle: CheckpointFile,
-    writer: ThreadPoolExecutor,
+    queue: _WriterQueue,
     release: Callable[[], None],
     bar,
-    in_flight: deque[tuple[Future, int]],
     stop: threading.Event,
-    witness: ShardWitness | None,
 ) -> None:
-    """Compute each tensor and queue it for the writer (``in_flight``: futures and their queued bytes); with a
-    ``witness``, the writer tests the values the self-check would read back as it writes them."""
-    queued = since_release = 0
+    """Compute each tensor and queue it for the writer; small tensors go in groups (:mod:`.small_tensors`)."""
+    since_release = 0
+    group = SmallTensorGroup()
     for entry in entries:
         if stop.is_set():
             raise _Stopped
         tensor = entry.compute()
         data = _tensor_bytes(tensor, entry)
-        cost = 0 if entry.borrowed and _same_storage(data, tensor) else data.numel()
-        while in_flight and (in_flight[0][0].done() or queued + cost > IN_FLIGHT_BYTES):
-            future, size = in_flight.popleft()
-            future.result()
-            queued -= size
-        if witness is None:
-            future = writer.submit(handle.write, data)
+        written = WrittenTensor(entry.name, SAFETENSORS_DTYPES[entry.spec.dtype], tensor.numel())
+        if group.accepts(data):
+            group.add(written, data)
+            if group.full:
+                queue.submit_group(group)
         else:
-            dtype = SAFETENSORS_DTYPES[entry.spec.dtype]
-            future = writer.submit(witness.write, handle, entry.name, dtype, tensor.numel(), data)
-        in_flight.append((future, cost))
-        queued += cost
+            if group:
+                queue.submit_group(group)
+            queue.submit([written], data, 0 if entry.borrowed and _same_storage(data, tensor) else data.numel())
         since_release += entry.spec.nbytes
         if since_release >= RELEASE_BYTES:
             release()
             since_release = 0
         bar.update(entry.spec.nbytes)
+    if group:
+        queue.submit_group(group)
 
 
 def direct_policy(shard_bytes: int) -> DirectPolicy:

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
 from enum import Flag, auto
 
 import torch
 
-from ..check.checkpoint import TORCH_DTYPES
+from ..check.checkpoint import DTYPE_BYTES, TORCH_DTYPES
 from ..check.rules.scale_values import clean_dtypes
 from ..check.rules.scales import SCALAR_SCALE_DTYPES, is_scale_name
 from ..check.rules.weights import FLOAT_DTYPES
@@ -30,7 +32,7 @@ from ..check.witnessed import WitnessedValues
 from ..formats.finite import all_finite
 from .checkpoint_file import CheckpointFile
 
-__all__ = ["BATCH_BYTES", "TAPPED_BYTES", "ShardWitness", "ValueKind", "ValueWitness", "value_kind"]
+__all__ = ["BATCH_BYTES", "TAPPED_BYTES", "ShardWitness", "ValueKind", "ValueWitness", "WrittenTensor", "value_kind"]
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,19 @@ BATCH_BYTES = 64 << 20
 """Bytes of one kind gathered before they are tested (the checker's batch size)."""
 TAPPED_BYTES = 1 << 20
 """Tensors up to this size are tested on the bytes copied into the write buffer; larger ones on their tensor."""
+
+
+@dataclass(frozen=True)
+class WrittenTensor:
+    """A tensor on its way to a shard: name, safetensors dtype, number of elements."""
+
+    name: str
+    dtype: str
+    numel: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES[self.dtype]
 
 
 class ValueKind(Flag):
@@ -113,27 +128,33 @@ class ShardWitness:
         self._clean: set[str] = set()
         self._scalars: dict[str, float] = {}
 
-    def write(self, handle: CheckpointFile, name: str, dtype: str, numel: int, data: torch.Tensor) -> None:
-        """``handle.write(data)`` (``data``: the flat uint8 bytes of tensor ``name``: safetensors ``dtype``,
-        ``numel`` elements), testing the values on the way."""
-        kind = value_kind(name, dtype, numel)
-        if kind is ValueKind.NONE:
+    def write(self, handle: CheckpointFile, tensors: Sequence[WrittenTensor], data: torch.Tensor) -> None:
+        """``handle.write(data)``, ``data`` being the flat uint8 bytes of ``tensors`` back to back, testing the
+        values on the way."""
+        kinds = [value_kind(t.name, t.dtype, t.numel) for t in tensors]
+        if not any(kinds):
             handle.write(data)
             return
-        if data.numel() > TAPPED_BYTES and ValueKind.SCALAR not in kind:
+        if len(tensors) == 1 and data.numel() > TAPPED_BYTES and ValueKind.SCALAR not in kinds[0]:
             handle.write(data)
-            self._test_whole(kind, name, dtype, data)
+            self._test_whole(kinds[0], tensors[0].name, tensors[0].dtype, data)
             return
-        sinks = [self._gathered[k].start(name, dtype) for k in self._gathered if k in kind]
-        if len(sinks) == 1:
-            handle.write(data, sinks[0].extend)
-        else:
-            handle.write(data, lambda piece: [sink.extend(piece) for sink in sinks])
+        spans: list[tuple[int, int, list[bytearray]]] = []
+        offset = 0
+        for tensor, kind in zip(tensors, kinds, strict=True):
+            end = offset + tensor.nbytes
+            if kind:
+                sinks = []
+                for k, gathered in self._gathered.items():
+                    if k in kind:
+                        sinks.append(gathered.start(tensor.name, tensor.dtype))
+                        gathered.size += end - offset
+                spans.append((offset, end, sinks))
+            offset = end
+        handle.write(data, _SplitTap(spans))
         for k, gathered in self._gathered.items():
-            if k in kind:
-                gathered.size += data.numel()
-                if gathered.size >= BATCH_BYTES:
-                    self._test(k)
+            if gathered.size >= BATCH_BYTES:
+                self._test(k)
 
     def close(self) -> None:
         """Test what is still gathered and hand the results to the :class:`ValueWitness`."""
@@ -166,3 +187,28 @@ class ShardWitness:
                     self._clean.update(names)
             except Exception:  # a test that fails leaves the tensors to the checker
                 logger.debug("%s %s values not tested; the checker reads them back", kind, dtype, exc_info=True)
+
+
+class _SplitTap:
+    """Hands each tensor's part of the pieces a file write passes through to that tensor's sinks.
+
+    ``spans``: (first byte, end byte, sinks) of the tensors to gather, in order, in the bytes of one write."""
+
+    def __init__(self, spans: list[tuple[int, int, list[bytearray]]]) -> None:
+        self._spans = spans
+        self._index = 0
+        self._position = 0
+
+    def __call__(self, piece: memoryview) -> None:
+        start = self._position
+        end = self._position = start + len(piece)
+        while self._index < len(self._spans) and self._spans[self._index][0] < end:
+            first, last, sinks = self._spans[self._index]
+            lo, hi = max(first, start), min(last, end)
+            if lo < hi:
+                part = piece[lo - start : hi - start]
+                for sink in sinks:
+                    sink.extend(part)
+            if last > end:
+                break
+            self._index += 1
