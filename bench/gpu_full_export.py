@@ -196,7 +196,7 @@ def run_quantport(model, recipe: str, calib, out: Path, device, profile: bool, d
     # busy time of the writer threads (CheckpointFile.write), of the I/O threads (_write_at), and of the value
     # tests the writer threads run for the self-check (ShardWitness.write includes the file write it makes)
     busy = Timed(CheckpointFile, ("write", "_write_at"), prefix="CheckpointFile.")
-    witness = Timed(value_witness.ShardWitness, ("write", "close", "_test", "_test_whole"), prefix="ShardWitness.")
+    witness = Timed(value_witness.ShardWitness, ("write", "close", "_test", "_write_large"), prefix="ShardWitness.")
     with busy, stages, commit, witness:
         start = time.perf_counter()
         if profiler:

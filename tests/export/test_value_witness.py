@@ -197,3 +197,25 @@ def test_a_group_split_across_write_chunks_reaches_each_tensor_kind(tmp_path):
     assert (tmp_path / "f.bin").read_bytes() == b"12345" + data.numpy().tobytes()
     assert result.scalars == {"a.input_scale": 0.25, "c.k_scale": 2.0}
     assert result.clean == {"norm.weight"}  # the E4M3 batch holds a NaN: its scales are left to the checker
+
+
+@pytest.mark.parametrize("bad_element", [None, 0, 2047, 2048, 4999], ids=["clean", "first", "split", "next", "last"])
+@pytest.mark.parametrize("dtype", ["BF16", "F32", "F8_E4M3"])
+def test_large_cpu_tensors_are_tested_piece_by_piece_as_written(tmp_path, monkeypatch, bad_element, dtype):
+    """Written from an odd file offset in 4 KB chunks, elements straddle the pieces the tap sees."""
+    from quantport.check.checkpoint import TORCH_DTYPES
+    from quantport.export.checkpoint_file import CheckpointFile
+
+    monkeypatch.setattr(value_witness, "TAPPED_BYTES", 100)
+    name = "model.norm.weight" if dtype != "F8_E4M3" else "m.weight_scale"
+    values = torch.rand(5000, generator=torch.Generator().manual_seed(1)).to(TORCH_DTYPES[dtype])
+    if bad_element is not None:
+        values[bad_element] = float("nan") if dtype == "F8_E4M3" else float("inf")
+    witness = ValueWitness()
+    shard = witness.shard()
+    with CheckpointFile(tmp_path / "f.bin", chunk=4096) as handle:
+        handle.write(b"123")
+        shard.write(handle, [WrittenTensor(name, dtype, 5000)], values.view(torch.uint8))
+    shard.close()
+    assert (name in witness.result().clean) is (bad_element is None)
+    assert (tmp_path / "f.bin").read_bytes() == b"123" + values.view(torch.uint8).numpy().tobytes()

@@ -136,8 +136,7 @@ class ShardWitness:
             handle.write(data)
             return
         if len(tensors) == 1 and data.numel() > TAPPED_BYTES and ValueKind.SCALAR not in kinds[0]:
-            handle.write(data)
-            self._test_whole(kinds[0], tensors[0].name, tensors[0].dtype, data)
+            self._write_large(handle, kinds[0], tensors[0], data)
             return
         spans: list[tuple[int, int, list[bytearray]]] = []
         offset = 0
@@ -162,17 +161,20 @@ class ShardWitness:
             self._test(kind)
         self._sink.add(self._clean, self._scalars)
 
-    def _test_whole(self, kind: ValueKind, name: str, dtype: str, data: torch.Tensor) -> None:
-        try:
-            if ValueKind.SCALE in kind:
-                clean = dtype in clean_dtypes(TensorBatch(buffers={dtype: data}))
-            else:
-                clean = all_finite(data.view(TORCH_DTYPES[dtype]))
-        except Exception:  # a test that fails leaves the tensor to the checker
-            logger.debug("%s: value test failed; the checker reads it back", name, exc_info=True)
-            return
+    def _write_large(self, handle: CheckpointFile, kind: ValueKind, tensor: WrittenTensor, data: torch.Tensor) -> None:
+        """A tensor over :data:`TAPPED_BYTES`: on a GPU, tested whole on its device after the write; on the CPU,
+        piece by piece as the write buffer receives it (testing the source afterwards would fault a memory-mapped
+        weight's pages back in after the writer released them)."""
+        dtype = tensor.dtype
+        if data.device.type == "cpu":
+            stream = _StreamTest(lambda part: _clean(kind, dtype, part), DTYPE_BYTES[dtype])
+            handle.write(data, stream)
+            clean = stream.clean
+        else:
+            handle.write(data)
+            clean = _clean(kind, dtype, data)
         if clean:
-            self._clean.add(name)
+            self._clean.add(tensor.name)
 
     def _test(self, kind: ValueKind) -> None:
         for dtype, raw, names in self._gathered[kind].take():
@@ -212,3 +214,34 @@ class _SplitTap:
             if last > end:
                 break
             self._index += 1
+
+
+def _clean(kind: ValueKind, dtype: str, raw: torch.Tensor) -> bool:
+    """The checker's test of ``kind`` on the bytes ``raw`` (uint8, whole elements of ``dtype``); False when the
+    test itself fails (the checker then reads the tensor back)."""
+    try:
+        if ValueKind.SCALE in kind:
+            return dtype in clean_dtypes(TensorBatch(buffers={dtype: raw}))
+        return all_finite(raw.view(TORCH_DTYPES[dtype]))
+    except Exception:
+        logger.debug("%s %s values not tested; the checker reads them back", kind, dtype, exc_info=True)
+        return False
+
+
+class _StreamTest:
+    """Runs an elementwise test on the pieces of one tensor's bytes as a file write passes them, carrying the
+    bytes of an element split between two pieces to the next; ``clean`` is whether every part passed."""
+
+    def __init__(self, test, itemsize: int) -> None:
+        self._test, self._itemsize = test, itemsize
+        self._carry = bytearray()
+        self.clean = True
+
+    def __call__(self, piece: memoryview) -> None:
+        if not self.clean:
+            return
+        buffer = self._carry + piece  # a copy of at most one chunk; aligned for any dtype
+        whole = len(buffer) // self._itemsize * self._itemsize
+        self._carry = buffer[whole:]
+        if whole and not self._test(torch.frombuffer(buffer, dtype=torch.uint8)[:whole]):
+            self.clean = False
