@@ -10,6 +10,11 @@ On machines with many cores several shards are written at once, each by its own 
 its tensors) with its own writer and I/O threads: one such pipeline moves about 0.8 GB/s on an H200 host
 (bench/gpu_full_export.py), below what its disk takes. Each shard's bytes do not depend on how many are
 written at once.
+
+A shard of :data:`DIRECT_MIN_BYTES` or more is written with ``O_DIRECT`` (:func:`direct_policy`), so the fsync
+before the rename has nothing left to flush; consecutive small tensors reach the writer in groups
+(:mod:`.small_tensors`); and with a :class:`~.value_witness.ValueWitness`, each writer thread runs the
+self-check's value tests on the bytes as it writes them (:mod:`.value_witness`).
 """
 
 from __future__ import annotations
@@ -189,7 +194,9 @@ class _WriterQueue:
     """Hands data to a shard's writer thread, at most ``IN_FLIGHT_BYTES`` queued (``in_flight``: futures and
     their queued bytes); with a ``witness``, the writer tests the values the self-check would read back."""
 
-    def __init__(self, handle: CheckpointFile, writer: ThreadPoolExecutor, in_flight: deque, witness) -> None:
+    def __init__(
+        self, handle: CheckpointFile, writer: ThreadPoolExecutor, in_flight: deque, witness: ShardWitness | None
+    ) -> None:
         self.handle, self.writer, self.in_flight, self.witness = handle, writer, in_flight, witness
         self.queued = 0
 
