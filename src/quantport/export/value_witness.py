@@ -6,8 +6,9 @@ one-element tensor. Read back after the files are written with ``O_DIRECT``, tha
 the disk. Instead, each shard's writer thread hands the bytes it copies into the write buffer (the bytes
 the file gets) to a :class:`ShardWitness`, which gathers them per dtype and tests each batch of up to
 :data:`BATCH_BYTES` with the checker's own tests (:mod:`quantport.check.rules.scale_values`,
-:func:`~quantport.formats.finite.all_finite`); a tensor larger than :data:`TAPPED_BYTES` is tested on the
-tensor it was written from (its bytes are the file's), on its own device. The results
+:func:`~quantport.formats.finite.all_finite`); a tensor larger than :data:`TAPPED_BYTES` is tested on its
+own: piece by piece in the write buffer when it is on the CPU, whole on its device (its bytes are the file's)
+when it is on a GPU. The results
 (:class:`~quantport.check.witnessed.WitnessedValues`) go to the checker, which then reads only the
 tensors of a batch that was not clean, and reports on them exactly as it would have without this.
 """
