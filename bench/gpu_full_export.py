@@ -5,16 +5,25 @@ weights directly on the GPU (nothing is downloaded), calibrates it with quantpor
 tokens), exports it to a local directory and measures, in one process per tool:
 
 * quantport: calibration, export wall time, GB/s, peak GPU memory, peak host RSS;
-* the disk floor for the same number of bytes: one thread writing 8 MB chunks with ``O_DIRECT`` and through
-  the page cache (then ``fdatasync``), as ``dd`` would;
+* the disk floor for the same number of bytes, measured after the export's files are removed: one thread
+  writing 8 MB chunks with ``O_DIRECT`` and through the page cache (then ``fdatasync``), as ``dd`` would, and
+  the export's ratio to each (``export_over_o_direct``, ``export_over_page_cache``; ``export_over_floor``: to
+  the faster);
+* the export's stages: writing the shards, the self-check, the commit (fsync and rename), and the end-to-end
+  calibration + export time;
+* ``--direct``: how the shards are written (``auto``: quantport's default, ``O_DIRECT`` for shards from 32 MB;
+  ``always``, ``adaptive`` (probe, then the page cache while it is as fast: the writer before issue 17's
+  second round), ``never``);
 * ``--profile``: where the export's time goes (cProfile of the calling thread, busy time of the writer
   and I/O threads);
 * ``--reference``: nvidia-modelopt's ``mtq.quantize`` + ``export_hf_checkpoint`` on the same model and
-  calibration batches (run it as a separate process: the model is built again).
+  calibration batches (run it as a separate process: the model is built again); ``export_s`` is its export as
+  it is (no fsync: ``save_pretrained`` leaves the files in the page cache), ``durable_export_s`` adds an fsync
+  of every file it wrote, which quantport's export includes.
 
     python bench/gpu_full_export.py --recipe nvfp4 --out /tmp/qp-export --json r.json [--profile] [--layers 48]
     python bench/gpu_full_export.py --recipe nvfp4 --out /tmp/mo-export --reference --json ref.json
-    python bench/gpu_full_export.py --smoke        # 2 tiny layers on the CPU (checks the script)
+    python bench/gpu_full_export.py --smoke [--reference]   # 2 tiny layers on the CPU (checks the script)
 """
 
 from __future__ import annotations
@@ -146,8 +155,27 @@ class Timed:
             setattr(self.owner, name, original)
 
 
-def run_quantport(model, recipe: str, calib, out: Path, device, profile: bool) -> dict:
+def fsync_files(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def run_quantport(model, recipe: str, calib, out: Path, device, profile: bool, direct: str) -> dict:
     import quantport
+    from quantport.export import shards
+    from quantport.export.checkpoint_file import DirectPolicy
+
+    shards.DIRECT_WRITES = None if direct == "auto" else DirectPolicy(direct)
 
     sync(device)
     start = time.perf_counter()
@@ -158,13 +186,18 @@ def run_quantport(model, recipe: str, calib, out: Path, device, profile: bool) -
     profiler = cProfile.Profile() if profile else None
     import importlib
 
+    from quantport.export import value_witness
     from quantport.export.checkpoint_file import CheckpointFile
+    from quantport.export.output_dir import OutputTarget
 
     export_module = importlib.import_module("quantport.export")  # the module (quantport.export is also a function)
     stages = Timed(export_module, ("write_sharded_safetensors", "check_written"))
-    # busy time of the writer threads (CheckpointFile.write) and of the I/O threads (_write_at)
+    commit = Timed(OutputTarget, ("commit",))  # fsync of the staging directory and the rename
+    # busy time of the writer threads (CheckpointFile.write), of the I/O threads (_write_at), and of the value
+    # tests the writer threads run for the self-check (ShardWitness.write includes the file write it makes)
     busy = Timed(CheckpointFile, ("write", "_write_at"), prefix="CheckpointFile.")
-    with busy, stages:
+    witness = Timed(value_witness.ShardWitness, ("write", "close", "_test", "_write_large"), prefix="ShardWitness.")
+    with busy, stages, commit, witness:
         start = time.perf_counter()
         if profiler:
             profiler.enable()
@@ -172,8 +205,10 @@ def run_quantport(model, recipe: str, calib, out: Path, device, profile: bool) -
         if profiler:
             profiler.disable()
         result["export_s"] = time.perf_counter() - start
-    result["thread_busy_s"] = dict(busy.seconds)
-    result["stage_s"] = dict(stages.seconds)
+    result["thread_busy_s"] = dict(busy.seconds) | dict(witness.seconds)
+    result["stage_s"] = dict(stages.seconds) | dict(commit.seconds)
+    result["direct_writes"] = direct
+    result["calibrate_plus_export_s"] = result["calibrate_s"] + result["export_s"]
     result["checkpoint_bytes"] = directory_bytes(out)
     result["export_gb_per_s"] = result["checkpoint_bytes"] / result["export_s"] / 1e9
     if device.type == "cuda":
@@ -211,6 +246,9 @@ def run_reference(model, recipe: str, calib, out: Path, device) -> dict:
     with torch.no_grad(), contextlib.redirect_stdout(log):
         export_hf_checkpoint(model, export_dir=out)
     result["export_s"] = time.perf_counter() - start
+    fsync_files(out)
+    result["durable_export_s"] = time.perf_counter() - start
+    result["calibrate_plus_export_s"] = result["calibrate_s"] + result["export_s"]
     result["checkpoint_bytes"] = directory_bytes(out)
     result["export_gb_per_s"] = result["checkpoint_bytes"] / result["export_s"] / 1e9
     if device.type == "cuda":
@@ -227,6 +265,7 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true", help="nvidia-modelopt instead of quantport")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--no-floor", action="store_true", help="skip the disk-floor measurement")
+    parser.add_argument("--direct", choices=["auto", "always", "adaptive", "never"], default="auto")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
@@ -251,17 +290,20 @@ def main() -> None:
     calib = calibration(config["vocab_size"], 2 if args.smoke else args.batches, 32 if args.smoke else 512, device)
     shutil.rmtree(args.out, ignore_errors=True)
     run = run_reference if args.reference else run_quantport
-    kwargs = {} if args.reference else {"profile": args.profile}
+    kwargs = {} if args.reference else {"profile": args.profile, "direct": args.direct}
     result.update(run(model, args.recipe, calib, args.out, device, **kwargs))
     result["peak_rss_gib"] = peak_rss_bytes() / 2**30
+    shutil.rmtree(args.out, ignore_errors=True)  # before the floor: a 64 GB disk holds one copy of FP8 at a time
     if not args.no_floor:
         del model
         floor = disk_floor(args.out.parent / (args.out.name + "-floor"), result["checkpoint_bytes"])
         result["disk_floor"] = floor
+        for mode, measured in floor.items():
+            if "s" in measured:
+                result[f"export_over_{mode}"] = result["export_s"] / measured["s"]
         best = min((v["s"] for v in floor.values() if "s" in v), default=None)
         if best:
             result["export_over_floor"] = result["export_s"] / best
-    shutil.rmtree(args.out, ignore_errors=True)
     profile = result.pop("profile", None)
     print(json.dumps(result, indent=2))
     if profile:

@@ -31,6 +31,8 @@ from quantport.read import (
 )
 from quantport.read.files import open_regular
 
+from .witnessed import WitnessedValues
+
 __all__ = ["DTYPE_BYTES", "Checkpoint", "HeaderError", "TensorInfo", "read_header"]
 
 logger = logging.getLogger(__name__)
@@ -76,6 +78,8 @@ class Checkpoint:
         tensors: the tensors an engine would load: name -> info (the indexed shard's copy where an
             index exists, else the first file's).
         index_total_size: the index's ``metadata.total_size`` as written (None when absent).
+        witnessed: what the exporter established about tensor values as it wrote them (nothing, unless the
+            check runs inside an export); the value rules skip reading what it vouches for.
     """
 
     path: Path
@@ -89,6 +93,7 @@ class Checkpoint:
     file_errors: dict[str, HeaderError] = field(default_factory=dict)
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     index_total_size: Any = None
+    witnessed: WitnessedValues = field(default_factory=WitnessedValues)
     data_starts: dict[str, int] = field(default_factory=dict, repr=False)
     _handles: dict[str, Any] = field(default_factory=dict, repr=False)
 

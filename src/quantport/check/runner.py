@@ -15,6 +15,7 @@ from .findings import CheckReport, Engine, Rule
 from .qconfig import model_facts, parse_quant_config
 from .rules import CONTENT_RULES, FILE_RULES, shards
 from .structure import Context
+from .witnessed import WitnessedValues
 
 __all__ = ["check_checkpoint"]
 
@@ -45,12 +46,17 @@ def _collector_paused() -> Iterator[None]:
             gc.enable()
 
 
-def check_checkpoint(path: str | Path, engine: Engine | str = Engine.VLLM) -> CheckReport:
+def check_checkpoint(
+    path: str | Path, engine: Engine | str = Engine.VLLM, witnessed: WitnessedValues | None = None
+) -> CheckReport:
     """Check the checkpoint directory ``path`` against ``engine``'s loading rules.
 
     Only files are read: the JSON configs, the safetensors headers, and the values of scale tensors
     and other small tensors. When a shard is unreadable or missing, only the file and config rules
     run (every tensor rule would report the consequences of the broken shard).
+
+    ``witnessed``: what an export established about the values as it wrote them
+    (:class:`~quantport.check.witnessed.WitnessedValues`); the findings are the same, fewer values are read.
 
     Returns a :class:`CheckReport`; ``report.ok`` is True when there is no error. Raises
     ``FileNotFoundError`` / ``NotADirectoryError`` when ``path`` is not a directory, and
@@ -66,11 +72,13 @@ def check_checkpoint(path: str | Path, engine: Engine | str = Engine.VLLM) -> Ch
     if not path.is_dir():
         raise NotADirectoryError(f"{path} is not a directory; pass the checkpoint directory")
     with _collector_paused():
-        return _check(path, engine)
+        return _check(path, engine, witnessed)
 
 
-def _check(path: Path, engine: Engine) -> CheckReport:
+def _check(path: Path, engine: Engine, witnessed: WitnessedValues | None) -> CheckReport:
     ckpt = Checkpoint.open(path)
+    if witnessed is not None:
+        ckpt.witnessed = witnessed
     try:
         qcfg = parse_quant_config(ckpt)
         ctx = Context(ckpt, engine, qcfg, model_facts(ckpt.config))

@@ -27,16 +27,20 @@ SCALAR_DTYPES = frozenset({"F32", "F16", "BF16", "F64", "F8_E4M3", "F8_E5M2", "I
 
 def read_scalars(ckpt: Checkpoint) -> dict[str, float]:
     """tensor name -> float32 value of every one-element tensor of ``ckpt`` with a dtype in
-    :data:`SCALAR_DTYPES`; empty when the batch cannot be read (each scalar is then read alone, so a
-    failure is reported where a single read reports it)."""
-    infos = [info for info in ckpt.tensors.values() if info.numel == 1 and info.dtype in SCALAR_DTYPES]
+    :data:`SCALAR_DTYPES`; the values ``ckpt.witnessed`` holds are taken from there, the others read in one
+    batch (left out when it cannot be read: each is then read alone, so a failure is reported where a single
+    read reports it)."""
+    known = ckpt.witnessed.scalars
+    out = {name: known[name] for name, info in ckpt.tensors.items() if info.numel == 1 and name in known}
+    infos = [i for i in ckpt.tensors.values() if i.numel == 1 and i.dtype in SCALAR_DTYPES and i.name not in out]
+    if not infos:
+        return out
     try:
         batch = read_batch(ckpt, infos)
     except (UnreadableFileError, OSError) as exc:
         logger.debug("one-element tensors of %s not read in one batch: %s", ckpt.path, exc)
-        return {}
+        return out
     values = {dtype: batch.typed(dtype).to(torch.float32).tolist() for dtype in batch.buffers}
-    out = {}
     for name, (dtype, begin, _) in batch.slots.items():
         out[name] = values[dtype][begin // batch.itemsize(dtype)]
     return out

@@ -20,6 +20,7 @@ from .self_check import check_written, refuse_known_failure
 from .shards import write_json, write_sharded_safetensors
 from .targets import TARGETS, ExportFormat, check_exportable, default_format, parse_format, recipe_for_format
 from .unquantized import excluded_modules
+from .value_witness import ValueWitness
 
 __all__ = ["ExportFormat", "OutputTarget", "claim_output", "export", "recipe_for_format"]
 
@@ -146,6 +147,7 @@ def export(
         mapped = scan.submit(MappedWeights)
         content = FORMAT_CONTENT[fmt](model, state)
         stream = _layer_stream(model)
+        witness = ValueWitness()  # the self-check's value tests, run on the bytes as they are written
         try:
             write_sharded_safetensors(
                 content.plan if stream is None else stream.wrap(content.plan),
@@ -154,6 +156,7 @@ def export(
                 progress=progress,
                 release=lambda: mapped.result().release_all(),  # drops the weights quantized so far
                 shard_workers=None if stream is None else 1,  # one layer read at a time
+                witness=witness,
             )
         finally:
             if stream is not None:
@@ -168,5 +171,5 @@ def export(
         _copy_tokenizer(model, staging, tokenizer)
         target.drop_progress()  # a resumable run's saved calibration progress is not part of the checkpoint
         # self-check (2/2): quantport's checker on the staged files; an error leaves nothing at out_dir
-        check_written(staging, state.recipe.scheme, allow_check_errors=allow_check_errors)
+        check_written(staging, state.recipe.scheme, allow_check_errors=allow_check_errors, witnessed=witness.result())
     return target.commit()  # fsync, then rename to out_dir as claimed

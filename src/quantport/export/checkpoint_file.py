@@ -1,17 +1,22 @@
-"""A write-only checkpoint file: through the page cache while that is fast, with ``O_DIRECT`` once it is not.
+"""A write-only checkpoint file: with ``O_DIRECT``, through the page cache, or measuring which is faster.
 
-Why both: a write into the page cache returns once the bytes are in memory (the kernel writes them to
-disk later), which is the fastest way out while free memory is cheap to take, and leaves the file cached
-for an engine that loads it next. It stops being cheap when the kernel must throttle writers (more
-dirty data than it allows) or, on virtual machines that hand free memory back to the host, when every
-fresh page costs a host fault (0.56 GB: 0.12 s into memory freed moments ago, 1.3 s into returned
-memory, 0.29 s with ``O_DIRECT`` either way, on the machine of ``bench/RESULTS.md``). So the file
-measures: its first full chunk goes out with ``O_DIRECT``, the following ones through the page cache
-while each is written at least as fast as that probe; the first slower one switches the rest of the file
-to ``O_DIRECT`` (:class:`WriteRoute`). ``O_DIRECT`` needs block-aligned buffers, offsets and lengths,
-so bytes are gathered in aligned buffers and written in aligned chunks; a last ``O_DIRECT`` chunk is
-padded and the file truncated to its true length. File systems without ``O_DIRECT`` (tmpfs, some
-network file systems) get page-cache writes only. The bytes are the same whichever way they go.
+:class:`DirectPolicy` picks the way. ``ALWAYS``: every chunk goes out with ``O_DIRECT`` from the aligned
+buffers, so the fsync at the end of an export has no page-cache backlog to flush (on an H200 host, 9.5 s of
+a 27 s export went to that fsync when most chunks took the page cache). ``NEVER``: the page cache only
+(small files, where an aligned direct write of a few kilobytes costs more than it saves).
+
+``ADAPTIVE`` measures. Why both: a write into the page cache returns once the bytes are in memory (the kernel
+writes them to disk later), which is the fastest way out while free memory is cheap to take, and leaves the
+file cached for an engine that loads it next. It stops being cheap when the kernel must throttle writers (more
+dirty data than it allows) or, on virtual machines that hand free memory back to the host, when every fresh
+page costs a host fault (0.56 GB: 0.12 s into memory freed moments ago, 1.3 s into returned memory, 0.29 s
+with ``O_DIRECT`` either way, on the machine of ``bench/RESULTS.md``). So the file measures: its first full
+chunk goes out with ``O_DIRECT``, the following ones through the page cache while each is written at least as
+fast as that probe; the first slower one switches the rest of the file to ``O_DIRECT`` (:class:`WriteRoute`).
+``O_DIRECT`` needs block-aligned buffers, offsets and lengths, so bytes are gathered in aligned buffers and
+written in aligned chunks; a last ``O_DIRECT`` chunk is padded and the file truncated to its true length. File
+systems without ``O_DIRECT`` (tmpfs, some network file systems) get page-cache writes only. The bytes are the
+same whichever way they go.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import logging
 import mmap
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
@@ -29,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CheckpointFile", "WriteMode", "WriteRoute"]
+__all__ = ["CheckpointFile", "DirectPolicy", "WriteMode", "WriteRoute"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +53,17 @@ class WriteMode(str, Enum):
     """``O_DIRECT``: done once the device has the bytes; aligned buffer, offset and length."""
 
 
+class DirectPolicy(str, Enum):
+    """When a file's chunks go out with ``O_DIRECT`` (where the file system takes it; else the page cache)."""
+
+    ALWAYS = "always"
+    """Every chunk, the padded tail included: nothing of the file waits in the page cache for an fsync."""
+    ADAPTIVE = "adaptive"
+    """The first full chunk probes ``O_DIRECT``; the page cache while it is at least as fast (:class:`WriteRoute`)."""
+    NEVER = "never"
+    """The page cache only (``O_DIRECT`` is not even opened)."""
+
+
 @dataclass
 class WriteRoute:
     """Chooses each chunk's :class:`WriteMode` from how fast earlier full chunks went.
@@ -57,13 +74,20 @@ class WriteRoute:
     """
 
     direct_allowed: bool = True
+    policy: DirectPolicy = DirectPolicy.ADAPTIVE
     direct_rate: float | None = None  # bytes per second of the fastest direct chunk
     settled_direct: bool = False
     history: list[tuple[WriteMode, int, float]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        if self.policy is DirectPolicy.NEVER:
+            self.direct_allowed = False
+
     def next_mode(self) -> WriteMode:
         if not self.direct_allowed:
             return WriteMode.CACHED
+        if self.policy is DirectPolicy.ALWAYS:
+            return WriteMode.DIRECT
         if self.settled_direct or self.direct_rate is None:
             return WriteMode.DIRECT
         return WriteMode.CACHED
@@ -71,6 +95,8 @@ class WriteRoute:
     def observe(self, mode: WriteMode, nbytes: int, seconds: float) -> None:
         """Record one full chunk written ``mode`` in ``seconds``."""
         self.history.append((mode, nbytes, seconds))
+        if self.policy is not DirectPolicy.ADAPTIVE:
+            return
         rate = nbytes / max(seconds, 1e-9)
         if mode is WriteMode.DIRECT:
             self.direct_rate = max(rate, self.direct_rate or 0.0)
@@ -91,19 +117,29 @@ class CheckpointFile:
     """``write(bytes or uint8 tensor)`` appends; ``close()`` finishes the file.
 
     Double-buffered: the caller's thread copies into one aligned buffer while an I/O thread writes the
-    other, so copying and the disk overlap. One caller thread only (quantport's writer thread).
+    other, so copying and the disk overlap. One caller thread only (quantport's writer thread). ``policy``
+    (:class:`DirectPolicy`) is used when no ``route`` is given.
     """
 
-    def __init__(self, path: Path, chunk: int = CHUNK, route: WriteRoute | None = None, pinned: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        chunk: int = CHUNK,
+        route: WriteRoute | None = None,
+        pinned: bool = False,
+        policy: DirectPolicy = DirectPolicy.ADAPTIVE,
+    ) -> None:
         self.path = Path(path)
         self.size = 0
-        self.route = route or WriteRoute()
+        self.route = route or WriteRoute(policy=policy)
         self._chunk = chunk
         self._fd = os.open(self.path, _FLAGS, 0o644)
         self._direct_fd = -1
         if self.route.direct_allowed and hasattr(os, "O_DIRECT"):
-            with contextlib.suppress(OSError):  # EINVAL: this file system has no O_DIRECT
+            try:
                 self._direct_fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | getattr(os, "O_CLOEXEC", 0))
+            except OSError as error:  # EINVAL: this file system has no O_DIRECT (tmpfs)
+                logger.debug("%s: O_DIRECT refused (%s); writing through the page cache", self.path, error)
         if self._direct_fd < 0:
             self.route.refuse_direct()
         self._maps: list[mmap.mmap] = []
@@ -118,9 +154,12 @@ class CheckpointFile:
         self._used = 0
         self._offset = 0  # file offset of the current buffer's first byte
 
-    def write(self, data: bytes | torch.Tensor) -> None:
+    def write(self, data: bytes | torch.Tensor, tap: Callable[[memoryview], object] | None = None) -> None:
         """Append ``data`` (bytes, or a contiguous flat uint8 tensor on the CPU or a GPU: a GPU tensor is
-        copied straight into the buffer, one device-to-host copy, with no host copy in between)."""
+        copied straight into the buffer, one device-to-host copy, with no host copy in between).
+
+        ``tap`` is called with each piece of the host buffer the bytes were copied into, in order (the very
+        bytes the file gets; a view valid only during the call)."""
         source = torch.frombuffer(bytearray(data), dtype=torch.uint8) if isinstance(data, bytes) else data
         n, done = source.numel(), 0
         self.size += n
@@ -128,6 +167,9 @@ class CheckpointFile:
             buffer = self._buffers[self._current]
             take = min(n - done, buffer.numel() - self._used)
             buffer[self._used : self._used + take].copy_(source[done : done + take])
+            if tap is not None:
+                with self._views[self._current][self._used : self._used + take] as piece:
+                    tap(piece)
             self._used += take
             done += take
             if self._used == buffer.numel():

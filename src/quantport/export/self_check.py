@@ -7,7 +7,10 @@ Two guards, one before and one after writing:
   the CLI) and again before anything is written (``export()``).
 * :func:`check_written`: at the end of every export, quantport's own checker
   (:func:`quantport.check.runner.check_checkpoint`, vLLM rules) runs on the staging directory, before it is
-  renamed to ``OUT``; an error finding fails the export and nothing is left at ``OUT``.
+  renamed to ``OUT``; an error finding fails the export and nothing is left at ``OUT``. Its value tests
+  (scales, finite floats, per-tensor values) have by then run on the bytes as each shard's writer wrote them,
+  while the other shards were still being written (:mod:`.value_witness`); what they vouched for is not read
+  back, and everything else (headers, names, the cross-file rules) is checked at the end.
 
 Both take ``allow_check_errors``: True logs the problems as warnings and writes the checkpoint anyway
 (``--allow-check-errors`` on the command line), for checkpoints meant for something else than the engine
@@ -22,6 +25,7 @@ from pathlib import Path
 from torch import nn
 
 from ..arch.engines import known_failure
+from ..check.witnessed import WitnessedValues
 from ..errors import ExportError
 from ..recipes import LinearScheme, QuantRecipe
 from .targets import ExportFormat, UnsupportedFormatError
@@ -80,14 +84,24 @@ def refuse_known_failure(
         )
 
 
-def check_written(staging: Path, scheme: LinearScheme, *, allow_check_errors: bool = False) -> None:
+def check_written(
+    staging: Path,
+    scheme: LinearScheme,
+    *,
+    allow_check_errors: bool = False,
+    witnessed: WitnessedValues | None = None,
+) -> None:
     """Run the checker (vLLM's rules) on the files just written to ``staging``; raise :class:`SelfCheckError` on
     an error finding. Warnings are logged; so are errors when ``allow_check_errors``, and the errors that a
-    checkpoint of ``scheme`` has by targeting another engine (:data:`NOT_FOR_VLLM`)."""
+    checkpoint of ``scheme`` has by targeting another engine (:data:`NOT_FOR_VLLM`).
+
+    ``witnessed``: the value tests already run on the bytes as the writer wrote them
+    (:mod:`.value_witness`); the checker then reads back only what they did not vouch for, with the same
+    findings."""
     from ..check.findings import Severity
     from ..check.runner import check_checkpoint
 
-    report = check_checkpoint(staging)
+    report = check_checkpoint(staging, witnessed=witnessed)
     expected = NOT_FOR_VLLM.get(scheme, frozenset())
     for finding in report.findings:
         if finding.severity is Severity.WARNING or allow_check_errors or finding.rule in expected:

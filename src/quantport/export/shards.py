@@ -10,6 +10,11 @@ On machines with many cores several shards are written at once, each by its own 
 its tensors) with its own writer and I/O threads: one such pipeline moves about 0.8 GB/s on an H200 host
 (bench/gpu_full_export.py), below what its disk takes. Each shard's bytes do not depend on how many are
 written at once.
+
+A shard of :data:`DIRECT_MIN_BYTES` or more is written with ``O_DIRECT`` (:func:`direct_policy`), so the fsync
+before the rename has nothing left to flush; consecutive small tensors reach the writer in groups
+(:mod:`.small_tensors`); and with a :class:`~.value_witness.ValueWitness`, each writer thread runs the
+self-check's value tests on the bytes as it writes them (:mod:`.value_witness`).
 """
 
 from __future__ import annotations
@@ -33,9 +38,12 @@ from tqdm.auto import tqdm
 from ..errors import ExportError
 from ..schemes import TensorSpec
 from ..sizes import parse_size
-from .checkpoint_file import CheckpointFile
+from .checkpoint_file import CheckpointFile, DirectPolicy
+from .small_tensors import SmallTensorGroup
+from .value_witness import ShardWitness, ValueWitness, WrittenTensor
 
 __all__ = [
+    "DirectPolicy",
     "OneSlotCache",
     "PlannedTensor",
     "natural_order",
@@ -62,6 +70,13 @@ SAFETENSORS_DTYPES: dict[torch.dtype, str] = {
 
 IN_FLIGHT_BYTES = 64 << 20  # computed tensors waiting for the writer, at most (one larger tensor at a time)
 RELEASE_BYTES = 32 << 20  # written between two releases of memory-mapped weights
+
+DIRECT_WRITES: DirectPolicy | None = None
+"""Internal option: how every shard is written (:class:`DirectPolicy`); None decides by the shard's size."""
+DIRECT_MIN_BYTES = 32 << 20
+"""Shards from this size up are written with ``O_DIRECT`` (where the file system takes it), so the fsync before
+the rename finds nothing left to flush; smaller ones through the page cache, where a few padded direct
+writes cost more than the flush they save."""
 
 SHARD_WORKERS = max(1, min(4, (os.cpu_count() or 1) // 4))
 """Shards written at once: each pipeline takes about three busy threads (compute, copy, I/O), so one on a
@@ -154,13 +169,14 @@ def _write_shard(
     release: Callable[[], None],
     bar,
     stop: threading.Event,
+    witness: ShardWitness | None = None,
 ) -> None:
     """Header, then each tensor in order. The writer thread writes while this thread computes the next
     tensors (copies and file writes release the GIL); tensors queue for it up to ``IN_FLIGHT_BYTES``
     (beyond the one being written), so one module's quantization overlaps the writing of the one before."""
     in_flight: deque[tuple[Future, int]] = deque([(writer.submit(handle.write, _header(entries)), 0)])
     try:
-        _queue_tensors(entries, handle, writer, release, bar, in_flight, stop)
+        _queue_tensors(entries, _WriterQueue(handle, writer, in_flight, witness), release, bar, stop)
     except BaseException:
         # the file is closed next: no write may still be running into its buffers
         for future, _ in in_flight:
@@ -174,34 +190,73 @@ def _write_shard(
         future.result()
 
 
+class _WriterQueue:
+    """Hands data to a shard's writer thread, at most ``IN_FLIGHT_BYTES`` queued (``in_flight``: futures and
+    their queued bytes); with a ``witness``, the writer tests the values the self-check would read back."""
+
+    def __init__(
+        self, handle: CheckpointFile, writer: ThreadPoolExecutor, in_flight: deque, witness: ShardWitness | None
+    ) -> None:
+        self.handle, self.writer, self.in_flight, self.witness = handle, writer, in_flight, witness
+        self.queued = 0
+
+    def submit(self, tensors: list[WrittenTensor], data: torch.Tensor, cost: int) -> None:
+        in_flight = self.in_flight
+        while in_flight and (in_flight[0][0].done() or self.queued + cost > IN_FLIGHT_BYTES):
+            future, size = in_flight.popleft()
+            future.result()
+            self.queued -= size
+        if self.witness is None:
+            future = self.writer.submit(self.handle.write, data)
+        else:
+            future = self.writer.submit(self.witness.write, self.handle, tensors, data)
+        in_flight.append((future, cost))
+        self.queued += cost
+
+    def submit_group(self, group: SmallTensorGroup) -> None:
+        tensors, data = group.take()
+        self.submit(tensors, data, data.numel())
+
+
 def _queue_tensors(
     entries: list[PlannedTensor],
-    handle: CheckpointFile,
-    writer: ThreadPoolExecutor,
+    queue: _WriterQueue,
     release: Callable[[], None],
     bar,
-    in_flight: deque[tuple[Future, int]],
     stop: threading.Event,
 ) -> None:
-    """Compute each tensor and queue it for the writer (``in_flight``: futures and their queued bytes)."""
-    queued = since_release = 0
+    """Compute each tensor and queue it for the writer; small tensors go in groups (:mod:`.small_tensors`)."""
+    since_release = 0
+    group = SmallTensorGroup()
     for entry in entries:
         if stop.is_set():
             raise _Stopped
         tensor = entry.compute()
         data = _tensor_bytes(tensor, entry)
-        cost = 0 if entry.borrowed and _same_storage(data, tensor) else data.numel()
-        while in_flight and (in_flight[0][0].done() or queued + cost > IN_FLIGHT_BYTES):
-            future, size = in_flight.popleft()
-            future.result()
-            queued -= size
-        in_flight.append((writer.submit(handle.write, data), cost))
-        queued += cost
+        written = WrittenTensor(entry.name, SAFETENSORS_DTYPES[entry.spec.dtype], tensor.numel())
+        if group.accepts(data):
+            group.add(written, data)
+            if group.full:
+                queue.submit_group(group)
+        else:
+            if group:
+                queue.submit_group(group)
+            queue.submit([written], data, 0 if entry.borrowed and _same_storage(data, tensor) else data.numel())
         since_release += entry.spec.nbytes
         if since_release >= RELEASE_BYTES:
             release()
             since_release = 0
         bar.update(entry.spec.nbytes)
+    if group:
+        queue.submit_group(group)
+
+
+def direct_policy(shard_bytes: int) -> DirectPolicy:
+    """How a shard of ``shard_bytes`` is written: :data:`DIRECT_WRITES` if set, else ``O_DIRECT`` from
+    :data:`DIRECT_MIN_BYTES` up and the page cache below."""
+    if DIRECT_WRITES is not None:
+        return DirectPolicy(DIRECT_WRITES)
+    return DirectPolicy.ALWAYS if shard_bytes >= DIRECT_MIN_BYTES else DirectPolicy.NEVER
 
 
 def _split(plan: list[PlannedTensor], max_shard_bytes: int) -> list[list[PlannedTensor]]:
@@ -224,6 +279,7 @@ def write_sharded_safetensors(
     progress: bool = True,
     release: Callable[[], None] | None = None,
     shard_workers: int | None = None,
+    witness: ValueWitness | None = None,
 ) -> list[str]:
     """Write ``plan`` as HF-style safetensors shards, in :func:`natural_order` of the names (the tensors of
     one module, and consecutive experts, are next to each other); returns the file names.
@@ -231,7 +287,8 @@ def write_sharded_safetensors(
     ``release`` runs after every ``RELEASE_BYTES`` of computed tensors and at the end (quantport drops
     the memory-mapped weights already quantized there). ``shard_workers``: shards written at once
     (default :data:`SHARD_WORKERS`); if one fails, the others stop at their next tensor and the first error
-    is raised.
+    is raised. ``witness``: tests the values quantport's checker reads back, as they are written
+    (:mod:`.value_witness`), for the self-check that follows.
     """
     plan = sorted(plan, key=lambda e: natural_order(e.name))
     names = [e.name for e in plan]
@@ -248,12 +305,16 @@ def write_sharded_safetensors(
     pinned = torch.cuda.is_available() and torch.cuda.is_initialized()  # tensors may come from a GPU
 
     def write(file: str, entries: list[PlannedTensor]) -> None:
+        policy = direct_policy(sum(e.spec.nbytes for e in entries))
+        shard_witness = witness.shard() if witness is not None else None
         try:
             with (
                 ThreadPoolExecutor(max_workers=1, thread_name_prefix="quantport-writer") as writer,
-                CheckpointFile(directory / file, pinned=pinned) as handle,
+                CheckpointFile(directory / file, pinned=pinned, policy=policy) as handle,
             ):
-                _write_shard(entries, handle, writer, release, bar, stop)
+                _write_shard(entries, handle, writer, release, bar, stop, shard_witness)
+            if shard_witness is not None:
+                shard_witness.close()
         except BaseException:
             stop.set()
             raise

@@ -20,7 +20,7 @@ from ..structure import Context, fused_expert_param
 from ..tensor_batch import BATCH_BYTES, BufferPool, TensorBatch, read_batch
 from .scale_values import clean_dtypes
 
-__all__ = ["SCALE_PARAMS", "check", "is_scale"]
+__all__ = ["SCALAR_SCALE_DTYPES", "SCALE_PARAMS", "check", "is_scale", "is_scale_name"]
 
 NOT_FINITE = Rule(
     "scale.not-finite",
@@ -50,13 +50,20 @@ SCALE_PARAMS = frozenset(
 _E8M0 = ("U8", "F8_E8M0")
 _E8M0_NAN = 255
 _FLOATS = ("F32", "F16", "BF16", "F64", "F8_E4M3", "F8_E5M2")
+SCALAR_SCALE_DTYPES = frozenset(_FLOATS)
+"""Dtypes of a one-element scale that is tested as a per-tensor value (:meth:`Context.load_scalar`), not as an array."""
 _SCALE_PARAM: dict[str, bool] = {}
 """parameter name (last component) -> whether it names a scale; a model has a few dozen."""
 _SCALE_PARAM_CACHE = 4096
 
 
 def is_scale(info: TensorInfo) -> bool:
-    param = info.name.rpartition(".")[2]
+    return is_scale_name(info.name)
+
+
+def is_scale_name(name: str) -> bool:
+    """Whether tensor ``name`` is a scale (its last component, or a fused experts' scale parameter)."""
+    param = name.rpartition(".")[2]
     known = _SCALE_PARAM.get(param)
     if known is None:
         fused = fused_expert_param(param)
@@ -131,11 +138,14 @@ def check(ctx: Context) -> Iterator[Finding]:
     """Scales in name order, read in runs of at most :data:`BATCH_BYTES` of non-scalar tensors."""
     chunk: list[tuple[TensorInfo, bool]] = []
     size, pool = 0, BufferPool()
+    clean = ctx.ckpt.witnessed.clean  # tested as they were written: nothing to report
     for info in ctx.sorted_tensors:
         if not is_scale(info):
             continue
         scalar = info.dtype in _FLOATS and info.numel == 1
         if not scalar:
+            if info.name in clean:
+                continue
             if size and size + info.nbytes > BATCH_BYTES:
                 yield from _chunk_findings(ctx, chunk, pool)
                 chunk, size = [], 0
