@@ -32,6 +32,7 @@ from .recipes import PRESETS, KVCacheFormat, QuantRecipe
 
 if TYPE_CHECKING:
     from .export import OutputTarget
+    from .state import QuantizationState
 
 __all__ = ["main"]
 
@@ -135,6 +136,14 @@ def _directory_size(path: Path) -> int:
 def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> None:
     start = time.perf_counter()
     check_quantize_args(args)  # every argument, before torch is imported and before OUT is claimed
+    from .distributed import distributed_command
+
+    with distributed_command():  # under torchrun: a failure on one rank stops every rank with its message
+        _quantize_checked(args, outputs, start)
+
+
+def _quantize_checked(args: argparse.Namespace, outputs: list[OutputTarget], start: float) -> None:
+    from .distributed import current_session, rank_device, writes_checkpoint
     from .export import ExportFormat, claim_output, export
     from .export.targets import default_format, recipe_for_format
     from .loading import load_model, resolve_device
@@ -143,11 +152,13 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
 
     recipe = recipe_for_format(args.recipe, args.format)  # fail on a bad (recipe, format) before loading
     fmt = ExportFormat(args.format) if args.format else default_format(recipe.scheme)
-    resolve_device(args.device)  # --device cuda without a GPU
+    device = rank_device(args.device)  # under torchrun: the rank's own GPU
+    current_session(resolve_device(device))  # --device cuda without a GPU; joins a torchrun run
     _check_coverage_recipe(args, recipe)
     # OUT is decided and proven writable once, before loading; main() removes its staging directory on failure
-    outputs.append(claim_output(args.out, overwrite=args.overwrite, source=_local_model(args.model)))
-    model, directory = load_model(args.model, device=args.device, progress=not args.quiet)
+    if writes_checkpoint():  # under torchrun: rank 0 only
+        outputs.append(claim_output(args.out, overwrite=args.overwrite, source=_local_model(args.model)))
+    model, directory = load_model(args.model, device=device, progress=not args.quiet)
     quantize(
         model,
         recipe,
@@ -167,15 +178,19 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
     )
     export(
         model,
-        outputs[-1],
+        outputs[-1] if outputs else args.out,
         fmt,
         max_shard_size=args.max_shard_size,
         progress=not args.quiet,
         allow_check_errors=args.allow_check_errors,
     )
-    state = state_of(model)
+    if writes_checkpoint():  # under torchrun: rank 0 only
+        _print_summary(args, fmt.value, directory, state_of(model), start)
+
+
+def _print_summary(args: argparse.Namespace, fmt: str, directory: Path, state: QuantizationState, start: float) -> None:
     elapsed = time.perf_counter() - start
-    print(f"quantport: {args.recipe} ({fmt.value}) of {directory} -> {args.out}")
+    print(f"quantport: {args.recipe} ({fmt}) of {directory} -> {args.out}")
     print(f"  quantized layers : {len(state.quantized)}")
     print(f"  excluded layers  : {len(state.excluded)}")
     for name, reason in sorted(state.excluded.items())[:10]:

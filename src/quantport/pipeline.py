@@ -20,6 +20,14 @@ from .calibrate import calibration_batches, run_calibration
 from .calibrate.algorithms import finish_algorithm, start_algorithm
 from .calibrate.loop import auto_batch_size
 from .calibrate.moe_policy import MoECalibration, MoEInputScales, apply_input_policy, check_input_policy
+from .distributed import (
+    agree_on_statistics,
+    agreed_batch_size,
+    all_ranks_agree,
+    in_distributed_run,
+    progress_here,
+    rank_share,
+)
 from .errors import CalibrationDataError, InvalidArgumentError, InvalidWeightsError
 from .formats.descriptors import ScaleGranularity
 from .input_checks import check_exclude_patterns, check_finite_statistics, refuse_quantized
@@ -190,7 +198,7 @@ def _calibration_data(model: nn.Module, calib_data: Iterable[Any] | None, option
     seq_len = options.get("calib_seq_len", 512)
     batch_size = options.get("batch_size", 8)
     if batch_size == "auto":  # fill the GPU: measured on one probe forward (8 on the CPU)
-        batch_size = auto_batch_size(model, seq_len)
+        batch_size = agreed_batch_size(auto_batch_size(model, seq_len))  # torchrun: the smallest rank's
     if isinstance(calib_data, CalibrationData):  # data sets, mixed and shuffled (calibrate/mixing.py)
         from .calibrate.mixing import dataset_batches
 
@@ -267,6 +275,7 @@ def _install_experts(
     return quantizers
 
 
+@all_ranks_agree  # under torchrun: one rank's failure stops every rank
 def quantize(
     model: nn.Module,
     recipe: str | QuantRecipe,
@@ -357,16 +366,18 @@ def quantize(
     step = start_algorithm(model, codec, algorithm)  # hooks the Linears when the algorithm observes inputs
     # Weight-only recipes need no forward, except for the algorithm or to report expert coverage when data was given.
     if codec.static_input_scale or state.kv_modules or step.needs_forward or (experts and calib_data is not None):
-        batches = _calibration_data(model, calib_data, options)
+        batches = rank_share(_calibration_data(model, calib_data, options))  # torchrun: batch i on rank i % N
         set_mode(model, QuantMode.CALIBRATE)
         hooks = mapped.release_after_forward(model)
         try:
-            state.calibration_tokens = run_calibration(model, batches, progress=options.get("progress", True))
+            progress = progress_here(options.get("progress", True))
+            tokens = run_calibration(model, batches, progress=progress, empty_share_ok=in_distributed_run())
         finally:
             set_mode(model, QuantMode.OFF)
             step.stop_observing()
             for hook in hooks:
                 hook.remove()
+        state.calibration_tokens = agree_on_statistics(model, step, tokens)  # torchrun: reduced over ranks
         check_finite_statistics(model)  # once, after the loop: no host synchronisation per batch
         _drop_uncalibrated(model, state)
     _finish_experts(experts, state, options)
