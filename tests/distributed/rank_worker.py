@@ -35,7 +35,7 @@ CASES = {
     "dense-w4a16-kv": ("llama", "w4a16", {"kv_cache": "fp8"}, 5),
     "moe-fp8": ("qwen3_moe", "fp8", {}, 5),
     "moe-nvfp4": ("qwen3_moe", "nvfp4", {}, 5),
-    "moe-w4a16": ("qwen3_moe", "w4a16", {}, 5),  # weight-only: calibrated for the expert coverage report
+    "moe-w4a16-nvfp4": ("qwen3_moe", "w4a16-nvfp4", {}, 5),  # weight-only: calibrated for the expert coverage report
     "dense-w4a16-gptq": ("llama", "w4a16", {"algorithm": Algorithm.GPTQ.value}, 5),
 }
 

@@ -9,8 +9,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parents[2] / "src"
-WORKER = Path(__file__).resolve().parent / "rank_worker.py"
+SRC = Path(__file__).resolve().parents[1] / "src"
+WORKER = Path(__file__).resolve().parent / "distributed" / "rank_worker.py"
 
 
 @dataclass(frozen=True)
@@ -39,11 +39,15 @@ def _environment(extra: dict[str, str]) -> dict[str, str]:
 
 def run_plain(args: list[str], timeout: float = 120) -> RankResult:
     """The command in one process without torchrun's variables (the plain path)."""
-    done = subprocess.run([sys.executable, *args], env=_environment({}), capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, *args], env=_environment({}), capture_output=True, text=True, timeout=timeout
+    )
     return RankResult(0, done.returncode, done.stdout, done.stderr)
 
 
-def run_ranks(args: list[str], world_size: int, timeout: float = 120, extra: dict[str, str] | None = None) -> list[RankResult]:
+def run_ranks(
+    args: list[str], world_size: int, timeout: float = 120, extra: dict[str, str] | None = None
+) -> list[RankResult]:
     """``python ARGS`` as ``world_size`` ranks of one torch.distributed run; waits for all of them."""
     port = str(_free_port())
     processes = []
@@ -60,7 +64,9 @@ def run_ranks(args: list[str], world_size: int, timeout: float = 120, extra: dic
             }
         )
         processes.append(
-            subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                [sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
         )
     results = []
     try:
