@@ -19,13 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: tiny_models, moe_models
 
-from moe_models import tiny_moe  # noqa: E402
-from tiny_models import TINY_MODELS, make_calibration_batches  # noqa: E402
-
 import quantport  # noqa: E402
+from moe_models import tiny_moe  # noqa: E402
 from quantport.algorithm_options import Algorithm  # noqa: E402
 from quantport.distributed import close_session, current_session  # noqa: E402
 from quantport.errors import QuantportError  # noqa: E402
+from tiny_models import TINY_MODELS, make_calibration_batches  # noqa: E402
 
 CASES = {
     # name: (model, recipe, quantize options, number of calibration batches)

@@ -12,8 +12,9 @@ import json
 from pathlib import Path
 
 import pytest
-from rank_launch import WORKER, run_plain, run_ranks, tree_bytes
 from safetensors.torch import load_file
+
+from rank_launch import WORKER, run_plain, run_ranks, tree_bytes
 
 CASES = ["dense-fp8-kv", "dense-fp8-two-batches", "dense-nvfp4", "dense-w4a16-kv"]
 GPTQ = "dense-w4a16-gptq"

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from rank_launch import WORKER, run_plain, run_ranks, tree_bytes
 
 CASES = ["moe-nvfp4", "moe-w4a16-nvfp4"]
