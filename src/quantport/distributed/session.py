@@ -82,6 +82,7 @@ class Ballot:
 
     rank: int
     ok: bool
+    step: str
     message: str = ""
     value: Any = None
 
@@ -120,8 +121,8 @@ class RankSession:
     def agree(self, step: str, value: Any = None) -> list[Any]:
         """Vote "ok" at ``step``; returns every rank's ``value`` in rank order, or raises the shared
         :class:`DistributedRunError` when a rank failed or did not answer within the timeout."""
-        ballots = self._gather(step, Ballot(self.rank, True, value=value))
-        failure = self._shared_failure(step, ballots)
+        ballots = self._gather(step, Ballot(self.rank, True, step, value=value))
+        failure = self._shared_failure(ballots)
         if failure is not None:
             raise failure
         return [ballot.value for ballot in ballots]
@@ -132,10 +133,10 @@ class RankSession:
         if not isinstance(error, QuantportError):
             message = f"{type(error).__name__}: {message}"
         try:
-            ballots = self._gather(step, Ballot(self.rank, False, message))
+            ballots = self._gather(step, Ballot(self.rank, False, step, message))
         except DistributedRunError as unanswered:
             return unanswered
-        return self._shared_failure(step, ballots) or DistributedRunError(message)
+        return self._shared_failure(ballots) or DistributedRunError(message)
 
     def _gather(self, step: str, ballot: Ballot) -> list[Ballot]:
         if self.failure is not None:
@@ -153,14 +154,15 @@ class RankSession:
             raise self.failure from exc
         return ballots
 
-    def _shared_failure(self, step: str, ballots: list[Ballot]) -> DistributedRunError | None:
-        """The error of the lowest failed rank, the same on every rank (None when all are ok)."""
+    def _shared_failure(self, ballots: list[Ballot]) -> DistributedRunError | None:
+        """The error of the lowest failed rank, the same on every rank (None when all are ok): it names the step
+        that rank failed in, which is not always the vote the others are at."""
         failed = [b for b in ballots if not b.ok]
         if not failed:
             return None
         first = min(failed, key=lambda b: b.rank)
         self.failure = DistributedRunError(
-            f"rank {first.rank} of {self.world_size} failed at '{step}': {first.message} "
+            f"rank {first.rank} of {self.world_size} failed in {first.step}: {first.message} "
             f"(every rank stopped; nothing was written)"
         )
         return self.failure
