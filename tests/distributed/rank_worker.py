@@ -1,6 +1,7 @@
 """One process of a distributed test run (or the single-process reference): ``python rank_worker.py SPEC.json``.
 
-SPEC: ``{"out": DIR, "cases": [NAME, ...], "bad_batch": INDEX | null, "die_rank": RANK | null}``. Each case
+SPEC: ``{"out": DIR, "cases": [NAME, ...], "bad_batch": INDEX | null, "die_rank": RANK | null, "device": "cpu"}``
+(``"cuda"``: each rank on ``cuda:LOCAL_RANK``, NCCL). Each case
 quantizes a tiny model built from a config with :func:`quantport.quantize` and writes it with
 :func:`quantport.export` to ``DIR/NAME``. Under torchrun's variables the run is distributed (gloo, CPU);
 without them it is the plain path. ``bad_batch`` replaces that calibration batch with a 3-D tensor (the rank
@@ -45,14 +46,19 @@ def _model(kind: str) -> torch.nn.Module:
 
 def run(spec: dict) -> None:
     out = Path(spec["out"])
+    device = torch.device(spec.get("device", "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     for name in spec["cases"]:
         kind, recipe, options, batches = CASES[name]
-        model = _model(kind)
+        model = _model(kind).to(device)
         data = make_calibration_batches(vocab_size=model.config.vocab_size, n=batches, batch=2, seq=16)
+        data = [batch.to(device) for batch in data]
         if spec.get("bad_batch") is not None:
             data[spec["bad_batch"]] = data[spec["bad_batch"]][None]
         if spec.get("die_rank") is not None and os.environ.get("RANK") == str(spec["die_rank"]):
-            current_session(torch.device("cpu"))  # joined, then gone: the others are left waiting at a vote
+            current_session(device)  # joined, then gone: the others are left waiting at a vote
             os._exit(3)
         quantport.quantize(model, recipe, data, progress=False, **options)
         quantport.export(model, out / name, progress=False)
