@@ -70,3 +70,15 @@ def test_a_failed_vote_raises_the_same_error_again(session):
     with pytest.raises(DistributedRunError) as again:
         session.agree("third")
     assert again.value is error
+
+
+def test_votes_of_different_steps_are_refused(monkeypatch):
+    from quantport.distributed import session as session_module
+
+    def gather(ballots, ballot, group=None):
+        ballots[:] = [ballot, session_module.Ballot(1, True, "another step")]
+
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    two_ranks = RankSession(0, 2, None, 30.0, owns_group=False)
+    with pytest.raises(DistributedRunError, match=r"out of step \(rank 0 at 'this step', rank 1 at 'another step'\)"):
+        two_ranks.agree("this step")

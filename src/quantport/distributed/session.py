@@ -125,6 +125,13 @@ class RankSession:
         failure = self._shared_failure(ballots)
         if failure is not None:
             raise failure
+        steps = {ballot.step for ballot in ballots}
+        if len(steps) > 1:  # e.g. ranks started with different options: their votes no longer pair up
+            where = ", ".join(f"rank {b.rank} at '{b.step}'" for b in ballots)
+            self.failure = DistributedRunError(
+                f"the ranks are out of step ({where}); start every rank with the same arguments and data"
+            )
+            raise self.failure
         return [ballot.value for ballot in ballots]
 
     def fail(self, step: str, error: BaseException) -> DistributedRunError:
