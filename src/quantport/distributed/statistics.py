@@ -11,7 +11,8 @@ names with the same shapes and dtypes (they are the same model); the result is t
   same number: the reduced amax is bit-equal to a single process's over the same batches.
 * ``sums`` (token counts, Hessian sums): SUM. Integer sums are exact. Floating-point sums are added in a
   different order than one process adds its batches, so they equal a single process's up to rounding
-  (about 1e-7 relative in fp32), not bit for bit.
+  (about 1e-7 relative in fp32), not bit for bit. (GPTQ on the tiny test Llama, w4a16, 5 batches: 0 of
+  170,908 checkpoint values differed with 2 and with 3 ranks; a larger model can move a few codes.)
 
 Small tensors travel in one flat buffer per dtype (one collective each); tensors of 1M elements or more
 (Hessians) are reduced in place one by one, so no second copy of them is made.
