@@ -32,6 +32,7 @@ from .recipes import PRESETS, KVCacheFormat, QuantRecipe
 
 if TYPE_CHECKING:
     from .export import OutputTarget
+    from .state import QuantizationState
 
 __all__ = ["main"]
 
@@ -163,6 +164,14 @@ def _directory_size(path: Path) -> int:
 def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> None:
     start = time.perf_counter()
     check_quantize_args(args)  # every argument, before torch is imported and before OUT is claimed
+    from .distributed import distributed_command
+
+    with distributed_command():  # under torchrun: a failure on one rank stops every rank with its message
+        _quantize_checked(args, outputs, start)
+
+
+def _quantize_checked(args: argparse.Namespace, outputs: list[OutputTarget], start: float) -> None:
+    from .distributed import current_session, rank_device, writes_checkpoint
     from .export import ExportFormat, claim_output, export
     from .export.targets import default_format, recipe_for_format
     from .loading import open_model, resolve_device
@@ -171,15 +180,17 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
 
     recipe = recipe_for_format(args.recipe, args.format)  # fail on a bad (recipe, format) before loading
     fmt = ExportFormat(args.format) if args.format else default_format(recipe.scheme)
-    resolve_device(args.device)  # --device cuda without a GPU
+    device = rank_device(args.device)  # under torchrun: the rank's own GPU
+    current_session(resolve_device(device))  # --device cuda without a GPU; joins a torchrun run
     _check_coverage_recipe(args, recipe)
     # OUT is decided and proven writable once, before loading; main() removes its staging directory on failure
-    outputs.append(
-        claim_output(args.out, overwrite=args.overwrite, source=_local_model(args.model), resume=args.resume)
-    )
+    if writes_checkpoint():  # under torchrun: rank 0 only
+        outputs.append(
+            claim_output(args.out, overwrite=args.overwrite, source=_local_model(args.model), resume=args.resume)
+        )
     layered = args.resume or args.propagate != "unquantized"  # options of the layer-by-layer path
     sequential = True if layered and args.sequential is None else args.sequential
-    model, directory, why = open_model(args.model, device=args.device, sequential=sequential, progress=not args.quiet)
+    model, directory, why = open_model(args.model, device=device, sequential=sequential, progress=not args.quiet)
     quantize(
         model,
         recipe,
@@ -196,7 +207,7 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
         format=fmt.value,  # a form known not to load is refused before calibration
         allow_check_errors=args.allow_check_errors,
         algorithm=algorithm_from_args(args),
-        **({"resume_dir": outputs[-1].resume_dir} if args.resume else {}),
+        **({"resume_dir": outputs[-1].resume_dir} if args.resume and outputs else {}),
         **({"propagate": args.propagate} if args.propagate != "unquantized" else {}),
     )
     if args.save_statistics is not None:  # first: a failed export still leaves the calibration
@@ -205,16 +216,19 @@ def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> 
         save_statistics(model, args.save_statistics)
     export(
         model,
-        outputs[-1],
+        outputs[-1] if outputs else args.out,
         fmt,
         max_shard_size=args.max_shard_size,
         progress=not args.quiet,
         allow_check_errors=args.allow_check_errors,
     )
-    _print_summary(args, fmt.value, directory, state_of(model), why, time.perf_counter() - start)
+    if writes_checkpoint():  # under torchrun: rank 0 only
+        _print_summary(args, fmt.value, directory, state_of(model), why, time.perf_counter() - start)
 
 
-def _print_summary(args: argparse.Namespace, fmt: str, directory: Path, state, why: str, elapsed: float) -> None:
+def _print_summary(
+    args: argparse.Namespace, fmt: str, directory: Path, state: QuantizationState, why: str, elapsed: float
+) -> None:
     print(f"quantport: {args.recipe} ({fmt}) of {directory} -> {args.out}")
     print(f"  quantized layers : {len(state.quantized)}")
     print(f"  excluded layers  : {len(state.excluded)}")

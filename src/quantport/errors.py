@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "AlreadyQuantizedError",
     "CalibrationDataError",
+    "DistributedRunError",
     "ExportError",
     "InterruptedBySignal",
     "InvalidActivationsError",
@@ -86,3 +87,7 @@ class InvalidActivationsError(QuantportError):
 class UnsupportedExpertsError(QuantportError):
     """An experts module that no :class:`~quantport.arch.experts.ExpertLayout` describes and structural
     detection cannot classify."""
+
+
+class DistributedRunError(QuantportError):
+    """A rank of a torch.distributed run failed or stopped answering; every rank raises the same message."""

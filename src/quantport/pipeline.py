@@ -20,6 +20,14 @@ from .calibrate import calibration_batches, run_calibration
 from .calibrate.algorithms import finish_algorithm, start_algorithm
 from .calibrate.loop import auto_batch_size
 from .calibrate.moe_policy import MoECalibration, MoEInputScales, apply_input_policy, check_input_policy
+from .distributed import (
+    agree_on_statistics,
+    agreed_batch_size,
+    all_ranks_agree,
+    in_distributed_run,
+    progress_here,
+    rank_share,
+)
 from .errors import CalibrationDataError, InvalidArgumentError, InvalidWeightsError
 from .formats.descriptors import ScaleGranularity
 from .input_checks import check_exclude_patterns, check_finite_statistics, refuse_quantized
@@ -193,7 +201,7 @@ def _calibration_data(
     seq_len = options.get("calib_seq_len", 512)
     batch_size = options.get("batch_size", 8)
     if batch_size == "auto":  # fill the GPU: measured on one probe forward of the whole model (else 8)
-        batch_size = auto_batch_size(model, seq_len) if whole else 8
+        batch_size = agreed_batch_size(auto_batch_size(model, seq_len)) if whole else 8  # torchrun: smallest rank's
     if isinstance(calib_data, CalibrationData):  # data sets, mixed and shuffled (calibrate/mixing.py)
         from .calibrate.mixing import dataset_batches
 
@@ -328,6 +336,10 @@ def _quantize_layer_by_layer(
     """A model opened with :func:`quantport.sequential.open_layer_by_layer`: one decoder layer at a time."""
     from .sequential.calibrate import Propagation, quantize_layer_by_layer
 
+    if in_distributed_run():
+        raise InvalidArgumentError(
+            "layer by layer (--sequential) does not run under torchrun yet; launch it as one process"
+        )
     if algorithm.algorithm is not Algorithm.MAX:
         raise InvalidArgumentError(
             f"--algorithm {algorithm.algorithm.value} does not run layer by layer yet; use --algorithm max "
@@ -386,21 +398,24 @@ def _quantize_whole(
     experts = _Attach(model, codec, options, mapped)(names, blocks)
     step = start_algorithm(model, codec, algorithm)  # hooks the Linears when the algorithm observes inputs
     if _needs_forward(codec, state, step.needs_forward, experts, calib_data):
-        batches = _calibration_data(model, calib_data, options)
+        batches = rank_share(_calibration_data(model, calib_data, options))  # torchrun: batch i on rank i % N
         set_mode(model, QuantMode.CALIBRATE)
         hooks = mapped.release_after_forward(model)
         try:
-            state.calibration_tokens = run_calibration(model, batches, progress=options.get("progress", True))
+            progress = progress_here(options.get("progress", True))
+            tokens = run_calibration(model, batches, progress=progress, empty_share_ok=in_distributed_run())
         finally:
             set_mode(model, QuantMode.OFF)
             step.stop_observing()
             for hook in hooks:
                 hook.remove()
+        state.calibration_tokens = agree_on_statistics(model, step, tokens)  # torchrun: reduced over ranks
         check_finite_statistics(model)  # once, after the loop: no host synchronisation per batch
         _drop_uncalibrated(model, state)
     return experts, step
 
 
+@all_ranks_agree  # under torchrun: one rank's failure stops every rank
 def quantize(
     model: nn.Module,
     recipe: str | QuantRecipe,

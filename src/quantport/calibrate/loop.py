@@ -38,10 +38,14 @@ def model_inputs(batch: Any, device: torch.device) -> dict[str, Any]:
 
 
 @torch.no_grad()  # not inference_mode: its tensors have no version counter, which sibling amax sharing needs
-def run_calibration(model: nn.Module, batches: Iterable[Any], *, progress: bool = True) -> int:
+def run_calibration(
+    model: nn.Module, batches: Iterable[Any], *, progress: bool = True, empty_share_ok: bool = False
+) -> int:
     """Run the model over ``batches``; returns the number of tokens seen.
 
     The quantized modules must already be in calibration mode; this function only drives the forward.
+    ``empty_share_ok``: ``batches`` is one rank's share of a distributed run's batches, which may be empty
+    (:class:`quantport.distributed.RankShare` raises when all of them are).
     """
     device = next(model.parameters()).device
     # Multimodal wrappers (e.g. Llama4ForConditionalGeneration) run text-only batches through their
@@ -55,7 +59,7 @@ def run_calibration(model: nn.Module, batches: Iterable[Any], *, progress: bool 
         target(**inputs, use_cache=False)
         ids = inputs.get("input_ids")
         tokens += int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
-    if tokens == 0 and total == 0:
+    if tokens == 0 and total == 0 and not empty_share_ok:
         raise CalibrationDataError("calibration data is empty")
     logger.info("calibrated on %d tokens", tokens)
     return tokens

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from ..distributed import commit_when_all_agree, written_by_rank_zero
 from ..memory.mapped_weights import MappedWeights
 from ..state import QuantizationState, state_of
 from ..version import __version__
@@ -104,6 +105,7 @@ def _report(state: QuantizationState, fmt: ExportFormat, exclude: list[str]) -> 
     }
 
 
+@written_by_rank_zero  # under torchrun: rank 0 writes, the others wait for it
 def export(
     model: nn.Module,
     out_dir: str | Path | OutputTarget,
@@ -172,4 +174,4 @@ def export(
         target.drop_progress()  # a resumable run's saved calibration progress is not part of the checkpoint
         # self-check (2/2): quantport's checker on the staged files; an error leaves nothing at out_dir
         check_written(staging, state.recipe.scheme, allow_check_errors=allow_check_errors, witnessed=witness.result())
-    return target.commit()  # fsync, then rename to out_dir as claimed
+    return commit_when_all_agree(target)  # fsync, then rename to out_dir as claimed (torchrun: once all ranks agree)

@@ -1,0 +1,84 @@
+"""The pieces of the distributed path in this process: the batch split, and the reducer on a 1-rank gloo group
+(None, NaN, the large-tensor path, dtypes kept). Several ranks are covered by the subprocess tests."""
+
+from __future__ import annotations
+
+import socket
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from quantport.distributed import RankShare, Statistics, reduce_statistics, statistics
+from quantport.distributed.session import RankSession
+from quantport.errors import CalibrationDataError, DistributedRunError
+
+
+@pytest.mark.parametrize("total", [0, 1, 2, 5, 7])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_shares_are_disjoint_and_cover_the_batches_in_order(total: int, world_size: int):
+    if total == 0:
+        with pytest.raises(CalibrationDataError, match="calibration data is empty"):
+            list(RankShare([], 0, world_size))
+        return
+    source = list(range(total))
+    shares = [list(RankShare(source, rank, world_size)) for rank in range(world_size)]
+    assert sorted(b for share in shares for b in share) == source
+    assert [len(RankShare(source, rank, world_size)) for rank in range(world_size)] == [len(s) for s in shares]
+    assert shares[0] == source[::world_size]
+
+
+def test_a_share_of_an_iterator_walks_the_whole_source():
+    assert list(RankShare(iter(range(7)), 2, 3)) == [2, 5]
+
+
+@pytest.fixture
+def session():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, timeout=timedelta(seconds=30)
+    )
+    try:
+        yield RankSession(0, 1, dist.new_group(backend="gloo"), 30.0, owns_group=True)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_reduce_keeps_values_dtypes_and_unobserved(session, monkeypatch):
+    monkeypatch.setattr(statistics, "LARGE_TENSOR", 4)  # the [3, 3] sum takes the one-by-one path
+    stats = Statistics(
+        maximum={"a": torch.tensor(2.5), "never": None, "nan": torch.tensor(float("nan")), "e": torch.ones(3)},
+        sums={"tokens": torch.tensor([1, 2], dtype=torch.int64), "h": torch.full((3, 3), 0.5)},
+    )
+    out = reduce_statistics(stats, session)
+    assert out.maximum["a"].item() == 2.5 and out.maximum["a"].dim() == 0
+    assert out.maximum["never"] is None
+    assert out.maximum["nan"].item() == float("inf")  # non-finite stays non-finite
+    assert torch.equal(out.maximum["e"], torch.ones(3))
+    assert out.sums["tokens"].dtype == torch.int64 and out.sums["tokens"].tolist() == [1, 2]
+    assert torch.equal(out.sums["h"], torch.full((3, 3), 0.5))
+
+
+def test_a_failed_vote_raises_the_same_error_again(session):
+    assert session.agree("first", 7) == [7]
+    error = session.fail("second", ValueError("bad\nthing"))
+    assert isinstance(error, DistributedRunError)
+    assert str(error) == "rank 0 of 1 failed in second: ValueError: bad thing (every rank stopped; nothing was written)"
+    with pytest.raises(DistributedRunError) as again:
+        session.agree("third")
+    assert again.value is error
+
+
+def test_votes_of_different_steps_are_refused(monkeypatch):
+    from quantport.distributed import session as session_module
+
+    def gather(ballots, ballot, group=None):
+        ballots[:] = [ballot, session_module.Ballot(1, True, "another step")]
+
+    monkeypatch.setattr(dist, "all_gather_object", gather)
+    two_ranks = RankSession(0, 2, None, 30.0, owns_group=False)
+    with pytest.raises(DistributedRunError, match=r"out of step \(rank 0 at 'this step', rank 1 at 'another step'\)"):
+        two_ranks.agree("this step")
