@@ -222,6 +222,15 @@ def _unify_groups(model: nn.Module, state: QuantizationState, codec: SchemeCodec
                 m.shared_weight_amax = shared_weight
 
 
+def _allow_reruns(model: nn.Module, step: Any, batches: Iterable[Any]) -> Iterable[Any]:
+    """Let an algorithm that observes in several forwards (GPTQ's chunks of experts) run the batches again."""
+    if getattr(step, "forward_passes", 1) <= 1:
+        return batches
+    kept = batches if isinstance(batches, list | tuple) else list(batches)
+    step.context.rerun_forward = lambda: run_calibration(model, kept, progress=False)
+    return kept
+
+
 def _drop_uncalibrated(model: nn.Module, state: QuantizationState) -> None:
     for name, module in model.named_modules():
         if isinstance(module, QuantLinear) and module.codec.static_input_scale and module.input_amax is None:
@@ -358,6 +367,7 @@ def quantize(
     # Weight-only recipes need no forward, except for the algorithm or to report expert coverage when data was given.
     if codec.static_input_scale or state.kv_modules or step.needs_forward or (experts and calib_data is not None):
         batches = _calibration_data(model, calib_data, options)
+        batches = _allow_reruns(model, step, batches)
         set_mode(model, QuantMode.CALIBRATE)
         hooks = mapped.release_after_forward(model)
         try:

@@ -36,6 +36,8 @@ class QuantizationState:
         coverage: calibration tokens per expert and the policy that filled the gaps (MoE models).
         algorithm: the calibration algorithm (:class:`quantport.algorithm_options.Algorithm` value).
         left_at_rtn: quantized modules the algorithm left at round-to-nearest -> why (never silently).
+        algorithm_notes: modules the algorithm treated otherwise than asked -> how (e.g. a MoE expert with
+            few routed tokens that GPTQ dampened more).
     """
 
     recipe: QuantRecipe
@@ -48,6 +50,7 @@ class QuantizationState:
     coverage: ExpertCoverage | None = None
     algorithm: str = "max"
     left_at_rtn: dict[str, str] = field(default_factory=dict)
+    algorithm_notes: dict[str, str] = field(default_factory=dict)
 
 
 def attach_state(model: nn.Module, state: QuantizationState) -> None:
