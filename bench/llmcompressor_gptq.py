@@ -50,11 +50,8 @@ def _dequantized(module: torch.nn.Module) -> torch.Tensor:
     args = module.quantization_scheme.weights
     zero_point = getattr(module, "weight_zero_point", None)
     global_scale = getattr(module, "weight_global_scale", None)
-    g_idx = getattr(module, "weight_g_idx", None)
     with torch.no_grad():
-        return fake_quantize(module.weight, module.weight_scale, zero_point, args, g_idx, global_scale).to(
-            module.weight.dtype
-        )
+        return fake_quantize(module.weight, module.weight_scale, zero_point, args, global_scale).to(module.weight.dtype)
 
 
 def main() -> None:

@@ -8,7 +8,10 @@ the module's output is untouched.
 
 Only the experts of the current *chunk* (a range of expert indices, the same in every layer) are
 accumulated, so the Hessians held at once stay within :data:`HESSIAN_BYTES`; the caller runs one
-calibration forward per chunk (:func:`expert_chunk_size`).
+calibration forward per chunk (:func:`expert_chunk_size`). A later chunk's forward runs after GPTQ has
+updated the dense layers and the earlier chunks' experts (with their full-precision forward), so its
+experts' inputs carry those updates, as in GPTQ's layer-sequential form; with one chunk (the default
+whenever the Hessians fit) every Hessian comes from the unmodified model.
 
 With ``all_tokens`` (top-k families only) every expert of the chunk also accumulates the Hessians of every
 token of the batch, as if routed to it: the fallback of the ``all-experts`` policy for experts that saw few
