@@ -12,6 +12,9 @@ at that moment and is quantized as such (GPTQ's update is exact for any chosen `
 is clamped to the bounds before it is quantized (clamping moves no code). The returned weight holds these
 values, so the codec, given it, derives the same scales and codes: the export and the simulation decode
 to GPTQ's ``Q`` exactly (:func:`gptq_weight` checks it).
+
+MoE experts: :class:`GptqStep` also runs GPTQ on each expert of the fused experts modules against its own
+Hessians (:mod:`.expert_hessians`, :mod:`.gptq_experts`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from ...algorithm_options import Algorithm, ExpertGptqPolicy, GptqOptions
 from ...arch.experts import ForwardContract
 from ...errors import InvalidArgumentError, QuantportError
 from ...formats.descriptors import ScaleGranularity
+from ...modules.quant_experts import ExpertsQuantizer
 from ...schemes import SchemeCodec
 from .expert_hessians import ExpertHessianObserver, expert_chunk_size
 from .hessian import HessianObserver
@@ -230,7 +234,7 @@ class GptqStep:
         if self.expert_chunks:
             self.expert_observer.attach(self.expert_chunks[0])
 
-    def _experts_to_update(self, options: GptqOptions) -> list:
+    def _experts_to_update(self, options: GptqOptions) -> list[ExpertsQuantizer]:
         from .gptq_experts import unsupported_layout_reason
 
         if not options.experts:
