@@ -15,6 +15,7 @@ __all__ = [
     "AVAILABLE_ALGORITHMS",
     "Algorithm",
     "AlgorithmOptions",
+    "ExpertGptqPolicy",
     "GptqOptions",
     "MaxOptions",
     "MseOptions",
@@ -73,6 +74,23 @@ class MseOptions:
         return tuple(1 - i * (1 - self.min_ratio) / self.steps for i in range(self.steps + 1))
 
 
+class ExpertGptqPolicy(StrEnum):
+    """What GPTQ does with a MoE expert that saw fewer routed tokens than ``expert_min_tokens``.
+
+    Whatever the policy, every such expert is named (``state.left_at_rtn`` when it stays at round-to-nearest,
+    ``state.algorithm_notes`` otherwise), in the summary and in ``quantport_report.json``.
+    """
+
+    DAMPEN = "dampen"
+    """GPTQ with its few tokens' Hessian, dampened more the fewer tokens it saw (``damp * min_tokens / tokens``,
+    at most 1); an expert with no token keeps round-to-nearest."""
+    ALL_EXPERTS = "all-experts"
+    """GPTQ with the Hessian of every calibration token through the expert, as if routed to it (top-k
+    families only: Llama 4's experts only see router-scaled inputs)."""
+    RTN = "rtn"
+    """Keep round-to-nearest."""
+
+
 @dataclass(frozen=True, slots=True)
 class GptqOptions:
     """Options of ``gptq``.
@@ -85,12 +103,24 @@ class GptqOptions:
         block_size: columns per lazy batch update (a multiple of the format's group size).
         static_groups: take every group's scale from the weights before any update, instead of from the
             updated weights when the loop reaches the group.
+        experts: also GPTQ the MoE experts (one Hessian per expert from its routed tokens; gate and up share
+            one); False keeps them at round-to-nearest (named in the state).
+        expert_min_tokens: routed tokens an expert needs for its own Hessian; 0 means the expert's input size
+            (the rank a full Hessian needs).
+        expert_policy: what to do with experts under ``expert_min_tokens`` (:class:`ExpertGptqPolicy`).
+        expert_chunk: experts per MoE layer whose Hessians are held at once; each further chunk costs one more
+            calibration forward. 0 chooses the largest chunk whose Hessians fit the budget
+            (:data:`quantport.calibrate.algorithms.expert_hessians.HESSIAN_BYTES`).
     """
 
     damp: float = 0.01
     act_order: bool = False
     block_size: int = 128
     static_groups: bool = False
+    experts: bool = True
+    expert_min_tokens: int = 0
+    expert_policy: ExpertGptqPolicy = ExpertGptqPolicy.DAMPEN
+    expert_chunk: int = 0
     algorithm = Algorithm.GPTQ
 
     def __post_init__(self) -> None:
@@ -98,6 +128,17 @@ class GptqOptions:
             raise InvalidArgumentError(f"gptq damp must be in [0, 1), got {self.damp}")
         if self.block_size < 1:
             raise InvalidArgumentError(f"gptq block_size must be >= 1, got {self.block_size}")
+        if self.expert_min_tokens < 0:
+            raise InvalidArgumentError(f"gptq expert_min_tokens must be >= 0, got {self.expert_min_tokens}")
+        if self.expert_chunk < 0:
+            raise InvalidArgumentError(f"gptq expert_chunk must be >= 0 (0: automatic), got {self.expert_chunk}")
+        try:
+            object.__setattr__(self, "expert_policy", ExpertGptqPolicy(self.expert_policy))
+        except ValueError:
+            known = ", ".join(p.value for p in ExpertGptqPolicy)
+            raise InvalidArgumentError(
+                f"unknown gptq expert_policy {self.expert_policy!r}; choose one of: {known}"
+            ) from None
 
 
 AlgorithmOptions = MaxOptions | MseOptions | GptqOptions

@@ -161,6 +161,18 @@ def _directory_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def _print_algorithm(state: Any) -> None:
+    print(f"  algorithm        : {state.algorithm}")
+    for name, reason in sorted(state.left_at_rtn.items())[:10]:
+        print(f"    round-to-nearest {name}: {reason}")
+    if len(state.left_at_rtn) > 10:
+        print(f"    ... and {len(state.left_at_rtn) - 10} more at round-to-nearest (see quantport_report.json)")
+    for name, note in sorted(state.algorithm_notes.items())[:10]:
+        print(f"    {name}: {note}")
+    if len(state.algorithm_notes) > 10:
+        print(f"    ... and {len(state.algorithm_notes) - 10} more notes (see quantport_report.json)")
+
+
 def _quantize_command(args: argparse.Namespace, outputs: list[OutputTarget]) -> None:
     start = time.perf_counter()
     check_quantize_args(args)  # every argument, before torch is imported and before OUT is claimed
@@ -237,11 +249,7 @@ def _print_summary(
     if len(state.excluded) > 10:
         print(f"    ... and {len(state.excluded) - 10} more (see quantport_report.json)")
     print(f"  kv cache         : {state.recipe.kv_cache.value}")
-    print(f"  algorithm        : {state.algorithm}")
-    for name, reason in sorted(state.left_at_rtn.items())[:10]:
-        print(f"    round-to-nearest {name}: {reason}")
-    if len(state.left_at_rtn) > 10:
-        print(f"    ... and {len(state.left_at_rtn) - 10} more at round-to-nearest (see quantport_report.json)")
+    _print_algorithm(state)
     if state.experts:
         print(f"  experts modules  : {len(state.experts)}")
     if state.coverage is not None:

@@ -236,6 +236,15 @@ def _unify_groups(model: nn.Module, state: QuantizationState, codec: SchemeCodec
                 m.shared_weight_amax = shared_weight
 
 
+def _allow_reruns(model: nn.Module, step: Any, batches: Iterable[Any]) -> Iterable[Any]:
+    """Let an algorithm that observes in several forwards (GPTQ's chunks of experts) run the batches again."""
+    if getattr(step, "forward_passes", 1) <= 1:
+        return batches
+    kept = batches if isinstance(batches, list | tuple) else list(batches)
+    step.context.rerun_forward = lambda: run_calibration(model, kept, progress=False)
+    return kept
+
+
 def _drop_uncalibrated(model: nn.Module, state: QuantizationState, *, within: str = "") -> None:
     for name, module in model.named_modules():
         if not name.startswith(within):
@@ -399,6 +408,7 @@ def _quantize_whole(
     step = start_algorithm(model, codec, algorithm)  # hooks the Linears when the algorithm observes inputs
     if _needs_forward(codec, state, step.needs_forward, experts, calib_data):
         batches = rank_share(_calibration_data(model, calib_data, options))  # torchrun: batch i on rank i % N
+        batches = _allow_reruns(model, step, batches)
         set_mode(model, QuantMode.CALIBRATE)
         hooks = mapped.release_after_forward(model)
         try:

@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .algorithm_options import Algorithm, AlgorithmOptions, GptqOptions, MseOptions, algorithm_options
+from .algorithm_options import (
+    Algorithm,
+    AlgorithmOptions,
+    ExpertGptqPolicy,
+    GptqOptions,
+    MseOptions,
+    algorithm_options,
+)
 from .calibration_sources import CalibrationData, CalibrationSource, locate, require_datasets
 from .dialects import ExportFormat
 from .errors import AlreadyQuantizedError, CalibrationDataError, InvalidArgumentError
@@ -320,9 +327,33 @@ def add_algorithm_arguments(parser: argparse.ArgumentParser) -> None:
         "--gptq-static-groups", action="store_true", help="GPTQ group scales from the weights before any update"
     )
     parser.add_argument(
+        "--gptq-no-experts", action="store_true", help="GPTQ dense layers only; MoE experts keep round-to-nearest"
+    )
+    parser.add_argument(
+        "--gptq-expert-policy",
+        choices=[p.value for p in ExpertGptqPolicy],
+        help=f"GPTQ for experts with few routed tokens: dampen, all-experts or rtn ({gptq.expert_policy.value})",
+    )
+    parser.add_argument(
+        "--gptq-expert-min-tokens",
+        type=positive_int,
+        metavar="N",
+        help="routed tokens an expert needs for its own Hessian (default: the expert's input size)",
+    )
+    parser.add_argument(
+        "--gptq-expert-chunk",
+        type=positive_int,
+        metavar="N",
+        help="experts per MoE layer whose Hessians are held at once; each chunk costs a forward (default: fit 4 GiB)",
+    )
+    parser.add_argument(
         "--mse-min-ratio", type=float, metavar="F", help=f"smallest clipping ratio MSE tries ({mse.min_ratio})"
     )
     parser.add_argument("--mse-steps", type=positive_int, metavar="N", help=f"MSE ratios tried below 1 ({mse.steps})")
+
+
+def _flag(option: str) -> str:
+    return "no-experts" if option == "experts" else option.replace("_", "-")
 
 
 def algorithm_from_args(args: argparse.Namespace) -> AlgorithmOptions:
@@ -334,11 +365,15 @@ def algorithm_from_args(args: argparse.Namespace) -> AlgorithmOptions:
             "act_order": args.gptq_act_order or None,
             "block_size": args.gptq_block_size,
             "static_groups": args.gptq_static_groups or None,
+            "experts": False if getattr(args, "gptq_no_experts", False) else None,
+            "expert_policy": getattr(args, "gptq_expert_policy", None),
+            "expert_min_tokens": getattr(args, "gptq_expert_min_tokens", None),
+            "expert_chunk": getattr(args, "gptq_expert_chunk", None),
         },
         Algorithm.MSE: {"min_ratio": args.mse_min_ratio, "steps": args.mse_steps},
     }
     for algorithm, values in given.items():
-        flags = [f"--{algorithm.value}-{k.replace('_', '-')}" for k, v in values.items() if v is not None]
+        flags = [f"--{algorithm.value}-{_flag(k)}" for k, v in values.items() if v is not None]
         if flags and algorithm is not chosen.algorithm:
             raise InvalidArgumentError(
                 f"{' '.join(flags)} apply to --algorithm {algorithm.value}, not {args.algorithm}"

@@ -38,6 +38,8 @@ class QuantizationState:
         left_at_rtn: quantized modules the algorithm left at round-to-nearest -> why (never silently).
         path: how the model ran: ``"whole-model"`` or ``"layer-by-layer"`` (:mod:`quantport.sequential`).
         memory: peak memory of a layer-by-layer run (device, host RSS), for the summary and the report.
+        algorithm_notes: modules the algorithm treated otherwise than asked -> how (e.g. a MoE expert with
+            few routed tokens that GPTQ dampened more).
     """
 
     recipe: QuantRecipe
@@ -52,6 +54,7 @@ class QuantizationState:
     left_at_rtn: dict[str, str] = field(default_factory=dict)
     path: str = "whole-model"
     memory: dict[str, int | str] | None = None
+    algorithm_notes: dict[str, str] = field(default_factory=dict)
 
 
 def attach_state(model: nn.Module, state: QuantizationState) -> None:

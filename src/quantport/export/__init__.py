@@ -102,6 +102,7 @@ def _report(state: QuantizationState, fmt: ExportFormat, exclude: list[str]) -> 
         "algorithm": state.algorithm,
         "left_at_round_to_nearest": dict(sorted(state.left_at_rtn.items())),
         "run": {"path": state.path, "memory": state.memory},
+        "algorithm_notes": dict(sorted(state.algorithm_notes.items())),
     }
 
 

@@ -104,6 +104,11 @@ class ExpertsQuantizer:
             self._simulated_weights = dequantized_experts(self.block, self.codec, self.weight_amax)
         return self._simulated_weights
 
+    def weights_changed(self) -> None:
+        """The module's expert weights were replaced (by a calibration algorithm): drop the cached simulation."""
+        self._simulator = None
+        self._simulated_weights = None
+
     def simulator(self) -> ExpertsSimulator:
         """The module's :class:`ExpertsSimulator` (built on first use, then kept)."""
         if self._simulator is None:

@@ -111,13 +111,16 @@ def test_typed_options_reach_the_algorithm(tiny_model, calib_batches):
     assert not torch.equal(results[0], results[1]) and not torch.equal(results[0], results[2])
 
 
-def test_moe_experts_keep_round_to_nearest_and_are_named(tmp_path):
+@pytest.mark.parametrize("algorithm", ["mse", GptqOptions(experts=False)])
+def test_moe_experts_keep_round_to_nearest_and_are_named(tmp_path, algorithm):
     model = tiny_moe("qwen3_moe")  # hidden size 64: NVFP4's 16-input blocks fit
     batches = make_calibration_batches(vocab_size=256)
-    quantport.quantize(model, "nvfp4", batches, progress=False, algorithm="gptq")
+    quantport.quantize(model, "nvfp4", batches, progress=False, algorithm=algorithm)
     state = state_of(model)
     assert state.experts and set(state.left_at_rtn) == set(state.experts)
-    assert all("not implemented for MoE experts" in why for why in state.left_at_rtn.values())
+    assert all(
+        "not implemented for MoE experts" in why or "--gptq-no-experts" in why for why in state.left_at_rtn.values()
+    )
     out = quantport.export(model, tmp_path / "out", progress=False)
     report = json.loads((out / "quantport_report.json").read_text())
     assert sorted(report["left_at_round_to_nearest"]) == sorted(state.experts)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from quantport.algorithm_options import GptqOptions, MaxOptions, MseOptions
+from quantport.algorithm_options import ExpertGptqPolicy, GptqOptions, MaxOptions, MseOptions
 from quantport.cli import _parser, main
 from quantport.errors import InvalidArgumentError
 from quantport.quantize_args import algorithm_from_args
@@ -30,6 +30,15 @@ def test_flags_give_typed_options():
         block_size=256, static_groups=True
     )
     assert _options("--algorithm", "mse", "--mse-min-ratio", "0.7", "--mse-steps", "6") == MseOptions(0.7, 6)
+    expert_flags = ("--gptq-expert-policy", "rtn", "--gptq-expert-min-tokens", "64", "--gptq-expert-chunk", "8")
+    assert _options("--algorithm", "gptq", *expert_flags) == GptqOptions(
+        expert_policy=ExpertGptqPolicy.RTN, expert_min_tokens=64, expert_chunk=8
+    )
+    assert _options("--algorithm", "gptq", "--gptq-no-experts") == GptqOptions(experts=False)
+    with pytest.raises(InvalidArgumentError, match="--gptq-no-experts apply to --algorithm gptq, not mse"):
+        _options("--algorithm", "mse", "--gptq-no-experts")
+    with pytest.raises(InvalidArgumentError, match="unknown gptq expert_policy 'sometimes'"):
+        GptqOptions(expert_policy="sometimes")
 
 
 def test_flags_of_another_algorithm_and_unavailable_algorithms_are_refused():

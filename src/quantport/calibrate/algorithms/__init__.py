@@ -3,7 +3,7 @@
 One module per :class:`~quantport.algorithm_options.Algorithm` (``max.py``, ``mse.py``, ``gptq.py``), each
 registering a step class in :data:`.registry.ALGORITHMS`; :func:`start_algorithm` is what
 :func:`quantport.quantize` calls. Options are the typed dataclasses of :mod:`quantport.algorithm_options`.
-MoE experts are not covered yet: with any algorithm but ``max`` they keep round-to-nearest, and the
+MoE experts are covered by ``gptq`` (:mod:`.gptq_experts`); with ``mse`` they keep round-to-nearest, and the
 state names them.
 """
 
@@ -15,6 +15,7 @@ from torch import nn
 
 from ...algorithm_options import Algorithm, AlgorithmOptions
 from ...arch.fused_groups import find_shared_input_groups
+from ...modules.quant_experts import experts_quantizer_of
 from ...modules.quant_linear import QuantLinear
 from ...schemes import SchemeCodec
 from ...state import QuantizationState
@@ -34,13 +35,16 @@ def start_algorithm(model: nn.Module, codec: SchemeCodec, options: AlgorithmOpti
         members = tuple(m for m in group.members if m in layers)
         if len(members) > 1:
             groups.append(members)
-    return ALGORITHMS[options.algorithm](AlgorithmContext(options, codec, layers, groups))
+    experts = [q for q in map(experts_quantizer_of, model.modules()) if q is not None]
+    return ALGORITHMS[options.algorithm](AlgorithmContext(options, codec, layers, groups, experts))
 
 
 def experts_note(options: AlgorithmOptions) -> str | None:
     """Why quantized MoE experts keep round-to-nearest under ``options`` (None for ``max``)."""
     if options.algorithm is Algorithm.MAX:
         return None
+    if options.algorithm is Algorithm.GPTQ:
+        return None if options.experts else "round-to-nearest: gptq without experts (--gptq-no-experts)"
     return f"round-to-nearest: {options.algorithm.value} is not implemented for MoE experts yet"
 
 
@@ -50,6 +54,7 @@ def finish_algorithm(step: AlgorithmStep, state: QuantizationState) -> None:
     options = step.context.options
     state.algorithm = options.algorithm.value
     state.left_at_rtn = dict(step.context.left_at_rtn)
+    state.algorithm_notes = dict(step.context.notes)
     note = experts_note(options)
     if note is not None:
         for name in state.experts:

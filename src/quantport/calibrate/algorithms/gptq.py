@@ -12,6 +12,9 @@ at that moment and is quantized as such (GPTQ's update is exact for any chosen `
 is clamped to the bounds before it is quantized (clamping moves no code). The returned weight holds these
 values, so the codec, given it, derives the same scales and codes: the export and the simulation decode
 to GPTQ's ``Q`` exactly (:func:`gptq_weight` checks it).
+
+MoE experts: :class:`GptqStep` also runs GPTQ on each expert of the fused experts modules against its own
+Hessians (:mod:`.expert_hessians`, :mod:`.gptq_experts`).
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...algorithm_options import Algorithm, GptqOptions
+from ...algorithm_options import Algorithm, ExpertGptqPolicy, GptqOptions
+from ...arch.experts import ForwardContract
 from ...errors import InvalidArgumentError, QuantportError
 from ...formats.descriptors import ScaleGranularity
+from ...modules.quant_experts import ExpertsQuantizer
 from ...schemes import SchemeCodec
+from .expert_hessians import ExpertHessianObserver, expert_chunk_size
 from .hessian import HessianObserver
 from .registry import AlgorithmContext, register, replace_weight
 
@@ -202,23 +208,62 @@ def gptq_weight(
 
 @register(Algorithm.GPTQ)
 class GptqStep:
-    """``gptq`` on every quantized Linear, with Hessians from the calibration forward (fused groups share one).
+    """``gptq`` on every quantized Linear, with Hessians from the calibration forward (fused groups share one),
+    then on the MoE experts (:mod:`.gptq_experts`), one chunk of experts per calibration forward.
 
     A layer whose input never ran, or whose Hessian cannot be factorised, keeps round-to-nearest, named in
-    :attr:`AlgorithmContext.left_at_rtn` (never silently).
+    :attr:`AlgorithmContext.left_at_rtn` (never silently); so does an expert, by the options' policy.
     """
 
     needs_forward = True
 
     def __init__(self, context: AlgorithmContext) -> None:
         self.context = context
-        assert isinstance(context.options, GptqOptions)
+        options = context.options
+        assert isinstance(options, GptqOptions)
         for module in context.layers.values():
-            _check_options(context.codec, module.weight, context.options)
+            _check_options(context.codec, module.weight, options)
         self.observer = HessianObserver.attach(dict(context.layers), context.groups)
+        self.experts = self._experts_to_update(options)
+        all_tokens = options.expert_policy is ExpertGptqPolicy.ALL_EXPERTS
+        blocks = [q.block for q in self.experts]
+        self.expert_observer = ExpertHessianObserver.for_blocks(blocks, all_tokens)
+        chunk = expert_chunk_size(blocks, options.expert_chunk, all_tokens)
+        most = max((b.num_experts for b in blocks), default=0)
+        self.expert_chunks = [range(start, start + chunk) for start in range(0, most, chunk)]
+        if self.expert_chunks:
+            self.expert_observer.attach(self.expert_chunks[0])
+
+    def _experts_to_update(self, options: GptqOptions) -> list[ExpertsQuantizer]:
+        from .gptq_experts import unsupported_layout_reason
+
+        if not options.experts:
+            return []
+        chosen = []
+        for quantizer in self.context.experts:
+            _check_options(self.context.codec, quantizer.block.experts.down_proj[0], options)
+            reason = unsupported_layout_reason(quantizer)
+            if reason is not None:
+                self.context.left_at_rtn[quantizer.block.experts_name] = reason
+                logger.warning("gptq: %s: %s", quantizer.block.experts_name, reason)
+                continue
+            dense_routed = quantizer.block.layout.contract is ForwardContract.DENSE_ROUTED
+            if options.expert_policy is ExpertGptqPolicy.ALL_EXPERTS and dense_routed:
+                raise InvalidArgumentError(
+                    f"--gptq-expert-policy all-experts is not available for {quantizer.block.layout.family} experts "
+                    "(their module only sees router-scaled inputs); use dampen or rtn"
+                )
+            chosen.append(quantizer)
+        return chosen
+
+    @property
+    def forward_passes(self) -> int:
+        """Calibration forwards the step needs: one per chunk of experts (at least one)."""
+        return max(1, len(self.expert_chunks))
 
     def stop_observing(self) -> None:
         self.observer.detach()
+        self.expert_observer.detach()
 
     def apply(self) -> None:
         context = self.context
@@ -240,3 +285,39 @@ class GptqStep:
                 raise RuntimeError(f"gptq: the exported weight of {name} does not decode to GPTQ's choice (a bug)")
             replace_weight(module, result.weight)
         self.observer.accumulators.clear()  # the Hessians are not needed any more
+        self._apply_experts()
+
+    def _apply_experts(self) -> None:
+        from .gptq_experts import ExpertGptqRecord, gptq_experts
+
+        context, record = self.context, ExpertGptqRecord()
+        for index, chunk in enumerate(self.expert_chunks):
+            if index > 0:  # the first chunk was observed in the pipeline's calibration forward
+                if context.rerun_forward is None:
+                    raise RuntimeError("gptq: experts need another calibration forward and none was given (a bug)")
+                logger.info(
+                    "gptq: calibration forward %d/%d for experts %d-%d",
+                    index + 1,
+                    len(self.expert_chunks),
+                    chunk.start,
+                    chunk.stop - 1,
+                )
+                self.expert_observer.attach(chunk)
+                try:
+                    context.rerun_forward()
+                finally:
+                    self.expert_observer.detach()
+            for quantizer in self.experts:
+                gptq_experts(
+                    quantizer, self.expert_observer.modules[quantizer.block.experts_name], context.options, record
+                )
+            self.expert_observer.clear()
+        context.left_at_rtn.update(record.left_at_rtn)
+        context.notes.update(record.notes)
+        if self.experts:
+            logger.info(
+                "gptq: %d experts updated, %d left at round-to-nearest, %d with notes",
+                record.updated,
+                len(record.left_at_rtn),
+                len(record.notes),
+            )

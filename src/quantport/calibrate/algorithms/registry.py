@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ...algorithm_options import Algorithm, AlgorithmOptions
+from ...modules.quant_experts import ExpertsQuantizer
 from ...modules.quant_linear import QuantLinear
 from ...schemes import SchemeCodec
 
@@ -32,14 +33,21 @@ class AlgorithmContext:
         codec: the recipe's codec.
         layers: quantized Linear layers by name.
         groups: fused groups (names of members that share one input), each with two members or more.
+        experts: the quantized MoE experts modules' quantizers.
+        rerun_forward: runs the calibration forward again (the model in full precision, no statistics
+            recorded), for a step that observes in several passes; set by the pipeline when it runs one.
         left_at_rtn: filled by the step: modules left at round-to-nearest -> why.
+        notes: filled by the step: modules it treated otherwise than asked -> how (e.g. more dampening).
     """
 
     options: AlgorithmOptions
     codec: SchemeCodec
     layers: dict[str, QuantLinear]
     groups: list[tuple[str, ...]]
+    experts: list[ExpertsQuantizer] = field(default_factory=list)
+    rerun_forward: Callable[[], None] | None = None
     left_at_rtn: dict[str, str] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
 
     def quantized_layers(self) -> dict[str, QuantLinear]:
         """The layers still quantized (the pipeline reverts those that never ran in a static-scale recipe)."""
