@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from quantport.evaluate import eval_batches, evaluate
 from quantport.state import state_of
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("QUANTPORT_SHARED", ROOT.parent / "shared"))  # a worktree sets it
 MODELS = ("qwen3moe_tiny", "llama4_tiny")
 RECIPES = ("w4a16", "nvfp4", "int8")
 ALGORITHMS = ("max", "mse", "gptq")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .algorithm_options import algorithm_options
+from .algorithm_options import AlgorithmOptions, AwqOptions, SmoothQuantOptions, algorithm_options
 from .arch.experts import ForwardContract, MoEBlock, find_moe_blocks
 from .arch.family import MTP_PREFIXES, is_vision_module
 from .arch.fused_groups import find_attention_modules, find_shared_input_groups
@@ -267,6 +267,27 @@ def _install_experts(
     return quantizers
 
 
+def _fold_scales(
+    model: nn.Module,
+    codec: SchemeCodec,
+    algorithm: AlgorithmOptions,
+    calib_data: Iterable[Any] | None,
+    names: list[str],
+    blocks: list[MoEBlock],
+    options: dict[str, Any],
+) -> tuple[Any, Iterable[Any] | None]:
+    """AWQ / SmoothQuant: scales folded into the model before any weight is measured (their report, and the
+    calibration batches as a list, reused by the calibration forward); other algorithms: nothing."""
+    if not isinstance(algorithm, AwqOptions | SmoothQuantOptions):
+        return None, calib_data
+    from .calibrate.algorithms.smoothing import smooth_model
+
+    batches = list(_calibration_data(model, calib_data, options))
+    experts = {b.experts_name for b in blocks}
+    progress = options.get("progress", True)
+    return smooth_model(model, codec, algorithm, batches, set(names), experts, progress=progress), batches
+
+
 def quantize(
     model: nn.Module,
     recipe: str | QuantRecipe,
@@ -292,8 +313,9 @@ def quantize(
             ``"compressed-tensors"`` for ``nvfp4``; a form known not to load in that format's engine is then
             refused here, before calibration), ``allow_check_errors`` (False: True lets such a form through
             with a warning, as ``export(..., allow_check_errors=True)``), ``progress`` (True),
-            ``algorithm`` ("max" | "mse" | "gptq", an :class:`quantport.algorithm_options.Algorithm`, or its
-            typed options such as ``GptqOptions(act_order=True)``; default "max": round to nearest).
+            ``algorithm`` ("max" | "mse" | "gptq" | "awq" | "smoothquant" | "awq+gptq" | "smoothquant+gptq", an
+            :class:`quantport.algorithm_options.Algorithm`, or its typed options such as
+            ``GptqOptions(act_order=True)`` or ``AwqOptions(clip=True)``; default "max": round to nearest).
     """
     unknown = set(options) - {
         "exclude",
@@ -337,6 +359,7 @@ def quantize(
             experts_quantized=bool(blocks),
             allow_check_errors=options.get("allow_check_errors", False),
         )
+    smoothing, calib_data = _fold_scales(model, codec, algorithm, calib_data, names, blocks, options)
     mapped = MappedWeights() if options.get("release_weights", True) else MappedWeights.disabled()
     weight_amax, experts_amax = _weight_amax_checked(model, names, blocks, mapped)
     modules = dict(model.named_modules())
@@ -354,7 +377,7 @@ def quantize(
                 "--kv-cache fp8 was asked for, but the model has no attention with k_proj/v_proj; quantize without "
                 "--kv-cache"
             )
-    step = start_algorithm(model, codec, algorithm)  # hooks the Linears when the algorithm observes inputs
+    step = start_algorithm(model, codec, algorithm, smoothing)  # hooks the Linears when the algorithm observes inputs
     # Weight-only recipes need no forward, except for the algorithm or to report expert coverage when data was given.
     if codec.static_input_scale or state.kv_modules or step.needs_forward or (experts and calib_data is not None):
         batches = _calibration_data(model, calib_data, options)

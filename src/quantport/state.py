@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -36,6 +37,8 @@ class QuantizationState:
         coverage: calibration tokens per expert and the policy that filled the gaps (MoE models).
         algorithm: the calibration algorithm (:class:`quantport.algorithm_options.Algorithm` value).
         left_at_rtn: quantized modules the algorithm left at round-to-nearest -> why (never silently).
+        smoothing: what AWQ / SmoothQuant folded (places and strengths, places skipped and why, routing
+            flips, output change), None for the other algorithms.
     """
 
     recipe: QuantRecipe
@@ -48,6 +51,7 @@ class QuantizationState:
     coverage: ExpertCoverage | None = None
     algorithm: str = "max"
     left_at_rtn: dict[str, str] = field(default_factory=dict)
+    smoothing: dict[str, Any] | None = None
 
 
 def attach_state(model: nn.Module, state: QuantizationState) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ class AlgorithmContext:
         layers: quantized Linear layers by name.
         groups: fused groups (names of members that share one input), each with two members or more.
         left_at_rtn: filled by the step: modules left at round-to-nearest -> why.
+        smoothing: what AWQ / SmoothQuant folded before quantization (a ``SmoothingReport``), if they ran.
     """
 
     options: AlgorithmOptions
@@ -40,6 +41,7 @@ class AlgorithmContext:
     layers: dict[str, QuantLinear]
     groups: list[tuple[str, ...]]
     left_at_rtn: dict[str, str] = field(default_factory=dict)
+    smoothing: Any = None
 
     def quantized_layers(self) -> dict[str, QuantLinear]:
         """The layers still quantized (the pipeline reverts those that never ran in a static-scale recipe)."""
