@@ -33,7 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("QUANTPORT_SHARED", ROOT.parent / "shared"))  # a worktree sets it
 MODELS = ("qwen3moe_tiny", "llama4_tiny")
 RECIPES = ("w4a16", "nvfp4", "int8")
-ALGORITHMS = ("max", "mse", "gptq")
+ALGORITHMS = ("max", "mse", "gptq", "awq", "smoothquant")
+APPLIES = {"awq": ("w4a16", "nvfp4"), "awq+gptq": ("w4a16", "nvfp4"), "smoothquant": ("nvfp4", "int8", "fp8")}
+"""Recipes each scaling algorithm is for (AWQ: 4-bit weights; SmoothQuant: quantized activations); others: all."""
 
 
 def _arguments() -> argparse.Namespace:
@@ -51,7 +53,8 @@ def _arguments() -> argparse.Namespace:
         nargs="*",
         default=[],
         metavar="ALGORITHM",
-        help="also nvidia-modelopt 0.47 with these algorithms (max, mse, awq_lite) for w4a16 and nvfp4",
+        help="also nvidia-modelopt 0.47 with these algorithms (max, mse, awq_lite, smoothquant) where its config "
+        "for the recipe has them (smoothquant: int8 only)",
     )
     return parser.parse_args()
 
@@ -82,7 +85,8 @@ def _row(model_name: str, recipe: str, algorithm: str, args: argparse.Namespace,
     }
 
 
-MODELOPT_CONFIGS = {"w4a16": "INT4_AWQ_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}
+MODELOPT_CONFIGS = {"w4a16": "INT4_AWQ_CFG", "nvfp4": "NVFP4_DEFAULT_CFG", "int8": "INT8_SMOOTHQUANT_CFG"}
+MODELOPT_APPLIES = {"smoothquant": ("int8",), "awq_lite": ("w4a16", "nvfp4"), "mse": ("w4a16", "nvfp4")}
 
 
 def _modelopt_row(model_name: str, recipe: str, algorithm: str, data: dict) -> dict:
@@ -145,10 +149,11 @@ def main() -> None:
         )
         data = {"calib": calib, "eval": held_out, "base": _load(SHARED / "models" / model_name)}
         for recipe in args.recipes:
-            for algorithm in args.algorithms:
+            for algorithm in [a for a in args.algorithms if recipe in APPLIES.get(a, (recipe,))]:
                 rows.append(_row(model_name, recipe, algorithm, args, data))
                 print(json.dumps(rows[-1]), flush=True)
-            for algorithm in args.modelopt if recipe in MODELOPT_CONFIGS else ():
+            modelopt = [a for a in args.modelopt if recipe in MODELOPT_APPLIES.get(a, (recipe,))]
+            for algorithm in modelopt if recipe in MODELOPT_CONFIGS else ():
                 rows.append(_modelopt_row(model_name, recipe, algorithm, data))
                 print(json.dumps(rows[-1]), flush=True)
     print(_table(rows))
