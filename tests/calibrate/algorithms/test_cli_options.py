@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from quantport.algorithm_options import GptqOptions, MaxOptions, MseOptions
+from quantport.algorithm_options import AwqOptions, GptqOptions, MaxOptions, MseOptions, SmoothQuantOptions
 from quantport.cli import _parser, main
 from quantport.errors import InvalidArgumentError
 from quantport.quantize_args import algorithm_from_args
@@ -30,6 +30,10 @@ def test_flags_give_typed_options():
         block_size=256, static_groups=True
     )
     assert _options("--algorithm", "mse", "--mse-min-ratio", "0.7", "--mse-steps", "6") == MseOptions(0.7, 6)
+    assert _options("--algorithm", "awq", "--awq-grid", "5", "--awq-clip") == AwqOptions(grid=5, clip=True)
+    assert _options("--algorithm", "smoothquant", "--smoothquant-alpha", "0.8") == SmoothQuantOptions(alpha=0.8)
+    assert _options("--algorithm", "awq+gptq", "--gptq-damp", "0.1") == AwqOptions(then=GptqOptions(damp=0.1))
+    assert _options("--algorithm", "smoothquant+gptq") == SmoothQuantOptions(then=GptqOptions())
 
 
 def test_flags_of_another_algorithm_and_unavailable_algorithms_are_refused():
@@ -37,8 +41,10 @@ def test_flags_of_another_algorithm_and_unavailable_algorithms_are_refused():
         _options("--algorithm", "mse", "--gptq-act-order")
     with pytest.raises(InvalidArgumentError, match="--mse-steps apply to --algorithm mse, not max"):
         _options("--mse-steps", "4")
-    with pytest.raises(InvalidArgumentError, match="smoothquant is not available yet"):
-        _options("--algorithm", "smoothquant")
+    with pytest.raises(InvalidArgumentError, match="--smoothquant-alpha apply to --algorithm smoothquant, not awq"):
+        _options("--algorithm", "awq", "--smoothquant-alpha", "0.6")
+    with pytest.raises(InvalidArgumentError, match="--gptq-act-order apply to --algorithm gptq, not awq"):
+        _options("--algorithm", "awq", "--gptq-act-order")
     with pytest.raises(InvalidArgumentError, match="gptq damp must be in"):
         _options("--algorithm", "gptq", "--gptq-damp", "2")
 
