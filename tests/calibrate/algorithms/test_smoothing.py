@@ -142,3 +142,23 @@ def test_folding_reaches_layers_left_unquantized_without_changing_them(tiny_mode
     skipped = state_of(model).smoothing["skipped"]
     assert skipped["model.layers.0.post_attention_layernorm"] == "none of its readers is quantized"
     assert torch.equal(model.model.layers[0].mlp.gate_proj.weight, base.model.layers[0].mlp.gate_proj.weight)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("recipe", "algorithm"), [("w4a16", "awq"), ("nvfp4", "smoothquant")])
+def test_on_the_gpu_folding_matches_the_cpu_choices(recipe, algorithm):
+    """The same folding places, and scales within rounding of the CPU's (the GPU's matmuls round differently,
+    so AWQ's grid may pick a neighbouring strength: the chosen strengths may differ by one step at most)."""
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = tiny_moe("qwen3_moe").to(device)
+        batches = [b.to(device) for b in make_calibration_batches(vocab_size=256)]
+        quantport.quantize(model, recipe, batches, progress=False, algorithm=algorithm)
+        results[device] = state_of(model).smoothing
+    cpu, gpu = results["cpu"], results["cuda"]
+    assert set(cpu["folded"]) == set(gpu["folded"]) and cpu["skipped"] == gpu["skipped"]
+    for place, alpha in cpu["folded"].items():
+        other = gpu["folded"][place]
+        assert (alpha is None) == (other is None) or abs((alpha or 0) - (other or 0)) <= 0.1 + 1e-9, place
+    assert gpu["output_change"] < 0.1
