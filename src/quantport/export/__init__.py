@@ -87,6 +87,7 @@ def _report(state: QuantizationState, fmt: ExportFormat, exclude: list[str]) -> 
         "coverage": state.coverage.to_json() if state.coverage is not None else None,
         "algorithm": state.algorithm,
         "left_at_round_to_nearest": dict(sorted(state.left_at_rtn.items())),
+        "smoothing": state.smoothing,  # AWQ / SmoothQuant: places folded, skipped and why, routing flips
     }
 
 

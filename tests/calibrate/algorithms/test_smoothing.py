@@ -62,6 +62,7 @@ def test_round_trip_gives_the_simulated_model(tmp_path, tiny_model, calib_batche
         assert not torch.equal(model.model.layers[0].input_layernorm.weight, norm)
     report = json.loads((out / "quantport_report.json").read_text())
     assert report["algorithm"] == name and report["left_at_round_to_nearest"] == {}
+    assert report["smoothing"]["folded"] == state.smoothing["folded"]
     plain = tiny_model("llama")
     quantport.quantize(plain, recipe, calib_batches, progress=False)
     reference = load_tensors(quantport.export(plain, tmp_path / "max", progress=False))
