@@ -68,7 +68,7 @@ def test_quantize_command_with_mse_writes_the_algorithm_in_the_report(tmp_path, 
     assert "algorithm        : mse" in capsys.readouterr().out
     report = json.loads((out / "quantport_report.json").read_text())
     assert report["algorithm"] == "mse" and report["left_at_round_to_nearest"] == {}
-    code = main(["quantize", "bundled:tiny-llama", str(tmp_path / "x"), "--recipe", "w4a16", "--algorithm", "awq"])
+    code = main([*args[:2], str(tmp_path / "x"), *args[3:], "--awq-grid", "4"])
     assert code != 0
-    assert "awq is not available yet" in capsys.readouterr().err
+    assert "--awq-grid apply to --algorithm awq, not mse" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
