@@ -48,7 +48,9 @@ SHARED = next(
 LLMC_PYTHON = next((p / ".venv-llmc/bin/python" for p in ROOT.parents if (p / ".venv-llmc").is_dir()), None)
 MODELS = ("qwen3moe_tiny", "llama4_tiny")
 RECIPES = ("w4a16", "nvfp4", "int8")
-ALGORITHMS = ("max", "mse", "gptq")
+ALGORITHMS = ("max", "mse", "gptq", "awq", "smoothquant")
+APPLIES = {"awq": ("w4a16", "nvfp4"), "awq+gptq": ("w4a16", "nvfp4"), "smoothquant": ("nvfp4", "int8", "fp8")}
+"""Recipes each scaling algorithm is for (AWQ: 4-bit weights; SmoothQuant: quantized activations); others: all."""
 
 
 def _arguments() -> argparse.Namespace:
@@ -72,7 +74,8 @@ def _arguments() -> argparse.Namespace:
         nargs="*",
         default=[],
         metavar="ALGORITHM",
-        help="also nvidia-modelopt 0.47 with these algorithms (max, mse, awq_lite) for w4a16 and nvfp4",
+        help="also nvidia-modelopt 0.47 with these algorithms (max, mse, awq_lite, smoothquant) where its config "
+        "for the recipe has them (smoothquant: int8 only)",
     )
     return parser.parse_args()
 
@@ -175,7 +178,7 @@ def _llmc_row(model_name: str, recipe: str, path: Path, data: dict) -> dict:
     }
 
 
-MODELOPT_CONFIGS = {"w4a16": "INT4_AWQ_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}
+MODELOPT_CONFIGS = {"w4a16": "INT4_AWQ_CFG", "nvfp4": "NVFP4_DEFAULT_CFG", "int8": "INT8_SMOOTHQUANT_CFG"}
 
 
 def _modelopt_row(model_name: str, recipe: str, algorithm: str, data: dict) -> dict:

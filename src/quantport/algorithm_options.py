@@ -16,9 +16,11 @@ __all__ = [
     "Algorithm",
     "AlgorithmOptions",
     "ExpertGptqPolicy",
+    "AwqOptions",
     "GptqOptions",
     "MaxOptions",
     "MseOptions",
+    "SmoothQuantOptions",
     "algorithm_options",
 ]
 
@@ -34,12 +36,14 @@ class Algorithm(StrEnum):
     """GPTQ: columns quantized in turn, each one's error spread over the columns not yet quantized through
     the inverse Hessian of the layer's calibration inputs."""
     AWQ = "awq"
-    """Activation-aware weight scaling (not available yet)."""
+    """Activation-aware weight scaling: per-input-channel scales searched against the layers' output error,
+    folded into the preceding norm or Linear (the checkpoint has no new tensors)."""
     SMOOTHQUANT = "smoothquant"
-    """Activation outliers migrated into the weights (not available yet)."""
+    """Activation outliers migrated into the weights with per-input-channel scales ``max|x|^a / max|w|^(1-a)``,
+    folded like AWQ's."""
 
 
-AVAILABLE_ALGORITHMS = (Algorithm.MAX, Algorithm.MSE, Algorithm.GPTQ)
+AVAILABLE_ALGORITHMS = (Algorithm.MAX, Algorithm.MSE, Algorithm.GPTQ, Algorithm.AWQ, Algorithm.SMOOTHQUANT)
 """The algorithms implemented (the registry of :mod:`quantport.calibrate.algorithms` holds exactly these)."""
 
 
@@ -141,13 +145,104 @@ class GptqOptions:
             ) from None
 
 
-AlgorithmOptions = MaxOptions | MseOptions | GptqOptions
+@dataclass(frozen=True, slots=True)
+class AwqOptions:
+    """Options of ``awq`` (``awq+gptq``: ``then=GptqOptions()``).
 
-_DEFAULTS: dict[Algorithm, type[MaxOptions] | type[MseOptions] | type[GptqOptions]] = {
+    Attributes:
+        grid: strengths ``alpha`` tried, evenly spaced in [0, 1] (``grid + 1`` candidates; scale 1 is
+            always a candidate too, so a group never gets a worse output error than without scaling).
+        clip: after scaling, also search each weight scale's clipping ratio against the output error.
+        clip_min_ratio: the smallest clipping ratio tried (with ``clip``).
+        clip_steps: ratios tried between 1 and ``clip_min_ratio`` (with ``clip``).
+        max_tokens: calibration tokens kept per input for the searches (a uniform sample of the rows).
+        fold_o_proj: also scale o_proj's input, folded into v_proj's rows (where the head layout allows).
+        fold_down_proj: also scale down_proj's input, folded into up_proj's rows (dense MLPs).
+        then: run GPTQ after scaling (``awq+gptq``).
+    """
+
+    grid: int = 10
+    clip: bool = False
+    clip_min_ratio: float = 0.5
+    clip_steps: int = 10
+    max_tokens: int = 1024
+    fold_o_proj: bool = True
+    fold_down_proj: bool = True
+    then: GptqOptions | None = None
+    algorithm = Algorithm.AWQ
+
+    def __post_init__(self) -> None:
+        if self.grid < 1:
+            raise InvalidArgumentError(f"awq grid must be >= 1, got {self.grid}")
+        if not 0 < self.clip_min_ratio <= 1:
+            raise InvalidArgumentError(f"awq clip_min_ratio must be in (0, 1], got {self.clip_min_ratio}")
+        if self.clip_steps < 1:
+            raise InvalidArgumentError(f"awq clip_steps must be >= 1, got {self.clip_steps}")
+        if self.max_tokens < 1:
+            raise InvalidArgumentError(f"awq max_tokens must be >= 1, got {self.max_tokens}")
+
+    def alphas(self) -> tuple[float, ...]:
+        """The strengths tried, 0 to 1."""
+        return tuple(i / self.grid for i in range(self.grid + 1))
+
+    def clip_ratios(self) -> tuple[float, ...]:
+        """The clipping ratios tried, 1 first (ties keep the unclipped scale)."""
+        return tuple(1 - i * (1 - self.clip_min_ratio) / self.clip_steps for i in range(self.clip_steps + 1))
+
+    @property
+    def name(self) -> str:
+        return "awq+gptq" if self.then is not None else "awq"
+
+
+@dataclass(frozen=True, slots=True)
+class SmoothQuantOptions:
+    """Options of ``smoothquant`` (``smoothquant+gptq``: ``then=GptqOptions()``).
+
+    Attributes:
+        alpha: migration strength in [0, 1]: scales ``max|x|^alpha / max|w|^(1-alpha)``.
+        fold_o_proj: also smooth o_proj's input, folded into v_proj's rows (where the head layout allows).
+        fold_down_proj: also smooth down_proj's input, folded into up_proj's rows (dense MLPs).
+        max_tokens: calibration tokens kept per input (to report routing flips on MoE routers).
+        then: run GPTQ after smoothing (``smoothquant+gptq``).
+    """
+
+    alpha: float = 0.5
+    fold_o_proj: bool = True
+    fold_down_proj: bool = True
+    max_tokens: int = 2048
+    then: GptqOptions | None = None
+    algorithm = Algorithm.SMOOTHQUANT
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise InvalidArgumentError(f"smoothquant alpha must be in [0, 1], got {self.alpha}")
+        if self.max_tokens < 1:
+            raise InvalidArgumentError(f"smoothquant max_tokens must be >= 1, got {self.max_tokens}")
+
+    @property
+    def name(self) -> str:
+        return "smoothquant+gptq" if self.then is not None else "smoothquant"
+
+
+AlgorithmOptions = MaxOptions | MseOptions | GptqOptions | AwqOptions | SmoothQuantOptions
+SmoothingOptions = AwqOptions | SmoothQuantOptions
+"""The algorithms that fold per-input-channel scales into the model before quantizing it."""
+
+_DEFAULTS: dict[Algorithm, type[AlgorithmOptions]] = {
     Algorithm.MAX: MaxOptions,
     Algorithm.MSE: MseOptions,
     Algorithm.GPTQ: GptqOptions,
+    Algorithm.AWQ: AwqOptions,
+    Algorithm.SMOOTHQUANT: SmoothQuantOptions,
 }
+
+COMBINATIONS: tuple[str, ...] = ("awq+gptq", "smoothquant+gptq")
+"""Names of the algorithm combinations: scales folded first, then GPTQ on the scaled weights."""
+
+
+def algorithm_name(options: AlgorithmOptions) -> str:
+    """What the state and the report call ``options`` (``awq+gptq`` for a combination)."""
+    return getattr(options, "name", options.algorithm.value)
 
 
 def algorithm_options(value: Algorithm | str | AlgorithmOptions | None) -> AlgorithmOptions:
@@ -158,12 +253,14 @@ def algorithm_options(value: Algorithm | str | AlgorithmOptions | None) -> Algor
     """
     if value is None:
         return MaxOptions()
-    if isinstance(value, MaxOptions | MseOptions | GptqOptions):
+    if isinstance(value, MaxOptions | MseOptions | GptqOptions | AwqOptions | SmoothQuantOptions):
         return value
+    if isinstance(value, str) and "+" in value:
+        return _combination(value)
     try:
         algorithm = Algorithm(value)
     except ValueError:
-        known = ", ".join(a.value for a in Algorithm)
+        known = ", ".join([*(a.value for a in Algorithm), *COMBINATIONS])
         raise InvalidArgumentError(f"unknown algorithm {value!r}; choose one of: {known}") from None
     if algorithm not in _DEFAULTS:
         available = ", ".join(a.value for a in AVAILABLE_ALGORITHMS)
@@ -171,3 +268,15 @@ def algorithm_options(value: Algorithm | str | AlgorithmOptions | None) -> Algor
             f"algorithm {algorithm.value} is not available yet in this quantport; use one of: {available}"
         )
     return _DEFAULTS[algorithm]()
+
+
+def _combination(value: str) -> AlgorithmOptions:
+    first, _, second = value.partition("+")
+    if value not in COMBINATIONS:
+        raise InvalidArgumentError(
+            f"unknown algorithm combination {value!r}; choose one of: {', '.join(COMBINATIONS)} (scales first, "
+            "then GPTQ)"
+        )
+    if first == Algorithm.AWQ.value:
+        return AwqOptions(then=GptqOptions())
+    return SmoothQuantOptions(then=GptqOptions())

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .algorithm_options import Algorithm, algorithm_options
+from .algorithm_options import Algorithm, AlgorithmOptions, AwqOptions, SmoothQuantOptions, algorithm_options
 from .arch.experts import ForwardContract, MoEBlock, find_moe_blocks
 from .arch.family import MTP_PREFIXES, is_vision_module
 from .arch.fused_groups import find_attention_modules, find_shared_input_groups
@@ -403,9 +403,10 @@ def _quantize_whole(
     options: dict[str, Any],
     mapped: MappedWeights,
 ):
-    """Attach every quantizer, then one calibration forward of the whole model."""
+    """AWQ / SmoothQuant scales folded, every quantizer attached, then one calibration forward of the whole model."""
+    smoothing, calib_data = _fold_scales(model, codec, algorithm, calib_data, names, blocks, options)
     experts = _Attach(model, codec, options, mapped)(names, blocks)
-    step = start_algorithm(model, codec, algorithm)  # hooks the Linears when the algorithm observes inputs
+    step = start_algorithm(model, codec, algorithm, smoothing)  # hooks the Linears when the algorithm observes inputs
     if _needs_forward(codec, state, step.needs_forward, experts, calib_data):
         batches = rank_share(_calibration_data(model, calib_data, options))  # torchrun: batch i on rank i % N
         batches = _allow_reruns(model, step, batches)
@@ -423,6 +424,27 @@ def _quantize_whole(
         check_finite_statistics(model)  # once, after the loop: no host synchronisation per batch
         _drop_uncalibrated(model, state)
     return experts, step
+
+
+def _fold_scales(
+    model: nn.Module,
+    codec: SchemeCodec,
+    algorithm: AlgorithmOptions,
+    calib_data: Iterable[Any] | None,
+    names: list[str],
+    blocks: list[MoEBlock],
+    options: dict[str, Any],
+) -> tuple[Any, Iterable[Any] | None]:
+    """AWQ / SmoothQuant: scales folded into the model before any weight is measured (their report, and the
+    calibration batches as a list, reused by the calibration forward); other algorithms: nothing."""
+    if not isinstance(algorithm, AwqOptions | SmoothQuantOptions):
+        return None, calib_data
+    from .calibrate.algorithms.smoothing import smooth_model
+
+    batches = list(_calibration_data(model, calib_data, options))
+    experts = {b.experts_name for b in blocks}
+    progress = options.get("progress", True)
+    return smooth_model(model, codec, algorithm, batches, set(names), experts, progress=progress), batches
 
 
 @all_ranks_agree  # under torchrun: one rank's failure stops every rank
@@ -451,8 +473,9 @@ def quantize(
             ``"compressed-tensors"`` for ``nvfp4``; a form known not to load in that format's engine is then
             refused here, before calibration), ``allow_check_errors`` (False: True lets such a form through
             with a warning, as ``export(..., allow_check_errors=True)``), ``progress`` (True),
-            ``algorithm`` ("max" | "mse" | "gptq", an :class:`quantport.algorithm_options.Algorithm`, or its
-            typed options such as ``GptqOptions(act_order=True)``; default "max": round to nearest),
+            ``algorithm`` ("max" | "mse" | "gptq" | "awq" | "smoothquant" | "awq+gptq" | "smoothquant+gptq", an
+            :class:`quantport.algorithm_options.Algorithm`, or its typed options such as
+            ``GptqOptions(act_order=True)`` or ``AwqOptions(clip=True)``; default "max": round to nearest),
             ``resume_dir`` (a model opened layer by layer: save the progress there as layers finish, and go on
             from an interrupted run's progress found there; :mod:`quantport.sequential.resume`), ``propagate``
             (layer by layer: "unquantized", the default, gives each layer the full-precision outputs of the one

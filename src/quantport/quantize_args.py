@@ -17,11 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from .algorithm_options import (
+    COMBINATIONS,
     Algorithm,
     AlgorithmOptions,
+    AwqOptions,
     ExpertGptqPolicy,
     GptqOptions,
     MseOptions,
+    SmoothQuantOptions,
     algorithm_options,
 )
 from .calibration_sources import CalibrationData, CalibrationSource, locate, require_datasets
@@ -311,11 +314,12 @@ def add_algorithm_arguments(parser: argparse.ArgumentParser) -> None:
     """``--algorithm`` and the typed options of each algorithm (``--gptq-*``, ``--mse-*``)."""
     parser.add_argument(
         "--algorithm",
-        choices=[a.value for a in Algorithm],
+        choices=[*(a.value for a in Algorithm), *COMBINATIONS],
         default=Algorithm.MAX.value,
-        help="how weights and scales are chosen: max (round to nearest, default), mse (scale search), gptq",
+        help="how weights and scales are chosen: max (round to nearest, default), mse (scale search), gptq, awq, "
+        "smoothquant (per-input-channel scales folded into the preceding norm or Linear), awq+gptq, smoothquant+gptq",
     )
-    gptq, mse = GptqOptions(), MseOptions()
+    gptq, mse, awq, smooth = GptqOptions(), MseOptions(), AwqOptions(), SmoothQuantOptions()
     parser.add_argument(
         "--gptq-damp", type=float, metavar="F", help=f"GPTQ dampening, fraction of the mean diagonal ({gptq.damp})"
     )
@@ -350,6 +354,13 @@ def add_algorithm_arguments(parser: argparse.ArgumentParser) -> None:
         "--mse-min-ratio", type=float, metavar="F", help=f"smallest clipping ratio MSE tries ({mse.min_ratio})"
     )
     parser.add_argument("--mse-steps", type=positive_int, metavar="N", help=f"MSE ratios tried below 1 ({mse.steps})")
+    parser.add_argument(
+        "--awq-grid", type=positive_int, metavar="N", help=f"AWQ strengths tried in [0, 1] ({awq.grid})"
+    )
+    parser.add_argument("--awq-clip", action="store_true", help="AWQ also searches weight clipping on the outputs")
+    parser.add_argument(
+        "--smoothquant-alpha", type=float, metavar="F", help=f"SmoothQuant migration strength ({smooth.alpha})"
+    )
 
 
 def _flag(option: str) -> str:
@@ -371,14 +382,21 @@ def algorithm_from_args(args: argparse.Namespace) -> AlgorithmOptions:
             "expert_chunk": getattr(args, "gptq_expert_chunk", None),
         },
         Algorithm.MSE: {"min_ratio": args.mse_min_ratio, "steps": args.mse_steps},
+        Algorithm.AWQ: {"grid": args.awq_grid, "clip": args.awq_clip or None},
+        Algorithm.SMOOTHQUANT: {"alpha": args.smoothquant_alpha},
     }
+    inner = getattr(chosen, "then", None)
+    applies = {chosen.algorithm} | ({inner.algorithm} if inner is not None else set())
     for algorithm, values in given.items():
         flags = [f"--{algorithm.value}-{_flag(k)}" for k, v in values.items() if v is not None]
-        if flags and algorithm is not chosen.algorithm:
+        if flags and algorithm not in applies:
             raise InvalidArgumentError(
                 f"{' '.join(flags)} apply to --algorithm {algorithm.value}, not {args.algorithm}"
             )
     values = {k: v for k, v in given.get(chosen.algorithm, {}).items() if v is not None}
+    if inner is not None:
+        inner_values = {k: v for k, v in given[inner.algorithm].items() if v is not None}
+        values["then"] = type(inner)(**inner_values)
     return type(chosen)(**values) if values else chosen
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -40,6 +41,8 @@ class QuantizationState:
         memory: peak memory of a layer-by-layer run (device, host RSS), for the summary and the report.
         algorithm_notes: modules the algorithm treated otherwise than asked -> how (e.g. a MoE expert with
             few routed tokens that GPTQ dampened more).
+        smoothing: what AWQ / SmoothQuant folded (places and strengths, places skipped and why, routing
+            flips, output change), None for the other algorithms.
     """
 
     recipe: QuantRecipe
@@ -55,6 +58,7 @@ class QuantizationState:
     path: str = "whole-model"
     memory: dict[str, int | str] | None = None
     algorithm_notes: dict[str, str] = field(default_factory=dict)
+    smoothing: dict[str, Any] | None = None
 
 
 def attach_state(model: nn.Module, state: QuantizationState) -> None:

@@ -103,6 +103,7 @@ def _report(state: QuantizationState, fmt: ExportFormat, exclude: list[str]) -> 
         "left_at_round_to_nearest": dict(sorted(state.left_at_rtn.items())),
         "run": {"path": state.path, "memory": state.memory},
         "algorithm_notes": dict(sorted(state.algorithm_notes.items())),
+        "smoothing": state.smoothing,  # AWQ / SmoothQuant: places folded, skipped and why, routing flips
     }
 
 

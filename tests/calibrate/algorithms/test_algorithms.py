@@ -132,8 +132,6 @@ def test_algorithm_names_and_errors():
     assert algorithm_options("mse") == MseOptions() and algorithm_options(Algorithm.GPTQ) == GptqOptions()
     with pytest.raises(InvalidArgumentError, match="unknown algorithm 'rtn'; choose one of: max, mse, gptq, awq"):
         algorithm_options("rtn")
-    with pytest.raises(InvalidArgumentError, match="awq is not available yet"):
-        algorithm_options("awq")
     with pytest.raises(InvalidArgumentError, match="damp"):
         GptqOptions(damp=1.5)
 

@@ -8,7 +8,14 @@ import sys
 
 import pytest
 
-from quantport.algorithm_options import ExpertGptqPolicy, GptqOptions, MaxOptions, MseOptions
+from quantport.algorithm_options import (
+    AwqOptions,
+    ExpertGptqPolicy,
+    GptqOptions,
+    MaxOptions,
+    MseOptions,
+    SmoothQuantOptions,
+)
 from quantport.cli import _parser, main
 from quantport.errors import InvalidArgumentError
 from quantport.quantize_args import algorithm_from_args
@@ -39,6 +46,10 @@ def test_flags_give_typed_options():
         _options("--algorithm", "mse", "--gptq-no-experts")
     with pytest.raises(InvalidArgumentError, match="unknown gptq expert_policy 'sometimes'"):
         GptqOptions(expert_policy="sometimes")
+    assert _options("--algorithm", "awq", "--awq-grid", "5", "--awq-clip") == AwqOptions(grid=5, clip=True)
+    assert _options("--algorithm", "smoothquant", "--smoothquant-alpha", "0.8") == SmoothQuantOptions(alpha=0.8)
+    assert _options("--algorithm", "awq+gptq", "--gptq-damp", "0.1") == AwqOptions(then=GptqOptions(damp=0.1))
+    assert _options("--algorithm", "smoothquant+gptq") == SmoothQuantOptions(then=GptqOptions())
 
 
 def test_flags_of_another_algorithm_and_unavailable_algorithms_are_refused():
@@ -46,8 +57,10 @@ def test_flags_of_another_algorithm_and_unavailable_algorithms_are_refused():
         _options("--algorithm", "mse", "--gptq-act-order")
     with pytest.raises(InvalidArgumentError, match="--mse-steps apply to --algorithm mse, not max"):
         _options("--mse-steps", "4")
-    with pytest.raises(InvalidArgumentError, match="smoothquant is not available yet"):
-        _options("--algorithm", "smoothquant")
+    with pytest.raises(InvalidArgumentError, match="--smoothquant-alpha apply to --algorithm smoothquant, not awq"):
+        _options("--algorithm", "awq", "--smoothquant-alpha", "0.6")
+    with pytest.raises(InvalidArgumentError, match="--gptq-act-order apply to --algorithm gptq, not awq"):
+        _options("--algorithm", "awq", "--gptq-act-order")
     with pytest.raises(InvalidArgumentError, match="gptq damp must be in"):
         _options("--algorithm", "gptq", "--gptq-damp", "2")
 
@@ -71,7 +84,7 @@ def test_quantize_command_with_mse_writes_the_algorithm_in_the_report(tmp_path, 
     assert "algorithm        : mse" in capsys.readouterr().out
     report = json.loads((out / "quantport_report.json").read_text())
     assert report["algorithm"] == "mse" and report["left_at_round_to_nearest"] == {}
-    code = main(["quantize", "bundled:tiny-llama", str(tmp_path / "x"), "--recipe", "w4a16", "--algorithm", "awq"])
+    code = main([*args[:2], str(tmp_path / "x"), *args[3:], "--awq-grid", "4"])
     assert code != 0
-    assert "awq is not available yet" in capsys.readouterr().err
+    assert "--awq-grid apply to --algorithm awq, not mse" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

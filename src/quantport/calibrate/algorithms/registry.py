@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -38,6 +38,7 @@ class AlgorithmContext:
             recorded), for a step that observes in several passes; set by the pipeline when it runs one.
         left_at_rtn: filled by the step: modules left at round-to-nearest -> why.
         notes: filled by the step: modules it treated otherwise than asked -> how (e.g. more dampening).
+        smoothing: what AWQ / SmoothQuant folded before quantization (a ``SmoothingReport``), if they ran.
     """
 
     options: AlgorithmOptions
@@ -48,6 +49,7 @@ class AlgorithmContext:
     rerun_forward: Callable[[], None] | None = None
     left_at_rtn: dict[str, str] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    smoothing: Any = None
 
     def quantized_layers(self) -> dict[str, QuantLinear]:
         """The layers still quantized (the pipeline reverts those that never ran in a static-scale recipe)."""
