@@ -36,6 +36,17 @@ BUNDLED_MODELS = {"bundled:tiny-llama": "tiny_llama"}
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 
 
+DEQUANTIZING_METHODS = ("fp8", "mxfp4")
+"""``quantization_config.quant_method`` of the checkpoints the layer-by-layer path reads and dequantizes
+(:mod:`quantport.sources`: FP8 128x128 blocks, gpt-oss MXFP4 experts)."""
+
+
+def is_dequantizing_source(config: dict[str, Any]) -> bool:
+    """Whether ``config.json`` describes a checkpoint only the layer-by-layer path reads (FP8 blocks, MXFP4)."""
+    qconfig = config.get("quantization_config")
+    return isinstance(qconfig, dict) and qconfig.get("quant_method") in DEQUANTIZING_METHODS
+
+
 def _has_weights(directory: Path) -> bool:
     return any(any(directory.glob(p)) for p in WEIGHT_PATTERNS)
 

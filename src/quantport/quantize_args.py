@@ -30,7 +30,7 @@ from .algorithm_options import (
 from .calibration_sources import CalibrationData, CalibrationSource, locate, require_datasets
 from .dialects import ExportFormat
 from .errors import AlreadyQuantizedError, CalibrationDataError, InvalidArgumentError
-from .loading import read_model_config, resolve_model_dir
+from .loading import is_dequantizing_source, read_model_config, resolve_model_dir
 from .recipes import QuantRecipe, get_recipe
 from .sizes import parse_size
 
@@ -275,8 +275,6 @@ def _check_statistics_path(path: Path, algorithm: str) -> None:
 
 
 def _check_not_quantized(config: dict[str, Any], directory: Path, sequential: bool | None) -> None:
-    from .sequential.choice import is_dequantizing_source
-
     if is_dequantizing_source(config):  # FP8 blocks / MXFP4: dequantized a layer at a time
         if sequential is False:
             method = config["quantization_config"]["quant_method"]

@@ -72,9 +72,10 @@ def _moe_config(tmp: Path) -> Path:
     return model
 
 
-def _already_fp8(tmp: Path) -> Path:
+def _already_gptq(tmp: Path) -> Path:
+    """Quantized by a method quantport does not read (FP8 blocks and MXFP4 it reads layer by layer)."""
     model = _good(tmp)
-    _edit_config(model, quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    _edit_config(model, quantization_config={"quant_method": "gptq", "bits": 4})
     return model
 
 
@@ -207,7 +208,7 @@ CASES = [
     Case("model-no-config", _no_config, _args("--recipe", "fp8"), ("model", "config.json")),
     Case("model-no-weights", _no_weights, _args("--recipe", "fp8"), ("model", "has no weights")),
     Case("config-not-json", _bad_json, _args("--recipe", "fp8"), ("config.json", "JSON")),
-    Case("already-quantized-checkpoint", _already_fp8, _args("--recipe", "nvfp4"), ("already quantized", "'fp8'")),
+    Case("already-quantized-checkpoint", _already_gptq, _args("--recipe", "nvfp4"), ("already quantized", "'gptq'")),
     Case(
         "calib-seq-len-too-long",
         "bundled:tiny-llama",

@@ -19,13 +19,14 @@ import torch
 from torch import nn
 
 from ..calibrate.loop import model_inputs
-from ..errors import CalibrationDataError
+from ..errors import CalibrationDataError, QuantportError
 
 __all__ = ["LayerInputs", "capture_layer_inputs"]
 
 
-class _PassEnd(Exception):
-    """Raised by the last layer's recorder: nothing after the decoder layers is needed."""
+class _PassEnd(QuantportError):
+    """Raised by the last layer's recorder: nothing after the decoder layers is needed (caught here, never
+    seen by a user)."""
 
 
 @dataclass

@@ -8,22 +8,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEQUANTIZING_METHODS", "choose_layer_by_layer", "is_dequantizing_source"]
+from ..loading import is_dequantizing_source
+
+__all__ = ["choose_layer_by_layer"]
 
 logger = logging.getLogger(__name__)
 
-DEQUANTIZING_METHODS = ("fp8", "mxfp4")
-"""``quantization_config.quant_method`` of the checkpoints the layer-by-layer path reads and dequantizes
-(:mod:`quantport.sources`: FP8 128x128 blocks, gpt-oss MXFP4 experts)."""
 
 HEADROOM = 0.8
 """Share of the free memory the weights may take on the whole-model path (the rest: activations, scales)."""
-
-
-def is_dequantizing_source(config: dict[str, Any]) -> bool:
-    """Whether ``config.json`` describes a checkpoint only the layer-by-layer path reads (FP8 blocks, MXFP4)."""
-    qconfig = config.get("quantization_config")
-    return isinstance(qconfig, dict) and qconfig.get("quant_method") in DEQUANTIZING_METHODS
 
 
 def _free_bytes(device: torch.device) -> int:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from ...algorithm_options import Algorithm, AwqOptions, SmoothingOptions, SmoothQuantOptions
 from ...schemes import SchemeCodec
-from ..loop import _model_inputs, run_calibration
+from ..loop import model_inputs, run_calibration
 from .awq import Reader, awq_clipped_weight, awq_scale, clip_supported
 from .folding import FoldTarget, SourceKind, expand_heads, find_fold_targets, fold_scale, reduce_heads
 from .gptq import GptqStep
@@ -73,7 +73,7 @@ def _first_output(model: nn.Module, batch: Any) -> Tensor:
     language_model = getattr(model, "language_model", None)
     target = language_model if isinstance(language_model, nn.Module) else model
     with torch.no_grad():
-        out = target(**_model_inputs(batch, device), use_cache=False)
+        out = target(**model_inputs(batch, device), use_cache=False)
     logits = getattr(out, "logits", None)
     return (logits if logits is not None else out[0]).detach().float()
 
