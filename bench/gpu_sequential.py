@@ -33,12 +33,10 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-QWEN3_30B = dict(
-    hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
-    num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_hidden_layers=48, vocab_size=151936,
-    norm_topk_prob=True, max_position_embeddings=4096,
-)  # fmt: skip
+from gpu_full_export import QWEN3_30B, peak_rss_bytes, sync  # noqa: E402  (the same shape and meters)
+
 DEEPSEEK_V3 = dict(
     hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048, n_routed_experts=256, n_shared_experts=1,
     num_experts_per_tok=8, first_k_dense_replace=3, num_hidden_layers=61, num_attention_heads=128,
@@ -57,19 +55,6 @@ SMOKE_QWEN = dict(
     num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_hidden_layers=2, vocab_size=512,
 )  # fmt: skip
 FP8_CONFIG = {"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "dynamic", "fmt": "e4m3"}
-
-
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def calibration(vocab: int, samples: int, seq: int, batch: int) -> list[torch.Tensor]:

@@ -249,7 +249,7 @@ def algorithm_options(value: Algorithm | str | AlgorithmOptions | None) -> Algor
     """The options object of ``value`` (a name, an :class:`Algorithm` or options; None is ``max``).
 
     Raises:
-        InvalidArgumentError: an unknown name, or an algorithm that is not available yet.
+        InvalidArgumentError: an unknown name.
     """
     if value is None:
         return MaxOptions()
@@ -262,11 +262,6 @@ def algorithm_options(value: Algorithm | str | AlgorithmOptions | None) -> Algor
     except ValueError:
         known = ", ".join([*(a.value for a in Algorithm), *COMBINATIONS])
         raise InvalidArgumentError(f"unknown algorithm {value!r}; choose one of: {known}") from None
-    if algorithm not in _DEFAULTS:
-        available = ", ".join(a.value for a in AVAILABLE_ALGORITHMS)
-        raise InvalidArgumentError(
-            f"algorithm {algorithm.value} is not available yet in this quantport; use one of: {available}"
-        )
     return _DEFAULTS[algorithm]()
 
 

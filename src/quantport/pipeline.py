@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from .algorithm_options import Algorithm, AlgorithmOptions, AwqOptions, SmoothQuantOptions, algorithm_options
-from .arch.experts import ForwardContract, MoEBlock, find_moe_blocks
-from .arch.family import MTP_PREFIXES, is_vision_module
+from .arch.experts import ForwardContract, MoEBlock
 from .arch.fused_groups import find_attention_modules, find_shared_input_groups
 from .calibrate import calibration_batches, run_calibration
 from .calibrate.algorithms import finish_algorithm, start_algorithm
@@ -29,14 +26,14 @@ from .distributed import (
     rank_share,
 )
 from .errors import CalibrationDataError, InvalidArgumentError, InvalidWeightsError
-from .formats.descriptors import ScaleGranularity
-from .input_checks import check_exclude_patterns, check_finite_statistics, refuse_quantized
+from .input_checks import check_finite_statistics, refuse_quantized
 from .memory.mapped_weights import MappedWeights
 from .modules.expert_weights import expert_weight_amax
 from .modules.kv_cache import install_kv_quantizer
 from .modules.observe import update_amax
 from .modules.quant_experts import ExpertsQuantizer, install_experts_quantizer
 from .modules.quant_linear import QuantLinear, QuantMode
+from .quantize_plan import check_plan, plan_experts, plan_layers
 from .recipes import KVCacheFormat, QuantRecipe, get_recipe
 from .report.coverage import ExpertCoverage, LayerCoverage
 from .schemes import SchemeCodec, codec_for
@@ -46,86 +43,6 @@ from .state import QuantizationState, attach_state, set_mode
 __all__ = ["quantize", "simulate"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class _FamilyRules:
-    """What the model's family rows say about its Linear layers."""
-
-    routers: frozenset[str]
-    no_block_scales: tuple[str, ...]
-
-    @classmethod
-    def of(cls, model: nn.Module) -> _FamilyRules:
-        blocks = list(find_moe_blocks(model))
-        routers = frozenset(f"{b.name}.{b.layout.router}" if b.name else b.layout.router for b in blocks)
-        return cls(routers, tuple(p for b in blocks for p in b.layout.no_block_scales))
-
-    def refuses_block_scales(self, name: str) -> bool:
-        """Whether the family's engines cannot take 2-D block scales on Linear ``name``."""
-        return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.no_block_scales)
-
-
-def _exclusion_reason(
-    name: str, module: nn.Linear, recipe: QuantRecipe, codec: SchemeCodec, family: _FamilyRules
-) -> str | None:
-    if recipe.is_excluded(name):
-        return "matches an exclusion pattern"
-    if not recipe.linears:
-        return f"recipe {recipe.name} quantizes MoE experts only"
-    if name in family.routers:
-        return "the MoE router, which engines run in full precision (model family rule)"
-    if is_vision_module(name) or name.startswith(MTP_PREFIXES):
-        return "a vision tower or multi-token-prediction module, which engines load unquantized (model family rule)"
-    if codec.format.granularity is ScaleGranularity.BLOCK_2D and family.refuses_block_scales(name):
-        return "the engine permutes this layer's scales for rotary; 2-D block scales would break (model family rule)"
-    if type(module) is not nn.Linear:
-        return f"{type(module).__name__} is not a plain nn.Linear"
-    if module.in_features % codec.input_multiple:
-        return (
-            f"in_features {module.in_features} is not a multiple of {codec.input_multiple} "
-            f"required by {codec.scheme.value}"
-        )
-    return None
-
-
-def _plan_layers(model: nn.Module, recipe: QuantRecipe, codec: SchemeCodec, state: QuantizationState) -> list[str]:
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    family = _FamilyRules.of(model)
-    for name, module in linears.items():
-        reason = _exclusion_reason(name, module, recipe, codec, family)
-        if reason is not None:
-            state.excluded[name] = reason
-    for group in find_shared_input_groups(model):
-        excluded = [m for m in group.members if m in state.excluded]
-        if excluded and len(excluded) < len(group.members):
-            for member in group.members:
-                state.excluded.setdefault(member, f"fused with {excluded[0]}, which is excluded")
-            logger.warning("excluding all of %s because %s is excluded", group.fused_name, excluded[0])
-    for name, reason in state.excluded.items():
-        if not recipe.is_excluded(name) and recipe.linears:
-            logger.warning("leaving %s unquantized: %s", name, reason)
-    return [n for n in linears if n not in state.excluded]
-
-
-def _plan_experts(
-    model: nn.Module, recipe: QuantRecipe, codec: SchemeCodec, state: QuantizationState
-) -> list[MoEBlock]:
-    selected = []
-    for block in find_moe_blocks(model):
-        hidden, inter = block.layout.down(block.experts.down_proj[0]).shape
-        if recipe.is_excluded(block.experts_name):
-            state.excluded[block.experts_name] = "matches an exclusion pattern"
-        elif hidden % codec.input_multiple or inter % codec.input_multiple:
-            reason = (
-                f"expert dims {hidden}/{inter} are not multiples of {codec.input_multiple} "
-                f"required by {codec.scheme.value}"
-            )
-            state.excluded[block.experts_name] = reason
-            logger.warning("leaving %s unquantized: %s", block.experts_name, reason)
-        else:
-            selected.append(block)
-    return selected
 
 
 def _weight_amax_checked(
@@ -156,27 +73,6 @@ def _weight_amax_checked(
             "layers with --exclude PATTERN."
         )
     return amax, experts_amax
-
-
-def _check_plan(
-    model: nn.Module, names: list[str], blocks: list[MoEBlock], state: QuantizationState, patterns: tuple[str, ...]
-) -> None:
-    """The user's exclusion patterns each match a layer, and leave something to quantize."""
-    candidates = [*names, *(b.experts_name for b in blocks), *state.excluded]
-    check_exclude_patterns(model, patterns, candidates)
-    if names or blocks or state.recipe.kv_cache is KVCacheFormat.FP8:
-        return
-    by_user = [n for n in state.excluded if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
-    if by_user:
-        raise InvalidArgumentError(
-            f"--exclude {' '.join(patterns)} leaves nothing to quantize ({len(by_user)} layer(s) excluded by it, "
-            "the rest by the recipe's defaults); exclude fewer layers"
-        )
-    reasons = sorted({reason for reason in state.excluded.values()})
-    raise InvalidArgumentError(
-        f"recipe {state.recipe.name} has nothing to quantize in this model ({'; '.join(reasons[:3]) or 'no layer'}); "
-        "choose another recipe"
-    )
 
 
 def _calibration_data(
@@ -512,9 +408,9 @@ def quantize(
     recipe = get_recipe(recipe).with_options(kv_cache=options.get("kv_cache"), extra_exclude=patterns)
     codec = codec_for(recipe.scheme)
     state = QuantizationState(recipe=recipe)
-    names = _plan_layers(model, recipe, codec, state)
-    blocks = _plan_experts(model, recipe, codec, state)
-    _check_plan(model, names, blocks, state, patterns)
+    names = plan_layers(model, recipe, codec, state)
+    blocks = plan_experts(model, recipe, codec, state)
+    check_plan(model, names, blocks, state, patterns)
     if options.get("format") is not None:  # a form known not to load is refused before calibration
         from .export.self_check import refuse_known_failure
 

@@ -85,7 +85,7 @@ def test_quantizer_and_checker_read_one_sibling_table():
 
 
 def test_router_is_left_unquantized_by_the_family_row_without_patterns():
-    from quantport.pipeline import _FamilyRules
+    from quantport.quantize_plan import _FamilyRules
 
     model = tiny_moe("qwen3_moe")
     rules = _FamilyRules.of(model)
