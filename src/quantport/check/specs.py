@@ -10,9 +10,12 @@ group's ``QuantizationArgs``; block sizes come from :mod:`quantport.formats`. No
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
+from quantport.dialects import declared
 from quantport.dialects.modelopt import numeric_format
 from quantport.formats.descriptors import Element, NumericFormat, ScaleGranularity, ScaleType
 from quantport.formats.mx import MX_BLOCK
@@ -20,7 +23,16 @@ from quantport.formats.nvfp4 import NVFP4_BLOCK
 
 from .checkpoint import TensorInfo
 
-__all__ = ["FLOAT_SCALE", "SCALAR", "LayerSpec", "Spec", "ct_specs", "modelopt_specs"]
+__all__ = [
+    "FLOAT_SCALE",
+    "SCALAR",
+    "LayerContract",
+    "LayerSpec",
+    "Spec",
+    "ct_specs",
+    "declared_contract",
+    "modelopt_specs",
+]
 
 SCALAR: tuple[int, ...] = ()
 """Marks a per-tensor scale: 0-D or ``[1]`` are both accepted."""
@@ -216,3 +228,28 @@ def ct_specs(
             divisibility=(i, MX_BLOCK),
         )
     return None
+
+
+@dataclass(frozen=True)
+class LayerContract:
+    """The checker's contract of a dialect that declares itself in its own module
+    (``LAYER_CONTRACT = LayerContract(...)`` in ``quantport/dialects/<dialect>.py``, found by discovery).
+
+    Attributes:
+        dialect: the dialect's value (its :class:`~quantport.dialects.ExportFormat` value).
+        spec: (module's scheme as the reader found it, the module's tensors) -> the tensors it must hold,
+            or None when nothing can be said.
+    """
+
+    dialect: str
+    spec: Callable[[str | None, Mapping[str, TensorInfo]], LayerSpec | None]
+
+
+@cache
+def _declared_contracts() -> dict[str, LayerContract]:
+    return {contract.dialect: contract for contract in declared("LAYER_CONTRACT")}
+
+
+def declared_contract(dialect: str) -> LayerContract | None:
+    """The declared checker contract of ``dialect`` (a dialect value), if its module declares one."""
+    return _declared_contracts().get(dialect)

@@ -12,9 +12,12 @@ tables without the writers. :class:`ExportFormat`, the dialects' names, is here 
 reads it without importing torch.
 """
 
+import importlib
+import pkgutil
 from enum import Enum
+from typing import Any
 
-__all__ = ["ExportFormat"]
+__all__ = ["ExportFormat", "declared"]
 
 
 class ExportFormat(str, Enum):
@@ -31,3 +34,17 @@ class ExportFormat(str, Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+def declared(attribute: str) -> list[Any]:
+    """The value of ``attribute`` in every dialect module of this package that defines it, in module-name
+    order. Dialects declare their reader (:class:`quantport.read.quant_config.DialectReader`, as ``READER``)
+    and their checker contract (:class:`quantport.check.specs.LayerContract`, as ``LAYER_CONTRACT``) this
+    way, so neither :mod:`quantport.read` nor :mod:`quantport.check` lists dialects. Importing the modules
+    imports torch, so callers look here only for a dialect they do not know themselves."""
+    found = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
+        value = getattr(importlib.import_module(f"{__name__}.{info.name}"), attribute, None)
+        if value is not None:
+            found.append(value)
+    return found

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from .quant_config import CTGroup, Dialect, QuantConfig, parse_quant_config
+from .quant_config import CTGroup, Dialect, QuantConfig, declared_reader_of, parse_quant_config
 
 __all__ = [
     "LINEAR_QUANT_LEAVES",
@@ -152,7 +152,8 @@ def _describe(config: QuantConfig, prefix: str, role: ModuleRole) -> QuantizedMo
         return QuantizedModule(prefix, role, None if group is None else group.format, group)
     if config.format is Dialect.MXFP4 and role is ModuleRole.FUSED_EXPERTS:
         return QuantizedModule(prefix, role, "MXFP4")
-    return QuantizedModule(prefix, role, None)
+    reader = declared_reader_of(config.format)
+    return QuantizedModule(prefix, role, None if reader is None else reader.scheme(config, prefix, role.value))
 
 
 def detect_dialect(

@@ -9,17 +9,23 @@ cannot decode).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cache
 from typing import Any
+
+from ..dialects import ExportFormat, declared
 
 __all__ = [
     "CONFIG_FILE",
     "HF_QUANT_CONFIG_FILE",
     "CTGroup",
     "Dialect",
+    "DialectReader",
     "QuantConfig",
     "config_quant_block",
+    "declared_reader_of",
     "parse_quant_config",
 ]
 
@@ -27,24 +33,23 @@ CONFIG_FILE = "config.json"
 HF_QUANT_CONFIG_FILE = "hf_quant_config.json"
 
 
-class Dialect(str, Enum):
+class _DialectBase(str, Enum):
     """How a checkpoint names and lays out its quantized tensors, from ``quant_method``."""
-
-    MODELOPT = "modelopt"
-    """NVIDIA ModelOpt unified HF checkpoint (``quant_method`` starting with ``modelopt``): ``P.weight``
-    plus ``P.weight_scale`` / ``weight_scale_2`` / ``input_scale``; fused experts ``X.gate_up_proj_weight_scale``."""
-    COMPRESSED_TENSORS = "compressed-tensors"
-    """compressed-tensors (``quant_method: compressed-tensors``): ``config_groups`` of ``QuantizationArgs``;
-    ``P.weight`` or ``P.weight_packed`` with ``weight_scale``, ``weight_global_scale``, ...; experts per expert."""
-    MXFP4 = "mxfp4"
-    """OpenAI's native GPT-OSS MXFP4 experts (``X.gate_up_proj_blocks`` / ``_scales``), the rest unquantized."""
-    UNKNOWN = "unknown"
-    """A ``quant_method`` quantport does not know."""
-    NONE = "none"
-    """No quantization config at all."""
 
     def __str__(self) -> str:
         return self.value
+
+
+Dialect = _DialectBase(
+    "Dialect",
+    [(fmt.name, fmt.value) for fmt in ExportFormat] + [("UNKNOWN", "unknown"), ("NONE", "none")],
+    module=__name__,
+    qualname="Dialect",
+)
+"""How a checkpoint names and lays out its quantized tensors, from ``quant_method``: one member per
+:class:`~quantport.dialects.ExportFormat` (each dialect quantport writes, with the same name and value),
+plus ``UNKNOWN`` (a ``quant_method`` quantport does not know) and ``NONE`` (no quantization config).
+Derived, so a new dialect adds no member here."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,41 @@ class QuantConfig:
         entry = self.quantized_layers.get(module)
         algo = entry.get("quant_algo") if isinstance(entry, dict) else None
         return str(algo).upper() if algo else None
+
+
+@dataclass(frozen=True)
+class DialectReader:
+    """How the reader understands a dialect that declares itself in its own module
+    (``READER = DialectReader(...)`` in ``quantport/dialects/<dialect>.py``, found by discovery).
+
+    Attributes:
+        dialect: the :class:`Dialect` value (its :class:`~quantport.dialects.ExportFormat` value).
+        quant_method: the ``quant_method`` it is written with (lower case).
+        fields: :class:`QuantConfig` fields read from the config block (``ignore``, ``kv_cache``...).
+        scheme: the scheme of one quantized module: (config, module prefix, ``ModuleRole`` value) -> scheme
+            name, or None when the config assigns it nothing.
+    """
+
+    dialect: str
+    quant_method: str
+    fields: Callable[[dict[str, Any]], dict[str, Any]]
+    scheme: Callable[[QuantConfig, str, str], str | None]
+
+
+@cache
+def _declared_readers() -> dict[str, DialectReader]:
+    return {reader.quant_method: reader for reader in declared("READER")}
+
+
+def _declared_reader(method: str) -> DialectReader | None:
+    return _declared_readers().get(method)
+
+
+def declared_reader_of(dialect: Dialect) -> DialectReader | None:
+    """The declared reader of ``dialect``, or None for the dialects this module reads itself."""
+    if dialect in (Dialect.MODELOPT, Dialect.COMPRESSED_TENSORS, Dialect.MXFP4, Dialect.UNKNOWN, Dialect.NONE):
+        return None
+    return next((r for r in _declared_readers().values() if r.dialect == dialect.value), None)
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -193,6 +233,11 @@ def _from_flat(block: dict[str, Any], source: str) -> QuantConfig:
             raw=block,
             quant_method=method,
             ignore=_string_list(block.get("modules_to_not_convert")),
+        )
+    reader = _declared_reader(method) if method else None
+    if reader is not None:
+        return QuantConfig(
+            format=Dialect(reader.dialect), source=source, raw=block, quant_method=method, **reader.fields(block)
         )
     return QuantConfig(format=Dialect.UNKNOWN, source=source, raw=block, quant_method=method)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+from ...read.quant_config import declared_reader_of
 from ..checkpoint import TensorInfo
 from ..findings import Finding, Rule
 from ..matchers import ct_matches, is_class_name
 from ..qconfig import CTGroup, Format
-from ..specs import LayerSpec, ct_specs, modelopt_specs
+from ..specs import LayerContract, LayerSpec, ct_specs, declared_contract, modelopt_specs
 from ..structure import QPARAMS, Context, fused_expert_param, is_quantized
 from .exclusions import engine_excludes
 
@@ -98,7 +99,19 @@ def spec_for(ctx: Context, module: str, params: dict[str, TensorInfo]) -> LayerS
         if key not in ctx.memo:
             ctx.memo[key] = modelopt_specs(algo, weight)
         return ctx.memo[key]  # type: ignore[return-value]
-    return _ct_spec(ctx, module, params)
+    if ctx.qcfg.format is Format.COMPRESSED_TENSORS:
+        return _ct_spec(ctx, module, params)
+    contract = _contract(ctx)
+    if contract is None:
+        return None
+    reader = declared_reader_of(ctx.qcfg.format)
+    return contract.spec(None if reader is None else reader.scheme(ctx.qcfg, module, "linear"), params)
+
+
+def _contract(ctx: Context) -> LayerContract | None:
+    if ctx.qcfg.format in (Format.MODELOPT, Format.COMPRESSED_TENSORS, Format.MXFP4, Format.UNKNOWN, Format.NONE):
+        return None
+    return declared_contract(ctx.qcfg.format.value)
 
 
 def _module_findings(
@@ -129,7 +142,7 @@ def _module_findings(
 
 
 def check(ctx: Context) -> Iterator[Finding]:
-    if ctx.qcfg.format not in (Format.MODELOPT, Format.COMPRESSED_TENSORS):
+    if ctx.qcfg.format not in (Format.MODELOPT, Format.COMPRESSED_TENSORS) and _contract(ctx) is None:
         return
     for module, params in sorted(ctx.weight_modules.items()):
         if not is_quantized(params) or any(fused_expert_param(p) for p in params):
