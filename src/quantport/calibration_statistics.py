@@ -35,7 +35,16 @@ from .schemes import codec_for
 from .sequential.attached import layer_store_of
 from .state import QuantizationState, attach_state, state_of
 
-__all__ = ["CalibrationStatistics", "apply_statistics", "collect_statistics", "load_statistics", "save_statistics"]
+__all__ = [
+    "CalibrationStatistics",
+    "apply_statistics",
+    "collect_statistics",
+    "load_statistics",
+    "quantizer_statistics",
+    "restore_quantizer_statistics",
+    "save_statistics",
+    "saved_weight_amax",
+]
 
 METADATA_KEY = "quantport_statistics"
 VERSION = 1
@@ -54,6 +63,63 @@ def _put(tensors: dict[str, torch.Tensor], key: str, value: torch.Tensor | None)
         tensors[key] = value.detach().to("cpu", copy=True).contiguous()  # own storage: groups share one tensor
 
 
+def quantizer_statistics(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    """What the quantizers attached to module ``name`` hold (a Linear's, an experts module's, an attention
+    module's KV cache's), as CPU copies under ``kind/name/statistic`` keys; absent statistics are left out."""
+    tensors: dict[str, torch.Tensor] = {}
+    if isinstance(module, QuantLinear):
+        _put(tensors, f"linear/{name}/weight_amax", module._own_weight_amax)
+        _put(tensors, f"linear/{name}/input_amax", module.input_amax)
+        _put(tensors, f"linear/{name}/shared_weight_amax", module.shared_weight_amax)
+    experts = experts_quantizer_of(module)
+    if experts is not None:
+        _put(tensors, f"experts/{name}/tokens", experts.tokens)
+        for projection in PROJECTIONS:
+            _put(tensors, f"experts/{name}/weight_amax/{projection}", experts.weight_amax[projection])
+            _put(tensors, f"experts/{name}/input_amax/{projection}", experts.input_amax[projection])
+            if experts.export_input_amax is not None:
+                _put(tensors, f"experts/{name}/export_input_amax/{projection}", experts.export_input_amax[projection])
+    kv = kv_quantizer_of(module)
+    if kv is not None:
+        _put(tensors, f"kv/{name}/k_amax", kv.k_amax)
+        _put(tensors, f"kv/{name}/v_amax", kv.v_amax)
+    return tensors
+
+
+def saved_weight_amax(
+    tensors: dict[str, torch.Tensor], linears: list[str], experts: list[str], device: torch.device | str
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    """(Linear -> weight amax, experts module -> projection -> [E]) from saved statistics, on ``device``: what
+    attaching the quantizers takes instead of measuring the weights."""
+    linear = {n: tensors[f"linear/{n}/weight_amax"].to(device) for n in linears}
+    per_expert = {e: {p: tensors[f"experts/{e}/weight_amax/{p}"].to(device) for p in PROJECTIONS} for e in experts}
+    return linear, per_expert
+
+
+def restore_quantizer_statistics(
+    name: str, module: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device | str
+) -> None:
+    """Put the saved statistics of module ``name`` back on its attached quantizers (their weight amax was given
+    when they were attached: :func:`saved_weight_amax`)."""
+
+    def saved(key: str) -> torch.Tensor | None:
+        value = tensors.get(key)
+        return None if value is None else value.to(device)
+
+    if isinstance(module, QuantLinear):
+        module.input_amax = saved(f"linear/{name}/input_amax")
+        module.shared_weight_amax = saved(f"linear/{name}/shared_weight_amax")
+    experts = experts_quantizer_of(module)
+    if experts is not None:
+        experts.calibrator.tokens = saved(f"experts/{name}/tokens")
+        experts.calibrator.input_amax = {p: saved(f"experts/{name}/input_amax/{p}") for p in PROJECTIONS}
+        if f"experts/{name}/export_input_amax/{PROJECTIONS[0]}" in tensors:
+            experts.export_input_amax = {p: saved(f"experts/{name}/export_input_amax/{p}") for p in PROJECTIONS}
+    kv = kv_quantizer_of(module)
+    if kv is not None:
+        kv.k_amax, kv.v_amax = saved(f"kv/{name}/k_amax"), saved(f"kv/{name}/v_amax")
+
+
 def collect_statistics(model: nn.Module) -> CalibrationStatistics:
     """The statistics of a model :func:`quantport.quantize` calibrated (``--algorithm max``: the others change
     weights, which statistics do not hold)."""
@@ -63,25 +129,10 @@ def collect_statistics(model: nn.Module) -> CalibrationStatistics:
             f"--algorithm {state.algorithm} changes weights, which saved statistics do not hold; save statistics "
             "of --algorithm max runs only"
         )
-    tensors: dict[str, torch.Tensor] = {}
     modules = dict(model.named_modules())
-    for name in state.quantized:
-        module = modules[name]
-        _put(tensors, f"linear/{name}/weight_amax", module._own_weight_amax)
-        _put(tensors, f"linear/{name}/input_amax", module.input_amax)
-        _put(tensors, f"linear/{name}/shared_weight_amax", module.shared_weight_amax)
-    for name in state.experts:
-        quantizer = experts_quantizer_of(modules[name])
-        _put(tensors, f"experts/{name}/tokens", quantizer.tokens)
-        for projection in PROJECTIONS:
-            _put(tensors, f"experts/{name}/weight_amax/{projection}", quantizer.weight_amax[projection])
-            _put(tensors, f"experts/{name}/input_amax/{projection}", quantizer.input_amax[projection])
-            if quantizer.export_input_amax is not None:
-                _put(tensors, f"experts/{name}/export_input_amax/{projection}", quantizer.export_input_amax[projection])
-    for name in state.kv_modules:
-        quantizer = kv_quantizer_of(modules[name])
-        _put(tensors, f"kv/{name}/k_amax", quantizer.k_amax)
-        _put(tensors, f"kv/{name}/v_amax", quantizer.v_amax)
+    tensors: dict[str, torch.Tensor] = {}
+    for name in dict.fromkeys((*state.quantized, *state.experts, *state.kv_modules)):
+        tensors.update(quantizer_statistics(name, modules[name]))
     record = {
         "version": VERSION,
         "recipe": state.recipe.name,
@@ -166,41 +217,26 @@ def apply_statistics(
     recipe = _recipe(record, format)
     codec = codec_for(recipe.scheme)
     device = _device(model)
-
-    def _on(value: torch.Tensor, _module: nn.Module) -> torch.Tensor:
-        return value.to(device)
-
     modules = dict(model.named_modules())
     missing = [n for n in (*record["quantized"], *record["experts"], *record["kv_modules"]) if n not in modules]
     if missing:
         raise InvalidArgumentError(f"the statistics name modules this model does not have: {', '.join(missing[:5])}")
+    linear_amax, experts_amax = saved_weight_amax(tensors, record["quantized"], record["experts"], device)
     for name in record["quantized"]:
-        module = QuantLinear.convert(modules[name], codec, _on(tensors[f"linear/{name}/weight_amax"], modules[name]))
-        for attribute in ("input_amax", "shared_weight_amax"):
-            value = tensors.get(f"linear/{name}/{attribute}")
-            setattr(module, attribute, None if value is None else _on(value, module))
+        QuantLinear.convert(modules[name], codec, linear_amax[name])
     blocks = {b.experts_name: b for b in find_moe_blocks(model)}
-    coverage = None if record["coverage"] is None else ExpertCoverage(*record["coverage"])
     for name in record["experts"]:
-        block = blocks[name]
-        weight_amax = {p: _on(tensors[f"experts/{name}/weight_amax/{p}"], block.experts) for p in PROJECTIONS}
-        quantizer = install_experts_quantizer(block, codec, weight_amax)
-        quantizer.calibrator.tokens = _on(tensors[f"experts/{name}/tokens"], block.experts)
-        quantizer.calibrator.input_amax = {
-            p: _on(tensors[f"experts/{name}/input_amax/{p}"], block.experts) for p in PROJECTIONS
-        }
-        if f"experts/{name}/export_input_amax/{PROJECTIONS[0]}" in tensors:
-            quantizer.export_input_amax = {
-                p: _on(tensors[f"experts/{name}/export_input_amax/{p}"], block.experts) for p in PROJECTIONS
-            }
-        if coverage is not None:
-            observed = {p: tuple(a.tolist()) for p, a in quantizer.input_amax.items()}
-            coverage.layers.append(LayerCoverage(block.name, tuple(quantizer.tokens.tolist()), observed))
+        install_experts_quantizer(blocks[name], codec, experts_amax[name])
     attention = dict(find_attention_modules(model))
     for name in record["kv_modules"]:
-        quantizer = install_kv_quantizer(attention[name])
-        quantizer.k_amax = _on(tensors[f"kv/{name}/k_amax"], attention[name])
-        quantizer.v_amax = _on(tensors[f"kv/{name}/v_amax"], attention[name])
+        install_kv_quantizer(attention[name])
+    for name in dict.fromkeys((*record["quantized"], *record["experts"], *record["kv_modules"])):
+        restore_quantizer_statistics(name, modules[name], tensors, device)
+    coverage = None if record["coverage"] is None else ExpertCoverage(*record["coverage"])
+    for name in record["experts"] if coverage is not None else ():
+        quantizer = experts_quantizer_of(modules[name])
+        observed = {p: tuple(a.tolist()) for p, a in quantizer.input_amax.items()}
+        coverage.layers.append(LayerCoverage(blocks[name].name, tuple(quantizer.tokens.tolist()), observed))
     groups = [g for g in find_shared_input_groups(model) if g.fused_name in set(record["groups"])]
     state = QuantizationState(
         recipe=recipe,

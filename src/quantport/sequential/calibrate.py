@@ -20,13 +20,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arch.experts import MoEBlock
+from ..calibration_statistics import saved_weight_amax
 from ..modules.quant_experts import ExpertsQuantizer, experts_quantizer_of
 from ..modules.quant_linear import QuantLinear, QuantMode
 from ..state import QuantizationState, set_mode
 from .capture import LayerInputs, capture_layer_inputs
 from .layer_store import LayerStore
 from .memory import MemoryPeaks
-from .resume import LayerProgress, fingerprint, layer_statistics, restore_layer_statistics, saved_weight_amax
+from .resume import LayerProgress, fingerprint, layer_statistics, restore_layer_statistics
 
 __all__ = ["Propagation", "quantize_layer_by_layer"]
 
@@ -118,9 +119,9 @@ def quantize_layer_by_layer(
         layer_blocks = [b for b in blocks if _in_layer(b.experts_name, prefix)]
         if index < done:  # finished by the interrupted run: its statistics, not its weights
             statistics = saved.layer(index)
-            amax = saved_weight_amax(statistics, layer_names, [b.experts_name for b in layer_blocks])
+            amax = saved_weight_amax(statistics, layer_names, [b.experts_name for b in layer_blocks], store.device)
             experts += attach(layer_names, layer_blocks, amax)
-            restore_layer_statistics(skeleton.layers[index], prefix, statistics)
+            restore_layer_statistics(skeleton.layers[index], prefix, statistics, store.device)
             continue
         layer = store.load(index)
         attached = attach(layer_names, layer_blocks)

@@ -59,7 +59,7 @@ class LayerInputs:
         self.hidden[index] = self.placed(hidden)
 
 
-def _recorder(layer: int, last: bool, inputs: LayerInputs, batch: int):
+def _recorder(layer: int, last: bool, inputs: LayerInputs):
     def record(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if layer == 0:
             inputs.hidden.append(hidden_states)
@@ -82,10 +82,10 @@ def capture_layer_inputs(
     target = language_model if isinstance(language_model, nn.Module) else model
     inputs = LayerInputs(hidden=[], calls=[[] for _ in layers], on_host=on_host)
     digest = hashlib.sha256()
+    for i, layer in enumerate(layers):
+        layer.forward = _recorder(i, i == len(layers) - 1, inputs)
     try:
-        for batch_index, batch in enumerate(batches):
-            for i, layer in enumerate(layers):
-                layer.forward = _recorder(i, i == len(layers) - 1, inputs, batch_index)
+        for batch in batches:
             arguments = model_inputs(batch, device)
             with contextlib.suppress(_PassEnd):
                 target(**arguments, use_cache=False)

@@ -21,17 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..calibration_statistics import quantizer_statistics, restore_quantizer_statistics
 from ..errors import InvalidArgumentError
-from ..modules.kv_cache import kv_quantizer_of
-from ..modules.quant_experts import PROJECTIONS, experts_quantizer_of
-from ..modules.quant_linear import QuantLinear
 
 __all__ = [
     "LayerProgress",
     "fingerprint",
     "layer_statistics",
     "restore_layer_statistics",
-    "saved_weight_amax",
 ]
 
 logger = logging.getLogger(__name__)
@@ -67,42 +64,16 @@ def layer_statistics(layer: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
     """The statistics a decoder layer's quantizers hold (names relative to the model)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, module in layer.named_modules(prefix=prefix.rstrip(".")):
-        if isinstance(module, QuantLinear):
-            for key, value in (("weight_amax", module._own_weight_amax), ("input_amax", module.input_amax)):
-                if value is not None:
-                    tensors[f"linear/{name}/{key}"] = value
-        experts = experts_quantizer_of(module)
-        if experts is not None:
-            tensors[f"experts/{name}/tokens"] = experts.tokens
-            for p in PROJECTIONS:
-                tensors[f"experts/{name}/weight_amax/{p}"] = experts.weight_amax[p]
-                tensors[f"experts/{name}/input_amax/{p}"] = experts.input_amax[p]
-        kv = kv_quantizer_of(module)
-        if kv is not None:
-            for key, value in (("k_amax", kv.k_amax), ("v_amax", kv.v_amax)):
-                if value is not None:
-                    tensors[f"kv/{name}/{key}"] = value
+        tensors.update(quantizer_statistics(name, module))
     return tensors
 
 
-def restore_layer_statistics(layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+def restore_layer_statistics(
+    layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor], device: torch.device
+) -> None:
     """Put saved statistics back on a decoder layer whose quantizers are attached (weight amax given at attach)."""
     for name, module in layer.named_modules(prefix=prefix.rstrip(".")):
-        if isinstance(module, QuantLinear):
-            module.input_amax = tensors.get(f"linear/{name}/input_amax")
-        experts = experts_quantizer_of(module)
-        if experts is not None:
-            experts.calibrator.tokens = tensors[f"experts/{name}/tokens"]
-            experts.calibrator.input_amax = {p: tensors[f"experts/{name}/input_amax/{p}"] for p in PROJECTIONS}
-        kv = kv_quantizer_of(module)
-        if kv is not None:
-            kv.k_amax, kv.v_amax = tensors.get(f"kv/{name}/k_amax"), tensors.get(f"kv/{name}/v_amax")
-
-
-def saved_weight_amax(tensors: dict[str, torch.Tensor], names: list[str], experts: list[str]):
-    """(Linear name -> weight amax, experts name -> projection -> [E]) as the attach step takes them."""
-    linear = {n: tensors[f"linear/{n}/weight_amax"] for n in names}
-    return linear, {e: {p: tensors[f"experts/{e}/weight_amax/{p}"] for p in PROJECTIONS} for e in experts}
+        restore_quantizer_statistics(name, module, tensors, device)
 
 
 @dataclass
