@@ -21,12 +21,11 @@ from .quantize_args import (
     EXPORT_FORMATS,
     add_algorithm_arguments,
     add_dataset_arguments,
+    add_run_arguments,
     algorithm_from_args,
     calibration_data,
     check_quantize_args,
-    device_name,
     positive_int,
-    shard_size,
 )
 from .recipes import PRESETS, KVCacheFormat, QuantRecipe
 
@@ -83,14 +82,7 @@ def _parser(*, quantize_only: bool = False) -> argparse.ArgumentParser:
     )
     q.add_argument("--calib-text", type=Path, help="UTF-8 text file for calibration (default: bundled English)")
     add_dataset_arguments(q)
-    q.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    q.add_argument(
-        "--sequential",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="read, calibrate and write one decoder layer at a time, so any model runs on one device (default: "
-        "when the weights do not fit the device's free memory, or the checkpoint is FP8-block or MXFP4)",
-    )
+    add_run_arguments(q)
     q.add_argument(
         "--exclude",
         action="append",
@@ -136,15 +128,6 @@ def _parser(*, quantize_only: bool = False) -> argparse.ArgumentParser:
         type=Path,
         metavar="PATH",
         help="also save what calibration found (safetensors), to export other formats later with quantport export",
-    )
-    q.add_argument("--max-shard-size", type=shard_size, default="5GB", help="largest safetensors shard (default 5GB)")
-    q.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    q.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
-    q.add_argument(
-        "--allow-check-errors",
-        action="store_true",
-        help="write the checkpoint even when it is a form known not to load in its engine or quantport "
-        "check finds errors in it (they are logged as warnings)",
     )
     if not quantize_only:
         from .check.commands import add_commands as add_check_commands

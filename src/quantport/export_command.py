@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidArgumentError
-from .quantize_args import EXPORT_FORMATS, device_name, shard_size
+from .quantize_args import EXPORT_FORMATS, add_run_arguments
 
 __all__ = ["add_export_command", "export_command"]
 
@@ -23,17 +23,7 @@ def add_export_command(commands: Any) -> None:
     e.add_argument("statistics", type=Path, help="file written by quantport quantize --save-statistics")
     e.add_argument("out", type=Path, help="output directory (must not exist or be empty, unless --overwrite)")
     e.add_argument("--format", choices=EXPORT_FORMATS, help="checkpoint format (default: the recipe's default)")
-    e.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    e.add_argument(
-        "--sequential",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="read the weights one decoder layer at a time (default: when they do not fit the device)",
-    )
-    e.add_argument("--max-shard-size", type=shard_size, default="5GB", help="largest safetensors shard (default 5GB)")
-    e.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
-    e.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
-    e.add_argument("--allow-check-errors", action="store_true", help="write it even when quantport check finds errors")
+    add_run_arguments(e)
 
 
 def export_command(args: argparse.Namespace, outputs: list) -> None:

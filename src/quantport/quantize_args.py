@@ -308,6 +308,29 @@ class QuantizeInputs:
     config: dict[str, Any]
 
 
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where a checkpoint is computed and how it is written: shared by ``quantize`` and ``export``."""
+    parser.add_argument("--device", type=device_name, default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    parser.add_argument(
+        "--sequential",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="read, calibrate and write one decoder layer at a time, so any model runs on one device (default: "
+        "when the weights do not fit the device's free memory, or the checkpoint is FP8-block or MXFP4)",
+    )
+    parser.add_argument(
+        "--max-shard-size", type=shard_size, default="5GB", help="largest safetensors shard (default 5GB)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or info logs")
+    parser.add_argument(
+        "--allow-check-errors",
+        action="store_true",
+        help="write the checkpoint even when it is a form known not to load in its engine or quantport "
+        "check finds errors in it (they are logged as warnings)",
+    )
+
+
 def add_algorithm_arguments(parser: argparse.ArgumentParser) -> None:
     """``--algorithm`` and the typed options of each algorithm (``--gptq-*``, ``--mse-*``)."""
     parser.add_argument(
