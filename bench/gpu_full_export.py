@@ -29,6 +29,7 @@ tokens), exports it to a local directory and measures, in one process per tool:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -46,6 +47,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 QWEN3_30B = dict(
     hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
@@ -170,7 +172,7 @@ def fsync_files(directory: Path) -> None:
         os.close(fd)
 
 
-def run_quantport(model, recipe: str, calib, out: Path, device, profile: bool, direct: str) -> dict:
+def run_quantport(model, recipe: str, calib, out: Path, device, profile: bool, direct: str, sample: bool) -> dict:
     import quantport
     from quantport.export import shards
     from quantport.export.checkpoint_file import DirectPolicy
@@ -197,7 +199,10 @@ def run_quantport(model, recipe: str, calib, out: Path, device, profile: bool, d
     # tests the writer threads run for the self-check (ShardWitness.write includes the file write it makes)
     busy = Timed(CheckpointFile, ("write", "_write_at"), prefix="CheckpointFile.")
     witness = Timed(value_witness.ShardWitness, ("write", "close", "_test", "_write_large"), prefix="ShardWitness.")
-    with busy, stages, commit, witness:
+    from stack_sampler import StackSampler
+
+    sampler = StackSampler() if sample else contextlib.nullcontext()
+    with busy, stages, commit, witness, sampler:
         start = time.perf_counter()
         if profiler:
             profiler.enable()
@@ -219,6 +224,8 @@ def run_quantport(model, recipe: str, calib, out: Path, device, profile: bool, d
         stats.sort_stats("tottime").print_stats(30)
         stats.sort_stats("cumulative").print_stats(40)
         result["profile"] = text.getvalue()
+    if sample:
+        result["profile"] = result.get("profile", "") + "\n" + sampler.report()
     return result
 
 
@@ -264,6 +271,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=8, help="calibration batches of 4 x 512 (default 8: 16k tokens)")
     parser.add_argument("--reference", action="store_true", help="nvidia-modelopt instead of quantport")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--sample", action="store_true", help="sample every thread's stack (bench/stack_sampler.py)")
     parser.add_argument("--no-floor", action="store_true", help="skip the disk-floor measurement")
     parser.add_argument("--direct", choices=["auto", "always", "adaptive", "never"], default="auto")
     parser.add_argument("--smoke", action="store_true")
@@ -290,7 +298,7 @@ def main() -> None:
     calib = calibration(config["vocab_size"], 2 if args.smoke else args.batches, 32 if args.smoke else 512, device)
     shutil.rmtree(args.out, ignore_errors=True)
     run = run_reference if args.reference else run_quantport
-    kwargs = {} if args.reference else {"profile": args.profile, "direct": args.direct}
+    kwargs = {} if args.reference else {"profile": args.profile, "direct": args.direct, "sample": args.sample}
     result.update(run(model, args.recipe, calib, args.out, device, **kwargs))
     result["peak_rss_gib"] = peak_rss_bytes() / 2**30
     shutil.rmtree(args.out, ignore_errors=True)  # before the floor: a 64 GB disk holds one copy of FP8 at a time

@@ -1,5 +1,5 @@
 """GPTQ on MoE experts with the model on a GPU: the Hessians are taken there, the exported checkpoint loads
-back (on the CPU) to the logits of the simulation of the quantized model."""
+back (on the same GPU) to the logits of the simulation of the quantized model."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def test_gptq_experts_on_gpu_export_and_load_back(tmp_path, family):
     out = quantport.export(model, tmp_path / "out", progress=False)
     with torch.no_grad(), quantport.simulate(model):
         expected = model(batches[0]).logits.float().cpu()
-    loaded = load(out, simulate_activations=True)
+    loaded = load(out, simulate_activations=True, device="cuda")
     with torch.no_grad():
-        got = loaded(batches[0].cpu()).logits.float()
-    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)  # CPU vs GPU kernels: close, not bitwise
+        got = loaded(batches[0]).logits.float().cpu()
+    # same device, same kernels; loaded on the CPU, 1% of the logits differed by up to 0.046 (CPU vs GPU matmuls)
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
