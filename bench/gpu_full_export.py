@@ -263,6 +263,32 @@ def run_reference(model, recipe: str, calib, out: Path, device) -> dict:
     return result
 
 
+def export_variants(model, out: Path, variants: list[str], device) -> list[dict]:
+    """The same calibrated model exported again per variant ``WORKERS:SWITCH_INTERVAL_S`` (shards written at
+    once, the interpreter's thread switch interval): which knob the writing time answers to."""
+    import quantport
+    from quantport.export import shards
+
+    results = []
+    default_workers, default_switch = shards.SHARD_WORKERS, sys.getswitchinterval()
+    for variant in variants:
+        workers, _, switch = variant.partition(":")
+        shards.SHARD_WORKERS = int(workers)
+        sys.setswitchinterval(float(switch) if switch else default_switch)
+        shutil.rmtree(out, ignore_errors=True)
+        sync(device)
+        start = time.perf_counter()
+        quantport.export(model, out, progress=False, overwrite=True)
+        row = {"variant": variant, "export_s": time.perf_counter() - start}
+        row["export_gb_per_s"] = directory_bytes(out) / row["export_s"] / 1e9
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    shards.SHARD_WORKERS = default_workers
+    sys.setswitchinterval(default_switch)
+    shutil.rmtree(out, ignore_errors=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", choices=["nvfp4", "fp8"], default="nvfp4")
@@ -275,6 +301,13 @@ def main() -> None:
     parser.add_argument("--no-floor", action="store_true", help="skip the disk-floor measurement")
     parser.add_argument("--direct", choices=["auto", "always", "adaptive", "never"], default="auto")
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=[],
+        metavar="WORKERS[:SWITCH_S]",
+        help="export again per variant: shards at once, interpreter switch interval",
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
 
@@ -300,6 +333,8 @@ def main() -> None:
     run = run_reference if args.reference else run_quantport
     kwargs = {} if args.reference else {"profile": args.profile, "direct": args.direct, "sample": args.sample}
     result.update(run(model, args.recipe, calib, args.out, device, **kwargs))
+    if args.variants:
+        result["variants"] = export_variants(model, args.out, args.variants, device)
     result["peak_rss_gib"] = peak_rss_bytes() / 2**30
     shutil.rmtree(args.out, ignore_errors=True)  # before the floor: a 64 GB disk holds one copy of FP8 at a time
     if not args.no_floor:

@@ -46,11 +46,10 @@ class StackSampler:
                 innermost = True
                 while frame is not None:
                     code = frame.f_code
-                    label = f"{code.co_filename.rsplit('/', 2)[-1]}:{code.co_name}:{frame.f_lineno if innermost else code.co_firstlineno}"
-                    if innermost:
-                        self.self_counts[(kind, label)] += 1
-                        innermost = False
                     label = f"{code.co_filename.rsplit('/', 2)[-1]}:{code.co_name}"
+                    if innermost:
+                        self.self_counts[(kind, f"{label}:{frame.f_lineno}")] += 1
+                        innermost = False
                     if label not in seen:
                         seen.add(label)
                         self.inclusive_counts[(kind, label)] += 1
