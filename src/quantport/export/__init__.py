@@ -15,7 +15,7 @@ from ..distributed import commit_when_all_agree, written_by_rank_zero
 from ..memory.mapped_weights import MappedWeights
 from ..state import QuantizationState, state_of
 from ..version import __version__
-from .content import CheckpointContent
+from .content import CheckpointContent, planning
 from .output_dir import OutputTarget, claim_output
 from .self_check import check_written, refuse_known_failure
 from .shards import write_json, write_sharded_safetensors
@@ -149,7 +149,8 @@ def export(
         target.check_source(source)  # OUT is never the model directory or one of its parents
         # finding the memory-mapped weights reads /proc/self/smaps (~15 ms): done beside the first writes
         mapped = scan.submit(MappedWeights)
-        content = FORMAT_CONTENT[fmt](model, state)
+        with planning():
+            content = FORMAT_CONTENT[fmt](model, state)
         stream = _layer_stream(model)
         witness = ValueWitness()  # the self-check's value tests, run on the bytes as they are written
         try:
