@@ -15,7 +15,8 @@ from ..distributed import commit_when_all_agree, written_by_rank_zero
 from ..memory.mapped_weights import MappedWeights
 from ..state import QuantizationState, state_of
 from ..version import __version__
-from .content import CheckpointContent, planning
+from .content import CheckpointContent
+from .gc_pause import paused_gc
 from .output_dir import OutputTarget, claim_output
 from .self_check import check_written, refuse_known_failure
 from .shards import write_json, write_sharded_safetensors
@@ -149,7 +150,7 @@ def export(
         target.check_source(source)  # OUT is never the model directory or one of its parents
         # finding the memory-mapped weights reads /proc/self/smaps (~15 ms): done beside the first writes
         mapped = scan.submit(MappedWeights)
-        with planning():
+        with paused_gc():
             content = FORMAT_CONTENT[fmt](model, state)
         stream = _layer_stream(model)
         witness = ValueWitness()  # the self-check's value tests, run on the bytes as they are written
@@ -176,5 +177,8 @@ def export(
         _copy_tokenizer(model, staging, tokenizer)
         target.drop_progress()  # a resumable run's saved calibration progress is not part of the checkpoint
         # self-check (2/2): quantport's checker on the staged files; an error leaves nothing at out_dir
-        check_written(staging, state.recipe.scheme, allow_check_errors=allow_check_errors, witnessed=witness.result())
+        with paused_gc():
+            check_written(
+                staging, state.recipe.scheme, allow_check_errors=allow_check_errors, witnessed=witness.result()
+            )
     return commit_when_all_agree(target)  # fsync, then rename to out_dir as claimed (torchrun: once all ranks agree)

@@ -39,6 +39,7 @@ from ..errors import ExportError
 from ..schemes import TensorSpec
 from ..sizes import parse_size
 from .checkpoint_file import CheckpointFile, DirectPolicy
+from .gc_pause import paused_gc
 from .small_tensors import SmallTensorGroup
 from .value_witness import ShardWitness, ValueWitness, WrittenTensor
 
@@ -164,10 +165,15 @@ def _tensor_bytes(tensor: torch.Tensor, entry: PlannedTensor) -> torch.Tensor:
     return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
+_DIGITS = re.compile(r"(\d+)")
+
+
 def natural_order(name: str) -> tuple[str | int, ...]:
     """Sort key reading digit runs as numbers: ``experts.2`` before ``experts.10``, so experts quantized
     in consecutive chunks are written chunk by chunk."""
-    return tuple(int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name)))
+    parts = _DIGITS.split(name)
+    parts[1::2] = map(int, parts[1::2])
+    return tuple(parts)
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -341,10 +347,11 @@ def write_sharded_safetensors(
     is raised. ``witness``: tests the values quantport's checker reads back, as they are written
     (:mod:`.value_witness`), for the self-check that follows.
     """
-    plan = sorted(plan, key=lambda e: natural_order(e.name))
-    names = [e.name for e in plan]
-    assert len(set(names)) == len(names), "duplicate tensor names in export plan"
-    shards = _split(plan, parse_size(max_shard_size))
+    with paused_gc():
+        plan = sorted(plan, key=lambda e: natural_order(e.name))
+        names = [e.name for e in plan]
+        assert len(set(names)) == len(names), "duplicate tensor names in export plan"
+        shards = _split(plan, parse_size(max_shard_size))
     files = (
         [SINGLE_FILE]
         if len(shards) == 1
