@@ -214,10 +214,12 @@ def fill_experts(
     device: torch.device,
     dtype_of: Callable[[str], torch.dtype],
     *,
-    chunk_bytes: int = ROW_CHUNK_BYTES,
+    chunk_bytes: int | None = None,
 ) -> set[str]:
     """Allocate each fused parameter of ``reads`` on ``device`` in ``dtype_of(name)``, fill it from ``source``
-    and set it on its module (as transformers' loading does); the names of the parameters set."""
+    and set it on its module (as transformers' loading does); the names of the parameters set.
+    ``chunk_bytes``: logical bytes per row read (default :data:`ROW_CHUNK_BYTES`)."""
+    chunk_bytes = chunk_bytes or ROW_CHUNK_BYTES
     filled: set[str] = set()
     for parameter, pieces in reads.pieces.items():
         owner, _, leaf = parameter.rpartition(".")
