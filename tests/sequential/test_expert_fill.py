@@ -66,6 +66,15 @@ def test_other_conversions_and_disagreeing_layouts_are_left_to_transformers():
     assert plan_expert_reads(keys, model, mapping, {}, rows=True).rest == keys  # experts without a layout
 
 
+def test_a_parameter_with_one_unplaceable_key_is_left_whole_to_transformers():
+    model = _meta("qwen3_moe")
+    keys = [*_per_expert_keys(), f"{EXPERTS_NAME}.x.down_proj.weight"]  # no expert number: transformers decides
+    mapping = get_model_conversion_mapping(model, None, None)
+    reads = plan_expert_reads(keys, model, mapping, expert_layouts(model), rows=True)
+    assert list(reads.pieces) == [f"{EXPERTS_NAME}.gate_up_proj"]
+    assert reads.rest == [k for k in keys if "down_proj" in k]
+
+
 def test_fused_tensors_stored_whole_are_read_by_rows_only_from_a_row_source():
     model = _meta("gpt_oss")
     keys = [f"{EXPERTS_NAME}.gate_up_proj", f"{EXPERTS_NAME}.gate_up_proj_bias"]

@@ -75,7 +75,7 @@ def _piece_bytes(store, layer: int) -> int:
     experts tensor is read one expert at a time here), times :data:`PIECE_BYTES_PER_ELEMENT`."""
     infos = store.source.tensors()
     largest = 0
-    for name in store._keys[layer]:
+    for name in store.checkpoint_names(layer):
         shape = infos[name].shape
         numel = torch.Size(shape).numel()
         largest = max(largest, numel // shape[0] if len(shape) >= 3 else numel)

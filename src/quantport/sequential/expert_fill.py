@@ -133,10 +133,12 @@ def plan_expert_reads(
     by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
     parameters = dict(model.named_parameters())
     reads = ExpertReads()
+    declined: set[str] = set()  # parameters with a key this module cannot place: transformers loads all of them
+    targets: list[tuple[str, str]] = []
     for key in keys:
         renamed, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, parameters)
-        owner = renamed.rpartition(".")[0]
-        layout = layouts.get(owner)
+        targets.append((key, renamed))
+        layout = layouts.get(renamed.rpartition(".")[0])
         meta = parameters.get(renamed)
         piece = None
         if layout is not None and meta is not None:
@@ -145,10 +147,13 @@ def plan_expert_reads(
             elif rows and meta.dim() >= 3:
                 piece = ExpertPiece(key)
         if piece is None:
-            reads.rest.append(key)
+            declined.add(renamed)
             continue
         reads.pieces[renamed].append(piece)
         reads.layouts[renamed] = layout
+    for parameter in declined & set(reads.pieces):
+        del reads.pieces[parameter], reads.layouts[parameter]
+    reads.rest = [key for key, renamed in targets if renamed not in reads.pieces]
     return reads
 
 

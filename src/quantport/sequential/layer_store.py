@@ -3,7 +3,10 @@
 A checkpoint's tensors reach a model through transformers' conversion mapping (renamed keys, per-expert
 weights fused into 3-D parameters, ``keep_in_fp32`` modules): :class:`LayerStore` runs exactly that code,
 ``convert_and_load_state_dict_in_model``, on one layer's checkpoint tensors at a time, so a layer holds the
-same values as in a model ``from_pretrained`` loaded whole. Freeing a layer puts its tensors back on the
+same values as in a model ``from_pretrained`` loaded whole. The one exception is the fused experts of a MoE
+layer: transformers would stack every expert's tensors into them while the per-expert tensors are alive (twice
+the layer); :mod:`.expert_fill` allocates them once and fills them expert by expert, to the same bytes, so a
+layer loads in its own size plus one tensor's temporaries. Freeing a layer puts its tensors back on the
 meta device; modules keep their identity, so quantization records attached to them survive.
 """
 
@@ -79,6 +82,10 @@ class LayerStore:
         stem = next((s for s in self._stems if checkpoint_name.startswith(s)), None)
         number = checkpoint_name[len(stem) :].split(".", 1)[0] if stem else ""
         return int(number) if number.isdigit() else None
+
+    def checkpoint_names(self, index: int | None) -> list[str]:
+        """The checkpoint (source) names read for decoder layer ``index`` (None: the resident rest)."""
+        return list(self._keys.get(index, []))
 
     def _keys_by_layer(self) -> dict[int | None, list[str]]:
         """Checkpoint names per decoder layer (None: the resident rest), by the model key transformers' loading
