@@ -12,7 +12,16 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from quantport.errors import QuantportError
-from quantport.sources import SourceError, SourceFormat, TensorInfo, UnknownTensorError, WeightSource, open_source
+from quantport.sources import (
+    RowSource,
+    SourceError,
+    SourceFormat,
+    SyntheticSource,
+    TensorInfo,
+    UnknownTensorError,
+    WeightSource,
+    open_source,
+)
 from quantport.sources.shards import Shards
 from sources.published_layouts import (
     deepseek_config,
@@ -313,6 +322,7 @@ def test_mxfp4_rows_are_the_same_rows_of_the_whole_tensor(mxfp4, monkeypatch):
         return original_load(self, name, device, rows)
 
     with open_source(directory) as source:
+        assert isinstance(source, RowSource) and not isinstance(SyntheticSource({}), RowSource)
         name = "model.layers.1.mlp.experts.gate_up_proj"
         whole = source.read([name], "cpu")[name]
         monkeypatch.setattr(Shards, "load", load)
