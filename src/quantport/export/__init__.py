@@ -12,11 +12,11 @@ from typing import Any
 from torch import nn
 
 from ..distributed import commit_when_all_agree, written_by_rank_zero
+from ..memory.gc_pause import paused_gc
 from ..memory.mapped_weights import MappedWeights
 from ..state import QuantizationState, state_of
 from ..version import __version__
 from .content import CheckpointContent
-from .gc_pause import paused_gc
 from .output_dir import OutputTarget, claim_output
 from .self_check import check_written, refuse_known_failure
 from .shards import write_json, write_sharded_safetensors
@@ -177,8 +177,5 @@ def export(
         _copy_tokenizer(model, staging, tokenizer)
         target.drop_progress()  # a resumable run's saved calibration progress is not part of the checkpoint
         # self-check (2/2): quantport's checker on the staged files; an error leaves nothing at out_dir
-        with paused_gc():
-            check_written(
-                staging, state.recipe.scheme, allow_check_errors=allow_check_errors, witnessed=witness.result()
-            )
+        check_written(staging, state.recipe.scheme, allow_check_errors=allow_check_errors, witnessed=witness.result())
     return commit_when_all_agree(target)  # fsync, then rename to out_dir as claimed (torchrun: once all ranks agree)

@@ -36,10 +36,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ExportError
+from ..memory.gc_pause import paused_gc
 from ..schemes import TensorSpec
 from ..sizes import parse_size
 from .checkpoint_file import CheckpointFile, DirectPolicy
-from .gc_pause import paused_gc
 from .small_tensors import SmallTensorGroup
 from .value_witness import ShardWitness, ValueWitness, WrittenTensor
 

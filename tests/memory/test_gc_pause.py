@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 
-from quantport.export.gc_pause import paused_gc
+from quantport.memory.gc_pause import paused_gc
 
 
 def test_the_collector_is_paused_inside_and_restored_after():
