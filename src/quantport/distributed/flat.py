@@ -57,6 +57,7 @@ def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
+@torch.no_grad()
 def flatten(
     named: Mapping[str, torch.Tensor], device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, tuple[FlatSlot, ...]]:
@@ -66,16 +67,20 @@ def flatten(
     slots = _slots(named)
     if not slots:
         return torch.empty(0, dtype=dtype, device=device), slots
-    pieces = {slot.name: named[slot.name].detach().reshape(-1).to(dtype) for slot in slots}
+    pieces = {}
+    for slot in slots:
+        piece = named[slot.name].reshape(-1)
+        pieces[slot.name] = piece if piece.dtype == dtype else piece.to(dtype)
     for group in _by_device(slots, device).values():  # one copy per source device, not one per tensor
         staged = _to(torch.cat([pieces[slot.name] for slot in group]), device)
         pieces.update(zip((s.name for s in group), staged.split([s.shape.numel() for s in group]), strict=True))
     return torch.cat([pieces[slot.name] for slot in slots]), slots
 
 
+@torch.no_grad()
 def unflatten(flat: torch.Tensor, slots: tuple[FlatSlot, ...]) -> dict[str, torch.Tensor]:
     """New tensors cut from ``flat`` (none is a view of it), each with its slot's shape, dtype and device."""
-    parts = {slot.name: flat[slot.start : slot.stop] for slot in slots}
+    parts = dict(zip((s.name for s in slots), flat.split([s.shape.numel() for s in slots]), strict=True))
     for device, group in _by_device(slots, flat.device).items():  # one copy per destination device
         staged = torch.cat([parts[slot.name] for slot in group]).to(device)
         parts.update(zip((s.name for s in group), staged.split([s.shape.numel() for s in group]), strict=True))
