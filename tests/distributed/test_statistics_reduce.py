@@ -127,3 +127,28 @@ def test_a_world_of_one_reduces_without_a_collective(session, monkeypatch):
         assert (out.maximum[name] is None) if value is None else torch.equal(out.maximum[name], value), name
         assert value is None or out.maximum[name] is not value  # new tensors, as with several ranks
     assert all(torch.equal(out.sums[name], value) for name, value in stats.sums.items())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_nccl_rank_reduces_statistics_on_the_gpu_without_a_host_synchronisation():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gpu = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        one_rank = RankSession(0, 1, None, 30.0, owns_group=False)
+        stats = _layer_statistics()
+        stats.maximum = {name: value.to(gpu) for name, value in stats.maximum.items() if value is not None}
+        stats.sums = {name: value.to(gpu) for name, value in stats.sums.items()}
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+        try:
+            out = reduce_statistics(stats, one_rank)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert all(torch.equal(out.maximum[name], value) for name, value in stats.maximum.items())
+        assert all(torch.equal(out.sums[name], value) for name, value in stats.sums.items())
+    finally:
+        dist.destroy_process_group()
