@@ -317,7 +317,8 @@ def _quantize_whole(
             for hook in hooks:
                 hook.remove()
         state.calibration_tokens = agree_on_statistics(model, step, tokens)  # torchrun: reduced over ranks
-        check_finite_statistics(model)  # once, after the loop: no host synchronisation per batch
+        if not in_distributed_run():  # torchrun: each rank checked its own before the reduction (a MAX of finite)
+            check_finite_statistics(model)  # once, after the loop: no host synchronisation per batch
         _drop_uncalibrated(model, state)
     return experts, step
 

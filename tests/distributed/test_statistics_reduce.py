@@ -82,3 +82,73 @@ def test_votes_of_different_steps_are_refused(monkeypatch):
     two_ranks = RankSession(0, 2, None, 30.0, owns_group=False)
     with pytest.raises(DistributedRunError, match=r"out of step \(rank 0 at 'this step', rank 1 at 'another step'\)"):
         two_ranks.agree("this step")
+
+
+def _counted_all_reduce(monkeypatch) -> list[tuple[int, torch.dtype]]:
+    calls: list[tuple[int, torch.dtype]] = []
+    all_reduce = dist.all_reduce
+
+    def counted(tensor, *args, **kwargs):
+        calls.append((tensor.numel(), tensor.dtype))
+        return all_reduce(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(dist, "all_reduce", counted)
+    return calls
+
+
+def _layer_statistics() -> Statistics:
+    """What a model leaves: 0-d input amax per Linear, expert amax [E] and tokens [E], CPU token counts."""
+    maximum: dict[str, torch.Tensor | None] = {
+        f"layers.{i}.{p}#input": torch.tensor(float(i)) for i in range(4) for p in "qkvo"
+    }
+    maximum.update({f"layers.{i}.mlp#experts.gate_up": torch.full((8,), 2.0) for i in range(4)})
+    maximum["layers.3.unused#input"] = None
+    sums = {f"layers.{i}.mlp#experts.tokens": torch.arange(8) for i in range(4)}
+    sums["calibration_tokens"] = torch.tensor(1024)
+    return Statistics(maximum=maximum, sums=sums)
+
+
+def test_one_collective_per_op_and_dtype(session, monkeypatch):
+    two_ranks = RankSession(0, 2, session.votes, 30.0, owns_group=False)  # collectives run (on a group of one)
+    calls = _counted_all_reduce(monkeypatch)
+    out = reduce_statistics(_layer_statistics(), two_ranks)
+    assert calls == [(16 + 32 + 1, torch.float32), (32 + 1, torch.int64)]  # not one per tensor (37)
+    assert out.maximum["layers.2.k#input"].item() == 2.0 and out.maximum["layers.3.unused#input"] is None
+    assert out.sums["layers.1.mlp#experts.tokens"].tolist() == list(range(8))
+    assert out.sums["calibration_tokens"].item() == 1024
+
+
+def test_a_world_of_one_reduces_without_a_collective(session, monkeypatch):
+    calls = _counted_all_reduce(monkeypatch)
+    stats = _layer_statistics()
+    out = reduce_statistics(stats, session)
+    assert calls == []  # the identity: NCCL's communicator is never created for one rank
+    for name, value in stats.maximum.items():
+        assert (out.maximum[name] is None) if value is None else torch.equal(out.maximum[name], value), name
+        assert value is None or out.maximum[name] is not value  # new tensors, as with several ranks
+    assert all(torch.equal(out.sums[name], value) for name, value in stats.sums.items())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_nccl_rank_reduces_statistics_on_the_gpu_without_a_host_synchronisation():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    gpu = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        one_rank = RankSession(0, 1, None, 30.0, owns_group=False)
+        stats = _layer_statistics()
+        stats.maximum = {name: value.to(gpu) for name, value in stats.maximum.items() if value is not None}
+        stats.sums = {name: value.to(gpu) for name, value in stats.sums.items()}
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+        try:
+            out = reduce_statistics(stats, one_rank)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert all(torch.equal(out.maximum[name], value) for name, value in stats.maximum.items())
+        assert all(torch.equal(out.sums[name], value) for name, value in stats.sums.items())
+    finally:
+        dist.destroy_process_group()

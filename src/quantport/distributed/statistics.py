@@ -14,24 +14,34 @@ names with the same shapes and dtypes (they are the same model); the result is t
   (about 1e-7 relative in fp32), not bit for bit. (GPTQ on the tiny test Llama, w4a16, 5 batches: 0 of
   170,908 checkpoint values differed with 2 and with 3 ranks; a larger model can move a few codes.)
 
-Small tensors travel in one flat buffer per dtype (one collective each); tensors of 1M elements or more
-(Hessians) are reduced in place one by one, so no second copy of them is made.
+Small tensors travel in one flat buffer per (op, dtype) on the collective's device (:mod:`.flat`), reduced
+by one collective each: the maxima in one fp32 buffer, the sums in one per dtype (int64 counts, fp32 sums);
+tensors of 1M elements or more (Hessians) are reduced in place one by one, so no second copy of them is made.
+No host synchronisation per tensor: the counts kept on the CPU cross to the GPU and back in one copy each
+way, and only a rank that holds unobserved maxima reads values back, all of them at once.
+
+A world of one rank skips the collectives themselves (reducing over one rank is the identity, and NCCL would
+create its communicator at the first one); everything else (votes, buffers, write-back) runs as with more.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
+from .flat import flatten, unflatten
 from .session import RankSession
 
 __all__ = ["LARGE_TENSOR", "Statistics", "reduce_statistics"]
 
 LARGE_TENSOR = 1 << 20
 """Elements from which a tensor is reduced on its own instead of in the flat buffer."""
+
+_NEVER = float("-inf")
+"""What an unobserved maximum (None) counts as."""
 
 
 @dataclass
@@ -42,60 +52,69 @@ class Statistics:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def _flat_reduce(tensors: list[torch.Tensor], op: dist.ReduceOp, device: torch.device) -> list[torch.Tensor]:
-    """All-reduce ``tensors`` (one dtype) through one flat buffer; returns new tensors shaped like them."""
-    if not tensors:
-        return []
-    flat = torch.cat([t.detach().reshape(-1).to(device) for t in tensors])
-    dist.all_reduce(flat, op=op)
-    out, start = [], 0
-    for tensor in tensors:
-        out.append(flat[start : start + tensor.numel()].view(tensor.shape).to(tensor.device).clone())
-        start += tensor.numel()
-    return out
+def _all_reduce_(tensor: torch.Tensor, op: dist.ReduceOp, session: RankSession) -> None:
+    """``tensor`` reduced over every rank, in place; left as it is in a world of one (the identity)."""
+    if session.world_size > 1:
+        dist.all_reduce(tensor, op=op)
 
 
-def _by_dtype(items: Iterable[tuple[str, torch.Tensor]]) -> dict[torch.dtype, list[tuple[str, torch.Tensor]]]:
-    groups: dict[torch.dtype, list[tuple[str, torch.Tensor]]] = {}
-    for name, tensor in items:
-        groups.setdefault(tensor.dtype, []).append((name, tensor))
-    return groups
+def _nan_as_inf_(tensor: torch.Tensor) -> torch.Tensor:
+    """NaN becomes +inf in place (gloo's MAX drops NaN; +inf keeps the statistic non-finite)."""
+    return torch.nan_to_num_(tensor, nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
 
 
-def _reduce_named(named: dict[str, torch.Tensor], op: dist.ReduceOp, device: torch.device) -> dict[str, torch.Tensor]:
+def _reduce_named(
+    named: Mapping[str, torch.Tensor],
+    op: dist.ReduceOp,
+    session: RankSession,
+    device: torch.device,
+    buffer_dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """Every tensor of ``named`` reduced by ``op``: the large ones one by one, the others in one flat buffer per
+    dtype (``buffer_dtype``: one buffer of that dtype for all, each converted back after). Maxima carry NaN as
+    +inf."""
+    maxima = op == dist.ReduceOp.MAX
     reduced: dict[str, torch.Tensor] = {}
-    small = []
+    groups: dict[torch.dtype, dict[str, torch.Tensor]] = {}
     for name in sorted(named):  # the same order on every rank
         tensor = named[name]
         if tensor.numel() >= LARGE_TENSOR:
-            on_device = tensor.detach().to(device)
-            dist.all_reduce(on_device, op=op)
-            reduced[name] = on_device.to(tensor.device)
+            on_device = tensor.detach().to(device, buffer_dtype or tensor.dtype, copy=maxima)
+            if maxima:
+                _nan_as_inf_(on_device)
+            _all_reduce_(on_device, op, session)  # in place: a sum already on the device is not copied
+            reduced[name] = on_device.to(tensor.device, tensor.dtype)
         else:
-            small.append((name, tensor))
-    for group in _by_dtype(small).values():
-        names = [name for name, _ in group]
-        reduced.update(zip(names, _flat_reduce([t for _, t in group], op, device), strict=True))
+            groups.setdefault(buffer_dtype or tensor.dtype, {})[name] = tensor
+    for dtype in sorted(groups, key=str):  # the same order on every rank
+        flat, slots = flatten(groups[dtype], device, dtype)
+        if maxima:
+            _nan_as_inf_(flat)
+        _all_reduce_(flat, op, session)
+        reduced.update(unflatten(flat, slots))
     return reduced
+
+
+def _never_observed(reduced: Mapping[str, torch.Tensor]) -> set[str]:
+    """The names whose reduced maximum is still -inf: no rank observed them. One host read for all."""
+    if not reduced:
+        return set()
+    names = sorted(reduced)
+    flags = torch.cat([reduced[name].reshape(-1) for name in names]).eq(_NEVER).tolist()
+    return {name for name, flag in zip(names, flags, strict=True) if flag}
 
 
 def reduce_statistics(statistics: Statistics, session: RankSession) -> Statistics:
     """MAX of ``statistics.maximum`` and SUM of ``statistics.sums`` over every rank (a new :class:`Statistics`)."""
     device = session.collective_device()
-    maxima = {}
-    for name, value in statistics.maximum.items():
-        if value is None:
-            value = torch.tensor(float("-inf"))
-        maxima[name] = torch.nan_to_num(value.float(), nan=float("inf"), posinf=float("inf"), neginf=float("-inf"))
-    reduced_max = _reduce_named(maxima, dist.ReduceOp.MAX, device)
-    scalars = [name for name, value in reduced_max.items() if value.dim() == 0]
-    unobserved = set()
-    if scalars:  # one host synchronisation for all of them
-        flags = torch.stack([reduced_max[name].cpu() for name in scalars]).eq(float("-inf")).tolist()
-        unobserved = {name for name, flag in zip(scalars, flags, strict=True) if flag}
+    unobserved = [name for name, value in statistics.maximum.items() if value is None]
+    maxima = {
+        name: torch.full((), _NEVER, dtype=torch.float32, device=device) if value is None else value
+        for name, value in statistics.maximum.items()
+    }
+    reduced_max = _reduce_named(maxima, dist.ReduceOp.MAX, session, device, buffer_dtype=torch.float32)
+    never = _never_observed({name: reduced_max[name] for name in unobserved})  # observed here: never -inf
     out = Statistics()
-    for name, original in statistics.maximum.items():
-        dtype = original.dtype if original is not None else torch.float32
-        out.maximum[name] = None if name in unobserved else reduced_max[name].to(dtype)
-    out.sums = _reduce_named(statistics.sums, dist.ReduceOp.SUM, device)
+    out.maximum = {name: None if name in never else reduced_max[name] for name in statistics.maximum}
+    out.sums = _reduce_named(statistics.sums, dist.ReduceOp.SUM, session, device)
     return out
