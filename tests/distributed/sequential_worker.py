@@ -2,16 +2,19 @@
 ``python sequential_worker.py SPEC.json``.
 
 SPEC: ``{"models": DIR, "out": DIR, "cases": [NAME, ...], "max_shard_size": SIZE | null,
-"fail": {"rank": R, "at": "layer" | "export"} | null, "blind_rank": R | null}``. Each case (the cases of
+"fail": {"rank": R, "at": "layer" | "export"} | null, "blind_rank": R | null, "record": DIR | null,
+"device": "cpu" | "cuda"}`` (``"cuda"``: each rank on ``cuda:LOCAL_RANK``, NCCL). Each case (the cases of
 :mod:`rank_worker`) opens the tiny model saved in ``DIR/KIND`` with
 :func:`quantport.sequential.open_layer_by_layer`, quantizes it and exports it to ``OUT/NAME``. ``fail``: that
 rank raises while it runs decoder layer 1 (``layer``) or while it writes its shard files (``export``).
 ``blind_rank``: that rank does not see the staging directory (as a rank on another node without a shared
-file system). Errors are printed as one ``error:`` line, exit code 2, as the CLI.
+file system). ``record``: each rank writes the names of the shard files it wrote to ``DIR/RANK.json``.
+Errors are printed as one ``error:`` line, exit code 2, as the CLI.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
@@ -21,15 +24,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: tiny_models, moe_models
 
+from rank_worker import CASES  # noqa: E402
+
 import quantport  # noqa: E402
 import quantport.distributed.shard_writers as shard_writers  # noqa: E402
-import quantport.export as export_module  # noqa: E402
 import quantport.sequential.calibrate as sequential_calibrate  # noqa: E402
 from quantport.distributed import close_session  # noqa: E402
 from quantport.errors import QuantportError  # noqa: E402
 from quantport.sequential import open_layer_by_layer  # noqa: E402
-from rank_worker import CASES  # noqa: E402
 from tiny_models import make_calibration_batches  # noqa: E402
+
+export_module = importlib.import_module("quantport.export")  # the package: quantport.export is the function
+shards = importlib.import_module("quantport.export.shards")
 
 
 def _inject(spec: dict) -> None:
@@ -55,16 +61,35 @@ def _inject(spec: dict) -> None:
         shard_writers._reads_token = lambda staging, token: False
 
 
+def _recorded(written: dict[str, list[str]]) -> type:
+    class Recorded(shards.CheckpointFile):
+        def __init__(self, path, *args, **kwargs):
+            written[next(reversed(written))].append(Path(path).name)  # the case being exported
+            super().__init__(path, *args, **kwargs)
+
+    return Recorded
+
+
 def run(spec: dict) -> None:
     models, out = Path(spec["models"]), Path(spec["out"])
     _inject(spec)
+    written: dict[str, list[str]] = {}
+    shards.CheckpointFile = _recorded(written)
     shard_size = spec.get("max_shard_size") or "5GB"
+    device = torch.device(spec.get("device", "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     for name in spec["cases"]:
         kind, recipe, options, batches = CASES[name]
-        model = open_layer_by_layer(models / kind)
+        written[name] = []
+        model = open_layer_by_layer(models / kind, device=device)
         data = make_calibration_batches(vocab_size=model.config.vocab_size, n=batches, batch=2, seq=16)
         quantport.quantize(model, recipe, data, progress=False, **options)
         quantport.export(model, out / name, progress=False, max_shard_size=shard_size)
+    if spec.get("record"):
+        record = Path(spec["record"]) / f"{os.environ.get('RANK', '0')}.json"
+        record.write_text(json.dumps({case: sorted(files) for case, files in written.items()}))
 
 
 def main() -> int:
