@@ -4,7 +4,7 @@
 SPEC: ``{"models": DIR, "out": DIR, "cases": [NAME, ...], "max_shard_size": SIZE | null,
 "fail": {"rank": R, "at": "layer" | "export"} | null, "blind_rank": R | null, "record": DIR | null,
 "device": "cpu" | "cuda"}`` (``"cuda"``: each rank on ``cuda:LOCAL_RANK``, NCCL). Each case (the cases of
-:mod:`rank_worker`) opens the tiny model saved in ``DIR/KIND`` with
+:mod:`rank_worker`, and quantized propagation) opens the tiny model saved in ``DIR/KIND`` with
 :func:`quantport.sequential.open_layer_by_layer`, quantizes it and exports it to ``OUT/NAME``. ``fail``: that
 rank raises while it runs decoder layer 1 (``layer``) or while it writes its shard files (``export``).
 ``blind_rank``: that rank does not see the staging directory (as a rank on another node without a shared
@@ -36,6 +36,12 @@ from tiny_models import make_calibration_batches  # noqa: E402
 
 export_module = importlib.import_module("quantport.export")  # the package: quantport.export is the function
 shards = importlib.import_module("quantport.export.shards")
+
+SEQUENTIAL_CASES = {
+    **CASES,
+    # each layer calibrated on the simulated quantized outputs of the one before (reduced statistics first)
+    "moe-nvfp4-propagate-quantized": ("qwen3_moe", "nvfp4", {"propagate": "quantized"}, 5),
+}
 
 
 def _inject(spec: dict) -> None:
@@ -81,7 +87,7 @@ def run(spec: dict) -> None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     for name in spec["cases"]:
-        kind, recipe, options, batches = CASES[name]
+        kind, recipe, options, batches = SEQUENTIAL_CASES[name]
         written[name] = []
         model = open_layer_by_layer(models / kind, device=device)
         data = make_calibration_batches(vocab_size=model.config.vocab_size, n=batches, batch=2, seq=16)

@@ -22,7 +22,7 @@ from sequential_checkpoints import differences
 from tiny_models import TINY_MODELS
 
 DENSE = ["dense-fp8-kv", "dense-nvfp4", "dense-w4a16-kv", "dense-fp8-two-batches"]
-MOE = ["moe-fp8", "moe-nvfp4", "moe-w4a16-nvfp4"]
+MOE = ["moe-fp8", "moe-nvfp4", "moe-w4a16-nvfp4", "moe-nvfp4-propagate-quantized"]
 SHARD_SIZE = "64KB"
 
 
@@ -92,20 +92,30 @@ def test_rank_zero_writes_every_shard_when_a_rank_cannot_see_the_staging_directo
     assert "do not see the staging directory" in results[0].stderr
 
 
+WRITE_FAILED = (
+    "export: cannot write the checkpoint to {out}: injected failure while writing shards; check the output "
+    "location, or choose another OUT"
+)
+
+
 @pytest.mark.parametrize(
-    ("at", "message"),
+    ("rank", "at", "message"),
     [
-        ("layer", "quantize: RuntimeError: injected failure in decoder layer 1"),
-        ("export", "export: OSError: injected failure while writing shards"),
+        (1, "layer", "quantize: RuntimeError: injected failure in decoder layer 1"),
+        (1, "export", WRITE_FAILED),
+        (0, "export", WRITE_FAILED),  # rank 0 waits for rank 1 to stop writing before it removes the staging
     ],
 )
-def test_a_failing_rank_stops_every_rank_and_nothing_is_written(models: Path, tmp_path: Path, at: str, message: str):
-    spec = _spec(tmp_path, models, "out", ["dense-fp8-kv"], fail={"rank": 1, "at": at})
+def test_a_failing_rank_stops_every_rank_and_nothing_is_written(
+    models: Path, tmp_path: Path, rank: int, at: str, message: str
+):
+    spec = _spec(tmp_path, models, "out", ["dense-fp8-kv"], fail={"rank": rank, "at": at})
     results = run_ranks([str(SEQUENTIAL_WORKER), spec], 2, timeout=300)
     assert [r.returncode for r in results] == [2, 2], [r.stderr for r in results]
     lines = [r.error_lines() for r in results]
     assert lines[0] == lines[1], lines
-    assert lines[0] == [f"error: rank 1 of 2 failed in {message} (every rank stopped; nothing was written)"]
+    message = message.format(out=tmp_path / "out" / "dense-fp8-kv")
+    assert lines[0] == [f"error: rank {rank} of 2 failed in {message} (every rank stopped; nothing was written)"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no OUT, no staging directory
 
 

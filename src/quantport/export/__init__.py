@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from ..memory.mapped_weights import MappedWeights
 from ..state import QuantizationState, state_of
 from ..version import __version__
 from .content import CheckpointContent
+from .durable import os_error
 from .output_dir import OutputTarget, claim_output
 from .self_check import check_written, refuse_known_failure
 from .shards import ShardSelection, write_json, write_sharded_safetensors
@@ -126,6 +128,18 @@ def _write_tensors(
     return witness
 
 
+@contextmanager
+def _writing_shards(out: Path, *, shared: bool) -> Iterator[None]:
+    """Around this rank's writes: an ``OSError`` becomes the :class:`~quantport.errors.OutputWriteError` that
+    :meth:`OutputTarget.writing` makes of it; ``shared`` (every rank writes shards into rank 0's staging
+    directory): a failure is voted here, so the other ranks have stopped writing before it is removed."""
+    with failures_shared("export") if shared else nullcontext():
+        try:
+            yield
+        except OSError as error:
+            raise os_error(f"cannot write the checkpoint to {out}", error) from error
+
+
 def _write_share(
     model: nn.Module, state: QuantizationState, fmt: ExportFormat, out_dir: Any, max_shard_size: int | str
 ) -> Path:
@@ -133,12 +147,14 @@ def _write_share(
     directory rank 0 created (:mod:`quantport.distributed.shard_writers`); returns OUT's path."""
     share = staging_shared(None)
     content = FORMAT_CONTENT[fmt](model, state)
+    out = Path(getattr(out_dir, "path", out_dir))
     witness = None
     if share.writer < share.writers:
         selection = ShardSelection(share.writer, share.writers)
-        witness = _write_tensors(
-            model, content, share.staging, selection, max_shard_size=max_shard_size, progress=False
-        ).result()
+        with _writing_shards(out, shared=False):  # a failure: voted by the caller (written_by_rank_zero)
+            witness = _write_tensors(
+                model, content, share.staging, selection, max_shard_size=max_shard_size, progress=False
+            ).result()
     shards_written(witness)
     return committed_by_rank_zero(out_dir)
 
@@ -213,7 +229,7 @@ def export(
         content = FORMAT_CONTENT[fmt](model, state)
         share = staging_shared(staging) if in_shares else None  # torchrun: which shards this rank writes
         selection = ShardSelection(share.writer, share.writers) if share is not None else ShardSelection()
-        with failures_shared("writing the checkpoint"):  # torchrun: the others stop writing before it is removed
+        with _writing_shards(target.path, shared=in_shares):
             witness = _write_tensors(
                 model,
                 content,

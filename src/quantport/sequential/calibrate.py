@@ -4,7 +4,9 @@ For each decoder layer: its tensors are read onto the device, its quantizers att
 the real weights), the cached hidden states of every calibration batch run through it in calibration mode
 (activations propagate unquantized, as in a whole-model forward, so every statistic is the same), its
 outputs become the next layer's inputs, and its tensors are dropped. The statistics stay on the modules
-(on the meta device otherwise); export reads each layer's weights again (:mod:`.streaming`).
+(on the meta device otherwise); export reads each layer's weights again (:mod:`.streaming`). Under torchrun
+each rank runs its own batches through the layer and the layer's statistics are reduced over the ranks
+(:func:`quantport.distributed.agree_on_layer`) before its outputs feed the next layer's calibration.
 """
 
 from __future__ import annotations
