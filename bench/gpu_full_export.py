@@ -95,13 +95,15 @@ def directory_bytes(directory: Path) -> int:
     return sum(f.stat().st_size for f in directory.rglob("*") if f.is_file())
 
 
-def disk_floor(directory: Path, nbytes: int) -> dict:
+def disk_floor(directory: Path, nbytes: int, modes: tuple[str, ...] = ("o_direct", "page_cache")) -> dict:
     """Seconds to write ``nbytes`` in 8 MB chunks from one thread: O_DIRECT, and page cache + fdatasync."""
     directory.mkdir(parents=True, exist_ok=True)
     buffer = mmap.mmap(-1, CHUNK)
     buffer.write(os.urandom(1 << 20) * (CHUNK >> 20))
     out = {}
     for mode, flags in (("o_direct", os.O_DIRECT), ("page_cache", 0)):
+        if mode not in modes:
+            continue
         path = directory / f"floor-{mode}.bin"
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | flags, 0o644)
@@ -225,7 +227,7 @@ def run_quantport(model, recipe: str, calib, out: Path, device, profile: bool, d
         stats.sort_stats("cumulative").print_stats(40)
         result["profile"] = text.getvalue()
     if sample:
-        result["profile"] = result.get("profile", "") + "\n" + sampler.report()
+        result["profile"] = result.get("profile", "") + "\n" + sampler.report(top=45)
     return result
 
 
@@ -299,6 +301,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--sample", action="store_true", help="sample every thread's stack (bench/stack_sampler.py)")
     parser.add_argument("--no-floor", action="store_true", help="skip the disk-floor measurement")
+    parser.add_argument(
+        "--floor-modes", nargs="+", choices=["o_direct", "page_cache"], default=["o_direct", "page_cache"]
+    )
     parser.add_argument("--direct", choices=["auto", "always", "adaptive", "never"], default="auto")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument(
@@ -339,7 +344,7 @@ def main() -> None:
     shutil.rmtree(args.out, ignore_errors=True)  # before the floor: a 64 GB disk holds one copy of FP8 at a time
     if not args.no_floor:
         del model
-        floor = disk_floor(args.out.parent / (args.out.name + "-floor"), result["checkpoint_bytes"])
+        floor = disk_floor(args.out.parent / (args.out.name + "-floor"), result["checkpoint_bytes"], args.floor_modes)
         result["disk_floor"] = floor
         for mode, measured in floor.items():
             if "s" in measured:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers.core_model_loading import revert_weight_conversion
@@ -45,3 +47,30 @@ def test_module_without_prefetch_resolves_the_whole_model_once(monkeypatch: pyte
     resolved = [names.module(name) for name in linears]
     assert len(calls) == 1 and calls[0] > len(linears)
     assert resolved == [_one_call(model, name) for name in linears]
+
+
+def test_names_of_one_shape_are_resolved_from_two(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_moe("mixtral")
+    names = HubNames(model)
+    probes: list[int] = []
+    original = names._revert
+    monkeypatch.setattr(names, "_revert", lambda tensors: probes.append(len(tensors)) or original(tensors))
+    wanted = [f"model.layers.{i}.mlp.experts.{e}.w1" for i in range(2) for e in range(50)]
+    names.prefetch(wanted)
+    assert probes == [2]  # one shape: two names asked, 98 filled in
+    assert names.module("model.layers.1.mlp.experts.47.w1") == "model.layers.1.block_sparse_moe.experts.47.w1"
+    assert names.module("model.layers.1.mlp.experts.47.w1") == _one_call(model, "model.layers.1.mlp.experts.47.w1")
+
+
+def test_a_shape_whose_numbers_change_is_resolved_name_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    names = HubNames(tiny_moe("qwen3_moe"))
+    asked: list[list[str]] = []
+
+    def shifted(tensors):  # a conversion that renumbers experts: no shared text can be learned
+        asked.append(list(tensors))
+        return {re.sub(r"experts\.(\d+)", lambda m: f"experts.{int(m[1]) + 1}", k): t for k, t in tensors.items()}
+
+    monkeypatch.setattr(names, "_revert", shifted)
+    names.prefetch([f"m.experts.{e}.up" for e in range(5)])
+    assert [len(a) for a in asked] == [2, 3]  # the first two, then the three others through the conversion
+    assert [names.module(f"m.experts.{e}.up") for e in range(5)] == [f"m.experts.{e + 1}.up" for e in range(5)]

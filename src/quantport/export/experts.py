@@ -25,10 +25,10 @@ from ..dialects.modelopt import fused_name, linear_suffix
 from ..formats.pieces import Piece
 from ..modules.quant_experts import ExpertsQuantizer
 from ..schemes import TensorSpec
-from .expert_tensors import expert_chunks, quantized_experts
+from .expert_tensors import expert_chunks, expert_runs, quantized_experts
 from .shards import OneSlotCache, PlannedTensor
 
-__all__ = ["all_expert_tensors", "expert_plan", "expert_tensors_lookup", "replaced_parameters"]
+__all__ = ["all_expert_tensors", "expert_plan", "expert_tensors_lookup", "per_expert_plan", "replaced_parameters"]
 
 _PROJECTIONS = ("gate", "up", "down")
 
@@ -84,16 +84,36 @@ def expert_projection_names(quantizer: ExpertsQuantizer, names: HubNames) -> lis
     return [(e, projection, names.module(module)) for e, projection, module in modules]
 
 
-def _per_expert_plan(quantizer: ExpertsQuantizer, names: HubNames, cache: OneSlotCache) -> list[PlannedTensor]:
+def per_expert_plan(
+    quantizer: ExpertsQuantizer,
+    names: HubNames,
+    cache: OneSlotCache,
+    specs: dict[str, dict[Piece, TensorSpec]],
+    suffix: Callable[[Piece], str],
+) -> list[PlannedTensor]:
+    """``<prefix>.<suffix(piece)>`` for every piece of ``specs[projection]`` of every expert projection, each
+    computed alone or (where neighbours in a shard) with its chunk of experts in one :class:`TensorRun`."""
     expert_tensors = expert_tensors_lookup(quantizer, cache)
-    specs = {projection: _specs(quantizer, projection) for projection in _PROJECTIONS}
-    return [
-        PlannedTensor(
-            f"{prefix}.{linear_suffix(piece)}", spec, lambda e=expert, p=projection, q=piece: expert_tensors(e)[p][q]
-        )
+    planned = [
+        (f"{prefix}.{suffix(piece)}", spec, (expert, projection, piece))
         for expert, projection, prefix in expert_projection_names(quantizer, names)
         for piece, spec in specs[projection].items()
     ]
+    runs = expert_runs(quantizer, cache, {name: key for name, _, key in planned})
+    return [
+        PlannedTensor(
+            name,
+            spec,
+            lambda e=e, p=p, q=q, shape=spec.shape: expert_tensors(e)[p][q].reshape(shape),
+            run=runs[e],
+        )
+        for name, spec, (e, p, q) in planned
+    ]
+
+
+def _per_expert_plan(quantizer: ExpertsQuantizer, names: HubNames, cache: OneSlotCache) -> list[PlannedTensor]:
+    specs = {projection: _specs(quantizer, projection) for projection in _PROJECTIONS}
+    return per_expert_plan(quantizer, names, cache, specs, linear_suffix)
 
 
 def _fused_tensors(quantizer: ExpertsQuantizer) -> dict[str, dict[Piece, torch.Tensor]]:

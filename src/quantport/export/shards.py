@@ -27,7 +27,7 @@ import re
 import struct
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +47,7 @@ __all__ = [
     "OneSlotCache",
     "PlannedTensor",
     "ShardSelection",
+    "TensorRun",
     "natural_order",
     "write_json",
     "write_sharded_safetensors",
@@ -109,18 +110,34 @@ class OneSlotCache:
         return slot.value
 
 
+@dataclass(frozen=True, eq=False)
+class TensorRun:
+    """Planned tensors computed together (e.g. a chunk of experts' weights and scales).
+
+    ``compute(names)`` returns the bytes of the named tensors, in the order given, back to back: one flat
+    uint8 tensor on their device. Where such tensors are next to each other in a shard, the writer asks for
+    them in one call instead of one tensor at a time: on a GPU each tensor costs several operator calls and
+    a hand-off between threads, tens of thousands of times per checkpoint (issue 17).
+    """
+
+    compute: Callable[[Sequence[str]], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class PlannedTensor:
     """A tensor to write: its name, its spec, and how to compute it (called once, when written).
 
     ``borrowed``: ``compute`` returns a tensor the model already holds (an unquantized parameter), so
     queueing it for the writer costs no memory unless its bytes had to be copied (e.g. off the GPU).
+    ``run``: the :class:`TensorRun` that computes this tensor together with its neighbours (``compute`` is
+    then used only where the tensor is alone in its shard).
     """
 
     name: str
     spec: TensorSpec
     compute: Callable[[], torch.Tensor]
     borrowed: bool = False
+    run: TensorRun | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,30 +260,64 @@ def _queue_tensors(
     bar,
     stop: threading.Event,
 ) -> None:
-    """Compute each tensor and queue it for the writer; small tensors go in groups (:mod:`.small_tensors`)."""
+    """Compute each tensor, or each run of neighbours (:class:`TensorRun`), and queue it for the writer;
+    other small tensors go in groups (:mod:`.small_tensors`)."""
     since_release = 0
     group = SmallTensorGroup()
-    for entry in entries:
+    start = 0
+    while start < len(entries):
         if stop.is_set():
             raise _Stopped
-        tensor = entry.compute()
-        data = _tensor_bytes(tensor, entry)
-        written = WrittenTensor(entry.name, SAFETENSORS_DTYPES[entry.spec.dtype], tensor.numel())
-        if group.accepts(data):
-            group.add(written, data)
-            if group.full:
-                queue.submit_group(group)
-        else:
+        entry = entries[start]
+        end = _run_end(entries, start)
+        if end - start > 1:
             if group:
                 queue.submit_group(group)
-            queue.submit([written], data, 0 if entry.borrowed and _same_storage(data, tensor) else data.numel())
-        since_release += entry.spec.nbytes
+            nbytes = _queue_run(entries[start:end], queue)
+        else:
+            tensor = entry.compute()
+            data = _tensor_bytes(tensor, entry)
+            written = WrittenTensor(entry.name, SAFETENSORS_DTYPES[entry.spec.dtype], tensor.numel())
+            if group.accepts(data):
+                group.add(written, data)
+                if group.full:
+                    queue.submit_group(group)
+            else:
+                if group:
+                    queue.submit_group(group)
+                queue.submit([written], data, 0 if entry.borrowed and _same_storage(data, tensor) else data.numel())
+            nbytes = entry.spec.nbytes
+        start = end
+        since_release += nbytes
         if since_release >= RELEASE_BYTES:
             release()
             since_release = 0
-        bar.update(entry.spec.nbytes)
+        bar.update(nbytes)
     if group:
         queue.submit_group(group)
+
+
+def _run_end(entries: list[PlannedTensor], start: int) -> int:
+    """One past the last of the consecutive entries from ``start`` computed by the same run."""
+    run, end = entries[start].run, start + 1
+    if run is not None:
+        while end < len(entries) and entries[end].run is run:
+            end += 1
+    return end
+
+
+def _queue_run(entries: list[PlannedTensor], queue: _WriterQueue) -> int:
+    """Compute a run of neighbours in one call and queue their bytes as one piece; returns its size."""
+    data = entries[0].run.compute([e.name for e in entries])
+    nbytes = sum(e.spec.nbytes for e in entries)
+    assert data.dtype == torch.uint8 and data.dim() == 1 and data.numel() == nbytes, (
+        f"{entries[0].name}..{entries[-1].name}: run computed {data.dtype} {tuple(data.shape)}, planned {nbytes} bytes"
+    )
+    written = [
+        WrittenTensor(e.name, SAFETENSORS_DTYPES[e.spec.dtype], e.spec.nbytes // e.spec.dtype.itemsize) for e in entries
+    ]
+    queue.submit(written, data, nbytes)
+    return nbytes
 
 
 def direct_policy(shard_bytes: int) -> DirectPolicy:

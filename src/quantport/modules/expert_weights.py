@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..arch.experts import ExpertScales, MoEBlock
-from ..schemes import SchemeCodec, quantizes_stacks
+from ..schemes import QuantizedPieces, SchemeCodec, quantizes_stacks
 
 __all__ = [
     "STACK_BYTES",
@@ -23,6 +23,7 @@ __all__ = [
     "expert_weight_amax",
     "oriented_expert_weights",
     "quantize_expert_range",
+    "quantize_expert_stacks",
 ]
 
 STACK_BYTES = 64 << 20
@@ -96,16 +97,47 @@ def quantize_expert_range(
         ]
     index = slice(experts.start, experts.stop) if len(experts) > 1 else experts.start
     out: list[dict[str, dict[str, torch.Tensor]]] = [{} for _ in experts]
-    for name, weight in oriented_expert_weights(block, index).items():
-        projection = "down" if name == "down" else "gate_up"
-        tensors = codec.quantize_weight(weight, weight_amax[projection][index])
-        scale = None if input_scales is None else input_scales[projection]
-        if scale is not None:
-            tensors = tensors.with_input_scale(scale[index])
+    for name, tensors in _quantized_projections(block, codec, weight_amax, index, input_scales).items():
         if device is not None:
             tensors = tensors.map(lambda v: v.to(device))
         for i in range(len(experts)):
             out[i][name] = {k: v[i] for k, v in tensors.items()} if len(experts) > 1 else dict(tensors)
+    return out
+
+
+def quantize_expert_stacks(
+    block: MoEBlock,
+    codec: SchemeCodec,
+    weight_amax: dict[str, torch.Tensor],
+    experts: range,
+    input_scales: dict[str, torch.Tensor | None] | None = None,
+) -> dict[str, QuantizedPieces]:
+    """The tensors of :func:`quantize_expert_range` as stacks: projection -> pieces, each with a leading
+    expert dimension (one tensor per piece for the whole range: what the exporters gather in one copy).
+    Codecs without stacks quantize one expert at a time, stacked afterwards (the same values)."""
+    if quantizes_stacks(codec):
+        index = slice(experts.start, experts.stop)
+        return _quantized_projections(block, codec, weight_amax, index, input_scales)
+    per_expert = [quantize_expert_range(block, codec, weight_amax, range(e, e + 1), input_scales)[0] for e in experts]
+    return {
+        name: QuantizedPieces.of({piece: torch.stack([t[name][piece] for t in per_expert]) for piece in pieces})
+        for name, pieces in per_expert[0].items()
+    }
+
+
+def _quantized_projections(
+    block: MoEBlock,
+    codec: SchemeCodec,
+    weight_amax: dict[str, torch.Tensor],
+    index: int | slice,
+    input_scales: dict[str, torch.Tensor | None] | None,
+) -> dict[str, QuantizedPieces]:
+    out = {}
+    for name, weight in oriented_expert_weights(block, index).items():
+        projection = "down" if name == "down" else "gate_up"
+        tensors = codec.quantize_weight(weight, weight_amax[projection][index])
+        scale = None if input_scales is None else input_scales[projection]
+        out[name] = tensors if scale is None else tensors.with_input_scale(scale[index])
     return out
 
 

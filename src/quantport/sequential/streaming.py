@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..export.shards import PlannedTensor
+from ..export.shards import PlannedTensor, TensorRun
 from .layer_store import LayerStore
 
 __all__ = ["LayerStream"]
@@ -30,33 +30,45 @@ class LayerStream:
         self._ready = threading.Condition()
 
     def wrap(self, plan: list[PlannedTensor]) -> list[PlannedTensor]:
-        """``plan`` with each computation of a decoder layer's tensor wrapped in that layer's loading."""
-        wrapped = []
+        """``plan`` with each computation of a decoder layer's tensor (alone or in a run of neighbours) wrapped
+        in that layer's loading."""
+        wrapped, runs = [], {}
         for entry in plan:
             layer = self.store.layer_of(entry.name)
             if layer is None:
                 wrapped.append(entry)
                 continue
             self._left[layer] += 1
+            run = entry.run
+            if run is not None and id(run) not in runs:
+                runs[id(run)] = TensorRun(
+                    lambda names, layer=layer, compute=run.compute: self._compute(layer, compute, names)
+                )
             wrapped.append(
-                PlannedTensor(entry.name, entry.spec, self._computing(layer, entry.compute), borrowed=entry.borrowed)
+                PlannedTensor(
+                    entry.name,
+                    entry.spec,
+                    lambda layer=layer, compute=entry.compute, name=entry.name: self._compute(
+                        layer, lambda _: compute(), [name]
+                    ),
+                    borrowed=entry.borrowed,
+                    run=None if run is None else runs[id(run)],
+                )
             )
         return wrapped
 
-    def _computing(self, layer: int, compute: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-        def run() -> torch.Tensor:
-            with self._ready:
-                self._ready.wait_for(lambda: layer in self.store.loaded or len(self.store.loaded) < self.capacity)
-                self.store.load(layer)
-            tensor = compute()
-            with self._ready:
-                self._left[layer] -= 1
-                if not self._left[layer]:
-                    self.store.free(layer)
-                    self._ready.notify_all()
-            return tensor
-
-        return run
+    def _compute(self, layer: int, compute: Callable[[list[str]], torch.Tensor], names: list[str]) -> torch.Tensor:
+        """``compute(names)`` with ``layer`` loaded; the layer is freed once all its tensors are computed."""
+        with self._ready:
+            self._ready.wait_for(lambda: layer in self.store.loaded or len(self.store.loaded) < self.capacity)
+            self.store.load(layer)
+        tensor = compute(names)
+        with self._ready:
+            self._left[layer] -= len(names)
+            if not self._left[layer]:
+                self.store.free(layer)
+                self._ready.notify_all()
+        return tensor
 
     def close(self) -> None:
         """Drop every layer still loaded (after an interrupted export)."""

@@ -21,7 +21,7 @@ from ...formats.pieces import Piece
 from ...modules.expert_weights import oriented_expert_weights
 from ...modules.quant_experts import ExpertsQuantizer
 from ...schemes import TensorSpec
-from ..experts import expert_projection_names, expert_tensors_lookup, replaced_parameters
+from ..experts import per_expert_plan, replaced_parameters
 from ..shards import OneSlotCache, PlannedTensor
 from .base import UnsupportedFormatError
 
@@ -56,16 +56,5 @@ def ct_expert_plan(
     """(every exported tensor of one quantized experts module, the model parameters it replaces)."""
     _check_layout(quantizer)
 
-    expert_tensors = expert_tensors_lookup(quantizer, cache)
-
     specs = {projection: _specs(quantizer, projection) for projection in _PROJECTIONS}
-    plan = [
-        PlannedTensor(
-            f"{prefix}.{row.suffix(piece)}",
-            spec,
-            lambda e=expert, p=projection, q=piece, shape=spec.shape: expert_tensors(e)[p][q].reshape(shape),
-        )
-        for expert, projection, prefix in expert_projection_names(quantizer, names)
-        for piece, spec in specs[projection].items()
-    ]
-    return plan, replaced_parameters(quantizer)
+    return per_expert_plan(quantizer, names, cache, specs, row.suffix), replaced_parameters(quantizer)
