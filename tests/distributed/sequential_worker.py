@@ -39,6 +39,7 @@ shards = importlib.import_module("quantport.export.shards")
 
 SEQUENTIAL_CASES = {
     **CASES,
+    "dense-w4a16": ("llama", "w4a16", {}, 5),  # weight-only: no forward, no statistics to reduce
     # each layer calibrated on the simulated quantized outputs of the one before (reduced statistics first)
     "moe-nvfp4-propagate-quantized": ("qwen3_moe", "nvfp4", {"propagate": "quantized"}, 5),
 }

@@ -21,7 +21,7 @@ from rank_launch import SEQUENTIAL_WORKER, run_plain, run_ranks
 from sequential_checkpoints import differences
 from tiny_models import TINY_MODELS
 
-DENSE = ["dense-fp8-kv", "dense-nvfp4", "dense-w4a16-kv", "dense-fp8-two-batches"]
+DENSE = ["dense-fp8-kv", "dense-nvfp4", "dense-w4a16-kv", "dense-w4a16", "dense-fp8-two-batches"]
 MOE = ["moe-fp8", "moe-nvfp4", "moe-w4a16-nvfp4", "moe-nvfp4-propagate-quantized"]
 SHARD_SIZE = "64KB"
 

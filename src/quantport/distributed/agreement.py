@@ -5,7 +5,9 @@ Each function is a no-op (or the plain call) outside a distributed run, so that 
 
 Every rank passes the same votes in the same order: ``quantize`` votes on the automatic batch size (when
 asked for), after calibration (before the statistics are reduced) and at its end; ``export`` votes when rank
-0 has staged the checkpoint (the others have waited) and once it is renamed into place. A rank that raises
+0 has staged the checkpoint (the others have waited) and once it is renamed into place. A model opened layer by
+layer adds votes: after the layer inputs are captured and after each decoder layer (:mod:`.layers`), and three
+in ``export``, where every rank writes its share of the shards (:mod:`.shard_writers`). A rank that raises
 between two votes casts "failed" in place of the next one (:func:`failures_shared`), so the others learn it
 there and all raise the same :class:`~quantport.errors.DistributedRunError`.
 """
