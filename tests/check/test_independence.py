@@ -17,9 +17,10 @@ ALLOWED_OUTSIDE = (
     "quantport.check",
     "quantport.read",
     "quantport.errors",
+    "quantport.memory.gc_pause",
 )
 """Pure numerics and their descriptors, the dialects' vocabularies, model-family and engine descriptors (data), the
-shared file reader and the error classes."""
+shared file reader, the error classes and the garbage-collector pause (no numerics)."""
 SOURCES = sorted(Path(quantport.check.__file__).parent.rglob("*.py")) + [
     Path(quantport.check.__file__).parents[1] / "inspect_checkpoint.py"
 ]

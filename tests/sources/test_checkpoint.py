@@ -12,7 +12,16 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from quantport.errors import QuantportError
-from quantport.sources import SourceError, SourceFormat, TensorInfo, UnknownTensorError, WeightSource, open_source
+from quantport.sources import (
+    RowSource,
+    SourceError,
+    SourceFormat,
+    SyntheticSource,
+    TensorInfo,
+    UnknownTensorError,
+    WeightSource,
+    open_source,
+)
 from quantport.sources.shards import Shards
 from sources.published_layouts import (
     deepseek_config,
@@ -301,3 +310,48 @@ def test_reads_are_copies_that_do_not_map_the_shards(tmp_path):
             assert str(tmp_path) not in maps.read_text()
     for name, tensor in tensors.items():
         assert again[name].shape == tensor.shape and torch.equal(bits(again[name]), bits(tensor)), name
+
+
+def test_mxfp4_rows_are_the_same_rows_of_the_whole_tensor(mxfp4, monkeypatch):
+    directory, _ = mxfp4
+    ranges: list[tuple[str, tuple[int, int] | None]] = []
+    original_load = Shards.load
+
+    def load(self, name, device, rows=None):
+        ranges.append((name, rows))
+        return original_load(self, name, device, rows)
+
+    with open_source(directory) as source:
+        assert isinstance(source, RowSource) and not isinstance(SyntheticSource({}), RowSource)
+        name = "model.layers.1.mlp.experts.gate_up_proj"
+        whole = source.read([name], "cpu")[name]
+        monkeypatch.setattr(Shards, "load", load)
+        for start, stop in [(0, 1), (1, 3), (3, 4), (2, 2)]:
+            rows = source.read_rows(name, start, stop, "cpu")
+            assert rows.dtype == whole.dtype and torch.equal(bits(rows), bits(whole[start:stop])), (start, stop)
+    assert ranges[:2] == [(name + "_blocks", (0, 1)), (name + "_scales", (0, 1))]  # only those rows' bytes
+
+
+def test_plain_and_fp8_3d_rows(tmp_path):
+    weight = torch.randn(4, 256, 128).to(torch.float8_e4m3fn)
+    scale = torch.rand(4, 2, 1) + 0.5
+    save_file(
+        {"e.weight": weight, "e.weight_scale_inv": scale, "p.w": torch.randn(5, 3, 2, dtype=torch.bfloat16)},
+        str(tmp_path / "model.safetensors"),
+    )
+    config = {"model_type": "llama", "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with open_source(tmp_path) as source:
+        for name in ("e.weight", "p.w"):
+            whole = source.read([name], "cpu")[name]
+            assert torch.equal(bits(source.read_rows(name, 1, 3, "cpu")), bits(whole[1:3])), name
+
+
+def test_rows_outside_the_tensor_or_of_a_2d_tensor_are_refused(mxfp4, fp8_divisible):
+    with open_source(mxfp4[0]) as source:
+        with pytest.raises(SourceError, match=r"rows 3:5 .* outside its 4 rows"):
+            source.read_rows("model.layers.1.mlp.experts.down_proj", 3, 5, "cpu")
+        with pytest.raises(UnknownTensorError):
+            source.read_rows("model.layers.1.mlp.experts.nothing", 0, 1, "cpu")
+    with open_source(fp8_divisible[0]) as source, pytest.raises(SourceError, match="3 or more dims"):
+        source.read_rows("model.layers.1.mlp.experts.0.down_proj.weight", 0, 1, "cpu")

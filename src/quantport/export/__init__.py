@@ -21,10 +21,11 @@ from ..distributed import (
     written_by_rank_zero,
 )
 from ..distributed.shard_writers import shards_written, staging_shared, writes_in_shares
+from ..memory.gc_pause import paused_gc
 from ..memory.mapped_weights import MappedWeights
 from ..state import QuantizationState, state_of
 from ..version import __version__
-from .content import CheckpointContent, planning
+from .content import CheckpointContent
 from .durable import os_error
 from .output_dir import OutputTarget, claim_output
 from .self_check import check_written, refuse_known_failure
@@ -146,7 +147,7 @@ def _write_share(
     """A rank other than 0 of a model opened layer by layer: its share of the shard files, into the staging
     directory rank 0 created (:mod:`quantport.distributed.shard_writers`); returns OUT's path."""
     share = staging_shared(None)
-    with planning():
+    with paused_gc():
         content = FORMAT_CONTENT[fmt](model, state)
     out = Path(getattr(out_dir, "path", out_dir))
     witness = None
@@ -227,7 +228,7 @@ def export(
         target.check_source(source)  # OUT is never the model directory or one of its parents
         # finding the memory-mapped weights reads /proc/self/smaps (~15 ms): done beside the first writes
         mapped = scan.submit(MappedWeights)
-        with planning():
+        with paused_gc():
             content = FORMAT_CONTENT[fmt](model, state)
         share = staging_shared(staging) if in_shares else None  # torchrun: which shards this rank writes
         selection = ShardSelection(share.writer, share.writers) if share is not None else ShardSelection()

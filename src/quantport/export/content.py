@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from .shards import PlannedTensor
 
-__all__ = ["CheckpointContent", "planning"]
+__all__ = ["CheckpointContent"]
 
 
 @dataclass(frozen=True)
@@ -21,17 +18,3 @@ class CheckpointContent:
     plan: list[PlannedTensor]
     quantization_config: dict[str, Any]
     side_files: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-@contextmanager
-def planning() -> Iterator[None]:
-    """Builds a plan without the garbage collector's full passes: a 30B MoE plan creates ~74,000 entries
-    (and their closures), which set off collections that walk every object the model holds; they took ~40% of
-    the plan's time and find nothing (the plan makes no reference cycles). Collection runs again after."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()

@@ -36,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import ExportError
+from ..memory.gc_pause import paused_gc
 from ..schemes import TensorSpec
 from ..sizes import parse_size
 from .checkpoint_file import CheckpointFile, DirectPolicy
@@ -182,10 +183,15 @@ def _tensor_bytes(tensor: torch.Tensor, entry: PlannedTensor) -> torch.Tensor:
     return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
+_DIGITS = re.compile(r"(\d+)")
+
+
 def natural_order(name: str) -> tuple[str | int, ...]:
     """Sort key reading digit runs as numbers: ``experts.2`` before ``experts.10``, so experts quantized
     in consecutive chunks are written chunk by chunk."""
-    return tuple(int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name)))
+    parts = _DIGITS.split(name)
+    parts[1::2] = map(int, parts[1::2])
+    return tuple(parts)
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -365,10 +371,11 @@ def write_sharded_safetensors(
     entries this process computes, in order (one entry for one: e.g. the layer reading of
     :class:`~quantport.sequential.streaming.LayerStream`, which must only count tensors that are computed).
     """
-    plan = sorted(plan, key=lambda e: natural_order(e.name))
-    names = [e.name for e in plan]
-    assert len(set(names)) == len(names), "duplicate tensor names in export plan"
-    shards = _split(plan, parse_size(max_shard_size))
+    with paused_gc():
+        plan = sorted(plan, key=lambda e: natural_order(e.name))
+        names = [e.name for e in plan]
+        assert len(set(names)) == len(names), "duplicate tensor names in export plan"
+        shards = _split(plan, parse_size(max_shard_size))
     files = (
         [SINGLE_FILE]
         if len(shards) == 1

@@ -3,7 +3,10 @@
 A checkpoint's tensors reach a model through transformers' conversion mapping (renamed keys, per-expert
 weights fused into 3-D parameters, ``keep_in_fp32`` modules): :class:`LayerStore` runs exactly that code,
 ``convert_and_load_state_dict_in_model``, on one layer's checkpoint tensors at a time, so a layer holds the
-same values as in a model ``from_pretrained`` loaded whole. Freeing a layer puts its tensors back on the
+same values as in a model ``from_pretrained`` loaded whole. The one exception is the fused experts of a MoE
+layer: transformers would stack every expert's tensors into them while the per-expert tensors are alive (twice
+the layer); :mod:`.expert_fill` allocates them once and fills them expert by expert, to the same bytes, so a
+layer loads in its own size plus one tensor's temporaries. Freeing a layer puts its tensors back on the
 meta device; modules keep their identity, so quantization records attached to them survive.
 """
 
@@ -20,7 +23,8 @@ from torch import nn
 from ..arch.hub_names import HubNames
 from ..errors import MissingWeightsError
 from ..loading import quiet_transformers_loading
-from ..sources.base import WeightSource
+from ..sources.base import RowSource, WeightSource
+from .expert_fill import expert_layouts, fill_experts, plan_expert_reads
 from .skeleton import Skeleton
 
 __all__ = ["LayerStore"]
@@ -68,6 +72,7 @@ class LayerStore:
             names.module(skeleton.layer_name(i)).rpartition(".")[0] + "." for i in range(len(skeleton.layers))
         }
         self._keys = self._keys_by_layer()
+        self._expert_layouts = expert_layouts(model)
         self._lock = threading.Lock()
         self.loaded: set[int] = set()
 
@@ -77,6 +82,10 @@ class LayerStore:
         stem = next((s for s in self._stems if checkpoint_name.startswith(s)), None)
         number = checkpoint_name[len(stem) :].split(".", 1)[0] if stem else ""
         return int(number) if number.isdigit() else None
+
+    def checkpoint_names(self, index: int | None) -> list[str]:
+        """The checkpoint (source) names read for decoder layer ``index`` (None: the resident rest)."""
+        return list(self._keys.get(index, []))
 
     def _keys_by_layer(self) -> dict[int | None, list[str]]:
         """Checkpoint names per decoder layer (None: the resident rest), by the model key transformers' loading
@@ -107,10 +116,15 @@ class LayerStore:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
 
         model = self.skeleton.model
-        state = self.source.read(keys, self.device)
+        mapping = self._config.weight_mapping or []
+        rows = isinstance(self.source, RowSource)
+        reads = plan_expert_reads(keys, model, mapping, self._expert_layouts, rows=rows)
+        filled = fill_experts(reads, model, self.source, self.device, self._dtype_of)
+        state = self.source.read(reads.rest, self.device)
         with quiet_transformers_loading(progress=False):
             info, _ = convert_and_load_state_dict_in_model(model, state, self._config)
-        expected = {k for k, _ in model.named_parameters() if module_prefix and k.startswith(module_prefix)}
+        del state
+        expected = {k for k, _ in model.named_parameters() if module_prefix and k.startswith(module_prefix)} - filled
         missing = sorted(k for k in info.missing_keys if k in expected)
         if missing or info.mismatched_keys:
             shown = ", ".join(missing[:5]) or ", ".join(f"{k} {a}!={b}" for k, a, b in list(info.mismatched_keys)[:5])
@@ -118,6 +132,19 @@ class LayerStore:
                 f"the checkpoint does not give {module_prefix or 'the model'} all its weights ({shown}); "
                 "it does not belong to this config"
             )
+
+    def _dtype_of(self, parameter: str) -> torch.dtype:
+        """The dtype transformers' loading gives ``parameter``: its dtype plan's (e.g. ``keep_in_fp32``) where one
+        matches, else the skeleton's parameter dtype."""
+        from transformers.core_model_loading import build_glob_alternation
+
+        plan = self._config.dtype_plan or {}
+        if plan:
+            alternation, by_group, _ = build_glob_alternation(list(plan))
+            match = alternation.search(parameter)
+            if match is not None:
+                return plan[by_group[match.lastgroup]]
+        return self.skeleton.model.get_parameter(parameter).dtype
 
     def load_resident(self) -> None:
         """Everything outside the decoder layers: embeddings, final norm, output head, rotary embedding."""

@@ -6,12 +6,13 @@
 
 from __future__ import annotations
 
-from .base import SourceError, SourceFormat, TensorInfo, UnknownTensorError, WeightSource
+from .base import RowSource, SourceError, SourceFormat, TensorInfo, UnknownTensorError, WeightSource
 from .checkpoint import SafetensorsSource, open_source
 from .dequant import dequantize_fp8_block, dequantize_mxfp4
 from .synthetic import SyntheticSource, is_fp8_linear_weight, model_tensor_infos
 
 __all__ = [
+    "RowSource",
     "SafetensorsSource",
     "SourceError",
     "SourceFormat",

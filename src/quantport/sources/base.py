@@ -18,6 +18,7 @@ import torch
 from ..errors import QuantportError
 
 __all__ = [
+    "RowSource",
     "SourceError",
     "SourceFormat",
     "TensorInfo",
@@ -75,6 +76,17 @@ class WeightSource(Protocol):
 
     def close(self) -> None:
         """Release open files (reading after ``close`` reopens them)."""
+        ...
+
+
+@runtime_checkable
+class RowSource(Protocol):
+    """A source that reads part of a logical tensor: rows along its first dimension (e.g. a few experts of a
+    fused ``[E, ...]`` experts tensor), so that a large tensor can be filled into its parameter piece by piece."""
+
+    def read_rows(self, name: str, start: int, stop: int, device: torch.device | str) -> torch.Tensor:
+        """``tensor[start:stop]`` of the logical tensor ``name`` (at least 3-D) on ``device``, dequantized there;
+        equal to the same rows of :meth:`WeightSource.read`'s tensor."""
         ...
 
 

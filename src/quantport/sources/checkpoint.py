@@ -198,6 +198,22 @@ class SafetensorsSource:
             del parts
         return out
 
+    def read_rows(self, name: str, start: int, stop: int, device: torch.device | str) -> torch.Tensor:
+        """Rows ``start:stop`` (first dimension) of the logical tensor ``name``, which must have at least 3
+        dimensions (experts first): only those rows' bytes are read, and only they are dequantized."""
+        info = self._infos.get(name)
+        if info is None:
+            raise unknown_names_error([name], self._infos, str(self.directory))
+        if len(info.shape) < 3:
+            raise SourceError(f"{name!r} has shape {list(info.shape)}: rows are read from tensors of 3 or more dims")
+        target = torch.device(device)
+        parts = [self._shards.load(part, target, rows=(start, stop)) for part in self._parts[name]]
+        if len(parts) == 1:
+            return parts[0]
+        if self.format is SourceFormat.FP8_BLOCK:
+            return dequantize_fp8_block(parts[0], parts[1], self.dtype, self.block_size)
+        return dequantize_mxfp4(parts[0], parts[1], self.dtype)
+
     def close(self) -> None:
         self._shards.close()
 

@@ -101,16 +101,20 @@ class Shards:
                 handle.close()
             return fd
 
-    def load(self, name: str, device: torch.device) -> torch.Tensor:
-        """One stored tensor, as stored, on ``device`` (read on the host, then copied)."""
+    def load(self, name: str, device: torch.device, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """One stored tensor, as stored, on ``device`` (read on the host, then copied); ``rows = (start, stop)``
+        reads only ``tensor[start:stop]`` (along the first dimension: a contiguous byte range)."""
         stored = self.stored[name]
         dtype = torch_dtype_of(stored)
         begin, end = stored.offsets
+        shape = stored.shape
+        if rows is not None:
+            begin, end, shape = _row_range(stored, rows)
         gpu = device.type == "cuda"
         buffer = torch.empty(end - begin, dtype=torch.uint8, pin_memory=gpu)
         if end > begin:
             _read_exactly(self._descriptor(stored.file), buffer, self._data_start[stored.file] + begin, stored)
-        tensor = buffer.view(dtype).reshape(stored.shape)
+        tensor = buffer.view(dtype).reshape(shape)
         if device.type == "cpu":
             return tensor
         return tensor.to(device, non_blocking=gpu)
@@ -120,6 +124,17 @@ class Shards:
             for fd in self._descriptors.values():
                 os.close(fd)
             self._descriptors.clear()
+
+
+def _row_range(stored: StoredTensor, rows: tuple[int, int]) -> tuple[int, int, tuple[int, ...]]:
+    """Byte offsets and shape of ``stored[start:stop]`` (rows along the first dimension)."""
+    start, stop = rows
+    count = stored.shape[0] if stored.shape else 0
+    if not 0 <= start <= stop <= count:
+        raise SourceError(f"rows {start}:{stop} of tensor {stored.name!r} are outside its {count} rows")
+    begin, end = stored.offsets
+    row_bytes = (end - begin) // count if count else 0
+    return begin + start * row_bytes, begin + stop * row_bytes, (stop - start, *stored.shape[1:])
 
 
 def _read_exactly(fd: int, buffer: torch.Tensor, offset: int, stored: StoredTensor) -> None:
