@@ -11,6 +11,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 WORKER = Path(__file__).resolve().parent / "distributed" / "rank_worker.py"
+SEQUENTIAL_WORKER = WORKER.with_name("sequential_worker.py")
 
 
 @dataclass(frozen=True)

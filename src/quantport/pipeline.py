@@ -241,17 +241,15 @@ def _quantize_layer_by_layer(
     """A model opened with :func:`quantport.sequential.open_layer_by_layer`: one decoder layer at a time."""
     from .sequential.calibrate import Propagation, quantize_layer_by_layer
 
-    if in_distributed_run():
-        raise InvalidArgumentError(
-            "layer by layer (--sequential) does not run under torchrun yet; launch it as one process"
-        )
+    if in_distributed_run() and options.get("resume_dir") is not None:
+        raise InvalidArgumentError("--resume does not run under torchrun yet; launch it as one process")
     if algorithm.algorithm is not Algorithm.MAX:
         raise InvalidArgumentError(
             f"--algorithm {algorithm.algorithm.value} does not run layer by layer yet; use --algorithm max "
             "with --sequential, or quantize the model whole"
         )
     forward = _needs_forward(codec, state, False, blocks, calib_data)
-    batches = _calibration_data(model, calib_data, options, whole=False) if forward else None
+    batches = rank_share(_calibration_data(model, calib_data, options, whole=False)) if forward else None  # torchrun
     experts = quantize_layer_by_layer(
         model,
         store,

@@ -51,3 +51,23 @@ def test_rank_zero_refusing_out_stops_every_rank(tmp_path: Path):
     assert "exists and is not empty; choose another path or pass --overwrite" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert tree_bytes(out) == {"keep.txt": b"mine"}
+
+
+def test_torchrun_layer_by_layer_ranks_write_the_bytes_of_one_process(tmp_path: Path):
+    """``--sequential``: each rank calibrates its batches layer by layer and writes its share of the shards."""
+    from sequential_checkpoints import differences
+
+    args = ["--sequential", "--max-shard-size", "200KB", "--recipe", "nvfp4"]
+    plain = run_plain([*_quantize(tmp_path / "plain"), *args])
+    assert plain.returncode == 0, plain.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run(
+        [*torchrun, *_quantize(tmp_path / "ranks"), *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("path             : layer-by-layer (--sequential)") == 1  # rank 0's summary
+    assert "calibration      : 192 tokens" in done.stdout
+    assert len(list((tmp_path / "plain").glob("model-*.safetensors"))) == 2  # one shard file per rank
+    assert differences(tmp_path / "plain", tmp_path / "ranks") == []  # all but the report's memory peaks
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain", "ranks"]

@@ -3,7 +3,10 @@
 Every rank loads the whole model and calibrates its share of the batches (:mod:`.batches`); the statistics
 are then reduced over all ranks (:mod:`.model_statistics`, :mod:`.statistics`), so every rank holds what one
 process would have computed over all batches; rank 0 writes the checkpoint and renames it into place once
-every rank voted that it succeeded (:mod:`.agreement`, :mod:`.session`). Outside a distributed run every
+every rank voted that it succeeded (:mod:`.agreement`, :mod:`.session`). A model opened layer by layer
+(``--sequential``) keeps only its share of the batches' hidden states, reduces each decoder layer's
+statistics before the next layer (:mod:`.layers`), and every rank writes its share of the shard files
+(:mod:`.shard_writers`). Outside a distributed run every
 function here is a no-op, so the pipeline, ``export`` and the CLI call them unconditionally.
 """
 
@@ -13,6 +16,7 @@ from .agreement import (
     agreed_batch_size,
     all_ranks_agree,
     commit_when_all_agree,
+    committed_by_rank_zero,
     distributed_command,
     failures_shared,
     in_distributed_run,
@@ -21,6 +25,7 @@ from .agreement import (
     written_by_rank_zero,
 )
 from .batches import RankShare, rank_share
+from .layers import agree_on_layer, agreed_tokens
 from .model_statistics import agree_on_statistics
 from .session import RankSession, close_session, current_session, launched_by_torchrun, rank_device
 from .statistics import Statistics, reduce_statistics
@@ -29,11 +34,14 @@ __all__ = [
     "RankSession",
     "RankShare",
     "Statistics",
+    "agree_on_layer",
     "agree_on_statistics",
     "agreed_batch_size",
+    "agreed_tokens",
     "all_ranks_agree",
     "close_session",
     "commit_when_all_agree",
+    "committed_by_rank_zero",
     "current_session",
     "distributed_command",
     "failures_shared",

@@ -5,7 +5,9 @@ Each function is a no-op (or the plain call) outside a distributed run, so that 
 
 Every rank passes the same votes in the same order: ``quantize`` votes on the automatic batch size (when
 asked for), after calibration (before the statistics are reduced) and at its end; ``export`` votes when rank
-0 has staged the checkpoint (the others have waited) and once it is renamed into place. A rank that raises
+0 has staged the checkpoint (the others have waited) and once it is renamed into place. A model opened layer by
+layer adds votes: after the layer inputs are captured and after each decoder layer (:mod:`.layers`), and three
+in ``export``, where every rank writes its share of the shards (:mod:`.shard_writers`). A rank that raises
 between two votes casts "failed" in place of the next one (:func:`failures_shared`), so the others learn it
 there and all raise the same :class:`~quantport.errors.DistributedRunError`.
 """
@@ -30,6 +32,7 @@ __all__ = [
     "agreed_batch_size",
     "all_ranks_agree",
     "commit_when_all_agree",
+    "committed_by_rank_zero",
     "distributed_command",
     "failures_shared",
     "in_distributed_run",
@@ -111,23 +114,34 @@ def _out_path(out_dir: Any) -> Path:
 
 def written_by_rank_zero(function: F) -> F:
     """Decorate ``export(model, out_dir, ...)``: rank 0 runs it; the other ranks write nothing, pass the same two
-    votes as rank 0 (:func:`commit_when_all_agree`) and return OUT's path."""
+    votes as rank 0 (:func:`commit_when_all_agree`) and return OUT's path. A model opened layer by layer is
+    written by every rank, each its share of the shard files (:mod:`.shard_writers`): every rank runs it."""
     signature = inspect.signature(function)
 
     @functools.wraps(function)
     def run(*args: Any, **kwargs: Any) -> Any:
+        from .shard_writers import writes_in_shares
+
         session = current_session()
         if session is None:
             return function(*args, **kwargs)
-        if session.writes_checkpoint:
+        arguments = signature.bind(*args, **kwargs).arguments
+        if session.writes_checkpoint or writes_in_shares(arguments["model"]):
             with failures_shared(function.__name__):
                 return function(*args, **kwargs)
-        out = _out_path(signature.bind(*args, **kwargs).arguments["out_dir"])
-        session.agree("checkpoint staged")
-        session.agree("checkpoint renamed")
-        return out
+        return committed_by_rank_zero(arguments["out_dir"])
 
     return run  # type: ignore[return-value]
+
+
+def committed_by_rank_zero(out_dir: Any) -> Path:
+    """On a rank other than 0: the two votes of :func:`commit_when_all_agree` (rank 0 renames OUT into place);
+    returns OUT's path."""
+    session = current_session()
+    if session is not None:
+        session.agree("checkpoint staged")
+        session.agree("checkpoint renamed")
+    return _out_path(out_dir)
 
 
 def commit_when_all_agree(target: Any) -> Path:

@@ -4,22 +4,32 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from ..distributed import commit_when_all_agree, written_by_rank_zero
+from ..distributed import (
+    commit_when_all_agree,
+    committed_by_rank_zero,
+    failures_shared,
+    progress_here,
+    writes_checkpoint,
+    written_by_rank_zero,
+)
+from ..distributed.shard_writers import shards_written, staging_shared, writes_in_shares
 from ..memory.gc_pause import paused_gc
 from ..memory.mapped_weights import MappedWeights
 from ..state import QuantizationState, state_of
 from ..version import __version__
 from .content import CheckpointContent
+from .durable import os_error
 from .output_dir import OutputTarget, claim_output
 from .self_check import check_written, refuse_known_failure
-from .shards import write_json, write_sharded_safetensors
+from .shards import ShardSelection, write_json, write_sharded_safetensors
 from .targets import TARGETS, ExportFormat, check_exportable, default_format, parse_format, recipe_for_format
 from .unquantized import excluded_modules
 from .value_witness import ValueWitness
@@ -86,6 +96,71 @@ def _layer_stream(model: nn.Module):
     return LayerStream(store)
 
 
+def _write_tensors(
+    model: nn.Module,
+    content: CheckpointContent,
+    staging: Path,
+    selection: ShardSelection,
+    *,
+    max_shard_size: int | str,
+    progress: bool,
+    release: Callable[[], None] | None = None,
+) -> ValueWitness:
+    """The planned tensors' shard files of ``selection`` (all of them in one process) and the index; returns
+    the value tests run on their bytes. A model opened layer by layer reads each layer while its tensors are
+    written, one layer at a time."""
+    stream = _layer_stream(model)
+    witness = ValueWitness()  # the self-check's value tests, run on the bytes as they are written
+    try:
+        write_sharded_safetensors(
+            content.plan,
+            staging,
+            max_shard_size=max_shard_size,
+            progress=progress,
+            release=release,
+            shard_workers=None if stream is None else 1,  # one layer read at a time
+            witness=witness,
+            selection=selection,
+            wrap=None if stream is None else stream.wrap,
+        )
+    finally:
+        if stream is not None:
+            stream.close()
+    return witness
+
+
+@contextmanager
+def _writing_shards(out: Path, *, shared: bool) -> Iterator[None]:
+    """Around this rank's writes: an ``OSError`` becomes the :class:`~quantport.errors.OutputWriteError` that
+    :meth:`OutputTarget.writing` makes of it; ``shared`` (every rank writes shards into rank 0's staging
+    directory): a failure is voted here, so the other ranks have stopped writing before it is removed."""
+    with failures_shared("export") if shared else nullcontext():
+        try:
+            yield
+        except OSError as error:
+            raise os_error(f"cannot write the checkpoint to {out}", error) from error
+
+
+def _write_share(
+    model: nn.Module, state: QuantizationState, fmt: ExportFormat, out_dir: Any, max_shard_size: int | str
+) -> Path:
+    """A rank other than 0 of a model opened layer by layer: its share of the shard files, into the staging
+    directory rank 0 created (:mod:`quantport.distributed.shard_writers`); returns OUT's path."""
+    share = staging_shared(None)
+    with paused_gc():
+        content = FORMAT_CONTENT[fmt](model, state)
+    out = Path(getattr(out_dir, "path", out_dir))
+    witness = None
+    if share.writer < share.writers:
+        selection = ShardSelection(share.writer, share.writers)
+        with _writing_shards(out, shared=False):  # a failure: voted by the caller (written_by_rank_zero)
+            witness = _write_tensors(
+                model, content, share.staging, selection, max_shard_size=max_shard_size, progress=False
+            ).result()
+    shards_written(witness)
+    return committed_by_rank_zero(out_dir)
+
+
 def _report(state: QuantizationState, fmt: ExportFormat, exclude: list[str]) -> dict[str, Any]:
     return {
         "quantport_version": __version__,
@@ -108,7 +183,7 @@ def _report(state: QuantizationState, fmt: ExportFormat, exclude: list[str]) -> 
     }
 
 
-@written_by_rank_zero  # under torchrun: rank 0 writes, the others wait for it
+@written_by_rank_zero  # under torchrun: rank 0 writes (layer by layer: each rank its share of the shards)
 def export(
     model: nn.Module,
     out_dir: str | Path | OutputTarget,
@@ -144,6 +219,9 @@ def export(
     refuse_known_failure(
         model, state.recipe, fmt, experts_quantized=bool(state.experts), allow_check_errors=allow_check_errors
     )
+    in_shares = writes_in_shares(model)  # under torchrun, a model opened layer by layer
+    if not writes_checkpoint():  # under torchrun, a model opened layer by layer: this rank's share of the shards
+        return _write_share(model, state, fmt, out_dir, max_shard_size)
     source = _source_directory(model)
     target = out_dir if isinstance(out_dir, OutputTarget) else claim_output(out_dir, overwrite=overwrite, source=source)
     with target.writing() as staging, ThreadPoolExecutor(1) as scan:
@@ -152,30 +230,28 @@ def export(
         mapped = scan.submit(MappedWeights)
         with paused_gc():
             content = FORMAT_CONTENT[fmt](model, state)
-        stream = _layer_stream(model)
-        witness = ValueWitness()  # the self-check's value tests, run on the bytes as they are written
-        try:
-            write_sharded_safetensors(
-                content.plan if stream is None else stream.wrap(content.plan),
+        share = staging_shared(staging) if in_shares else None  # torchrun: which shards this rank writes
+        selection = ShardSelection(share.writer, share.writers) if share is not None else ShardSelection()
+        with _writing_shards(target.path, shared=in_shares):
+            witness = _write_tensors(
+                model,
+                content,
                 staging,
+                selection,
                 max_shard_size=max_shard_size,
-                progress=progress,
+                progress=progress_here(progress),
                 release=lambda: mapped.result().release_all(),  # drops the weights quantized so far
-                shard_workers=None if stream is None else 1,  # one layer read at a time
-                witness=witness,
             )
-        finally:
-            if stream is not None:
-                stream.close()
-        for name, data in content.side_files.items():
-            write_json(staging / name, data)
-        write_json(staging / "config.json", _config_dict(model, content.quantization_config))
-        write_json(staging / REPORT_FILE, _report(state, fmt, excluded_modules(model)))
-        generation_config = getattr(model, "generation_config", None)
-        if generation_config is not None:
-            generation_config.save_pretrained(staging)
-        _copy_tokenizer(model, staging, tokenizer)
+            for name, data in content.side_files.items():
+                write_json(staging / name, data)
+            write_json(staging / "config.json", _config_dict(model, content.quantization_config))
+            write_json(staging / REPORT_FILE, _report(state, fmt, excluded_modules(model)))
+            generation_config = getattr(model, "generation_config", None)
+            if generation_config is not None:
+                generation_config.save_pretrained(staging)
+            _copy_tokenizer(model, staging, tokenizer)
+        witnessed = shards_written(witness.result()) if share is not None else witness.result()
         target.drop_progress()  # a resumable run's saved calibration progress is not part of the checkpoint
         # self-check (2/2): quantport's checker on the staged files; an error leaves nothing at out_dir
-        check_written(staging, state.recipe.scheme, allow_check_errors=allow_check_errors, witnessed=witness.result())
+        check_written(staging, state.recipe.scheme, allow_check_errors=allow_check_errors, witnessed=witnessed)
     return commit_when_all_agree(target)  # fsync, then rename to out_dir as claimed (torchrun: once all ranks agree)

@@ -47,6 +47,7 @@ __all__ = [
     "DirectPolicy",
     "OneSlotCache",
     "PlannedTensor",
+    "ShardSelection",
     "TensorRun",
     "natural_order",
     "write_json",
@@ -138,6 +139,23 @@ class PlannedTensor:
     compute: Callable[[], torch.Tensor]
     borrowed: bool = False
     run: TensorRun | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ShardSelection:
+    """Which of the planned shard files this process writes, when several processes write one checkpoint
+    (:mod:`quantport.distributed.shard_writers`): shard ``i`` (in file order) by writer ``i % writers``; the
+    index by writer 0. A process whose ``writer`` is not below ``writers`` writes nothing. The default: all."""
+
+    writer: int = 0
+    writers: int = 1
+
+    def writes(self, shard: int) -> bool:
+        return shard % self.writers == self.writer
+
+    @property
+    def writes_index(self) -> bool:
+        return self.writer == 0
 
 
 def _header(entries: list[PlannedTensor]) -> bytes:
@@ -337,6 +355,8 @@ def write_sharded_safetensors(
     release: Callable[[], None] | None = None,
     shard_workers: int | None = None,
     witness: ValueWitness | None = None,
+    selection: ShardSelection | None = None,
+    wrap: Callable[[list[PlannedTensor]], list[PlannedTensor]] | None = None,
 ) -> list[str]:
     """Write ``plan`` as HF-style safetensors shards, in :func:`natural_order` of the names (the tensors of
     one module, and consecutive experts, are next to each other); returns the file names.
@@ -345,7 +365,11 @@ def write_sharded_safetensors(
     the memory-mapped weights already quantized there). ``shard_workers``: shards written at once
     (default :data:`SHARD_WORKERS`); if one fails, the others stop at their next tensor and the first error
     is raised. ``witness``: tests the values quantport's checker reads back, as they are written
-    (:mod:`.value_witness`), for the self-check that follows.
+    (:mod:`.value_witness`), for the self-check that follows. ``selection``: write only these shard files (and
+    the index only if it says so); the files and the index are those of the whole plan, so that processes
+    writing the shards of one plan between them write the files one process would. ``wrap``: applied to the
+    entries this process computes, in order (one entry for one: e.g. the layer reading of
+    :class:`~quantport.sequential.streaming.LayerStream`, which must only count tensors that are computed).
     """
     with paused_gc():
         plan = sorted(plan, key=lambda e: natural_order(e.name))
@@ -357,7 +381,13 @@ def write_sharded_safetensors(
         if len(shards) == 1
         else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     )
-    bar = tqdm(total=sum(e.spec.nbytes for e in plan), unit="B", unit_scale=True, desc="writing", disable=not progress)
+    selection = selection or ShardSelection()
+    chosen = [
+        (file, entries) for i, (file, entries) in enumerate(zip(files, shards, strict=True)) if selection.writes(i)
+    ]
+    mine = _wrapped([entries for _, entries in chosen], wrap)
+    total = sum(e.spec.nbytes for entries in mine for e in entries)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="writing", disable=not progress)
     release = _serialized(release or (lambda: None))
     stop = threading.Event()
     pinned = torch.cuda.is_available() and torch.cuda.is_initialized()  # tensors may come from a GPU
@@ -377,21 +407,37 @@ def write_sharded_safetensors(
             stop.set()
             raise
 
-    workers = max(1, min(len(shards), SHARD_WORKERS if shard_workers is None else shard_workers))
+    names_here = [file for file, _ in chosen]
+    workers = max(1, min(len(mine), SHARD_WORKERS if shard_workers is None else shard_workers))
     if workers == 1:
-        for file, entries in zip(files, shards, strict=True):
+        for file, entries in zip(names_here, mine, strict=True):
             write(file, entries)
     else:
-        _write_in_parallel(write, files, shards, workers, stop)
+        _write_in_parallel(write, names_here, mine, workers, stop)
     release()
     bar.close()
-    if len(shards) > 1:
+    if len(shards) > 1 and selection.writes_index:
         index = {
             "metadata": {"total_size": sum(e.spec.nbytes for e in plan)},
             "weight_map": {e.name: f for f, entries in zip(files, shards, strict=True) for e in entries},
         }
         (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return files
+
+
+def _wrapped(
+    shards: list[list[PlannedTensor]], wrap: Callable[[list[PlannedTensor]], list[PlannedTensor]] | None
+) -> list[list[PlannedTensor]]:
+    """``shards`` with ``wrap`` applied to their entries together, split back into the same shards."""
+    if wrap is None:
+        return shards
+    flat = wrap([entry for entries in shards for entry in entries])
+    out, start = [], 0
+    for entries in shards:
+        out.append(flat[start : start + len(entries)])
+        start += len(entries)
+    assert start == len(flat), "wrap must return one entry per entry"
+    return out
 
 
 def _serialized(release: Callable[[], None]) -> Callable[[], None]:

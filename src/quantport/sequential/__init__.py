@@ -5,6 +5,11 @@ needs (embeddings, final norm, output head), and keeps the source on the model;
 :func:`quantport.quantize` then reads, calibrates and drops one decoder layer at a time, and
 :func:`quantport.export` reads each layer again while its tensors are written. Every statistic and every
 exported byte is the same as for the model loaded whole (activations propagate unquantized).
+
+Under ``torchrun`` each rank opens the model the same way, keeps the hidden states of its own share of the
+calibration batches, and the statistics of each decoder layer are reduced over the ranks before the next
+layer; each rank then writes its share of the shard files (:mod:`quantport.distributed.layers`,
+:mod:`quantport.distributed.shard_writers`). The bytes are those of one process.
 """
 
 from __future__ import annotations

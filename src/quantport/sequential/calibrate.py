@@ -4,7 +4,9 @@ For each decoder layer: its tensors are read onto the device, its quantizers att
 the real weights), the cached hidden states of every calibration batch run through it in calibration mode
 (activations propagate unquantized, as in a whole-model forward, so every statistic is the same), its
 outputs become the next layer's inputs, and its tensors are dropped. The statistics stay on the modules
-(on the meta device otherwise); export reads each layer's weights again (:mod:`.streaming`).
+(on the meta device otherwise); export reads each layer's weights again (:mod:`.streaming`). Under torchrun
+each rank runs its own batches through the layer and the layer's statistics are reduced over the ranks
+(:func:`quantport.distributed.agree_on_layer`) before its outputs feed the next layer's calibration.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..arch.experts import MoEBlock
 from ..calibration_statistics import saved_weight_amax
+from ..distributed import agree_on_layer, agreed_tokens, in_distributed_run, progress_here
 from ..modules.quant_experts import ExpertsQuantizer, experts_quantizer_of
 from ..modules.quant_linear import QuantLinear, QuantMode
 from ..state import QuantizationState, set_mode
@@ -100,9 +103,16 @@ def quantize_layer_by_layer(
     experts = attach(outside_names, [b for b in blocks if not any(_in_layer(b.experts_name, p) for p in inside)])
     inputs = None
     if batches is not None:
-        inputs = capture_layer_inputs(model, skeleton.layers, batches, store.device, on_host=store.activations_on_host)
-        state.calibration_tokens = inputs.tokens
-        logger.info("calibration: %d tokens in %d batches", inputs.tokens, len(inputs.hidden))
+        inputs = capture_layer_inputs(
+            model,
+            skeleton.layers,
+            batches,
+            store.device,
+            on_host=store.activations_on_host,
+            empty_ok=in_distributed_run(),  # torchrun: a rank may have no batch (more ranks than batches)
+        )
+        state.calibration_tokens = agreed_tokens(inputs.tokens)  # torchrun: every rank's, summed
+        logger.info("calibration: %d tokens in %d batches here", inputs.tokens, len(inputs.hidden))
     saved = None
     if resume_dir is not None:
         tokens = (inputs.digest if inputs else "") + propagate.value
@@ -112,7 +122,7 @@ def quantize_layer_by_layer(
         logger.info("resuming after layer %d of %d (%s)", done - 1, len(skeleton.layers), resume_dir)
         if inputs is not None:
             inputs.hidden = [inputs.placed(h) for h in saved.hidden()]
-    bar = tqdm(range(len(skeleton.layers)), desc="layers", unit="layer", disable=not progress)
+    bar = tqdm(range(len(skeleton.layers)), desc="layers", unit="layer", disable=not progress_here(progress))
     for index in bar:
         prefix = inside[index]
         layer_names = [n for n in names if _in_layer(n, prefix)]
@@ -133,6 +143,7 @@ def quantize_layer_by_layer(
                 _run_layer(layer, index, inputs, store.device, keep=not quantized)
             finally:
                 set_mode(layer, QuantMode.OFF)
+            agree_on_layer(layer, index)  # torchrun: the layer's statistics reduced over every rank's batches
             if quantized:
                 finish_layer(prefix, attached)
                 _run_quantized(layer, index, inputs, store.device)

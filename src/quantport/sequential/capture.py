@@ -73,11 +73,18 @@ def _recorder(layer: int, last: bool, inputs: LayerInputs):
 
 @torch.no_grad()
 def capture_layer_inputs(
-    model: nn.Module, layers: nn.ModuleList, batches: Iterable[Any], device: torch.device, *, on_host: bool = False
+    model: nn.Module,
+    layers: nn.ModuleList,
+    batches: Iterable[Any],
+    device: torch.device,
+    *,
+    on_host: bool = False,
+    empty_ok: bool = False,
 ) -> LayerInputs:
     """Run ``batches`` through the model up to the first decoder layer (embeddings only: the layers are
     replaced by recorders) and keep each layer's call arguments. ``on_host``: keep the hidden states in
-    host memory between layers (for activations larger than the device's free memory)."""
+    host memory between layers (for activations larger than the device's free memory). ``empty_ok``: no
+    batch is not an error (a rank's empty share of a distributed run)."""
     language_model = getattr(model, "language_model", None)
     target = language_model if isinstance(language_model, nn.Module) else model
     inputs = LayerInputs(hidden=[], calls=[[] for _ in layers], on_host=on_host)
@@ -98,7 +105,7 @@ def capture_layer_inputs(
     finally:
         for layer in layers:
             layer.__dict__.pop("forward", None)
-    if not inputs.hidden:
+    if not inputs.hidden and not empty_ok:
         raise CalibrationDataError("calibration data is empty")
     inputs.digest = digest.hexdigest()
     return inputs
