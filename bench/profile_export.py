@@ -29,7 +29,7 @@ def main() -> None:  # noqa: C901
     import torch
 
     import quantport
-    from quantport.export import shards
+    from quantport.export import shard_queue, shards
     from quantport.loading import load_model
 
     de.prepare()
@@ -44,7 +44,7 @@ def main() -> None:  # noqa: C901
     events: list[tuple[str, float, float, int]] = []  # name, compute s, to-bytes s, rss after
     last: dict = {}
     totals = {"release_s": 0.0, "release_calls": 0}
-    orig_tensor_bytes = shards._tensor_bytes
+    orig_tensor_bytes = shard_queue._tensor_bytes
     orig_write = shards.write_sharded_safetensors
 
     def traced_write(plan, directory, **kw):
@@ -77,7 +77,7 @@ def main() -> None:  # noqa: C901
         events.append((name, compute_s, time.perf_counter() - t0, de.rss_bytes()))
         return mv
 
-    shards._tensor_bytes = traced_tensor_bytes
+    shard_queue._tensor_bytes = traced_tensor_bytes
     # write_sharded_safetensors is imported by name into the exporter modules: patch it everywhere.
     for mod in list(sys.modules.values()):
         if (

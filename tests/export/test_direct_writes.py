@@ -14,7 +14,8 @@ import torch
 
 from quantport.export import checkpoint_file, shards
 from quantport.export.checkpoint_file import ALIGNMENT, CheckpointFile, DirectPolicy, WriteMode, WriteRoute
-from quantport.export.shards import PlannedTensor, TensorSpec, direct_policy, write_sharded_safetensors
+from quantport.export.shards import PlannedTensor, direct_policy, write_sharded_safetensors
+from quantport.schemes import TensorSpec
 
 CHUNK = 2 * ALIGNMENT
 SHM = Path("/dev/shm")

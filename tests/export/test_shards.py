@@ -55,9 +55,9 @@ def test_planned_spec_is_enforced(tmp_path):
 
 
 def test_many_tensors_queued_for_the_writer_keep_their_order(tmp_path, monkeypatch):
-    from quantport.export import shards
+    from quantport.export import shard_queue
 
-    monkeypatch.setattr(shards, "IN_FLIGHT_BYTES", 1)  # every tensor waits: no reordering either way
+    monkeypatch.setattr(shard_queue, "IN_FLIGHT_BYTES", 1)  # every tensor waits: no reordering either way
     gen = torch.Generator().manual_seed(3)
     tensors = {
         f"t{i:03d}": torch.randint(0, 256, (int(n),), generator=gen, dtype=torch.uint8)
@@ -66,7 +66,7 @@ def test_many_tensors_queued_for_the_writer_keep_their_order(tmp_path, monkeypat
     write_sharded_safetensors(_plan(tensors), tmp_path, progress=False)
     loaded = load_file(tmp_path / "model.safetensors")
     assert all(torch.equal(loaded[name], tensor) for name, tensor in tensors.items())
-    monkeypatch.setattr(shards, "IN_FLIGHT_BYTES", 1 << 40)  # nothing waits until the end
+    monkeypatch.setattr(shard_queue, "IN_FLIGHT_BYTES", 1 << 40)  # nothing waits until the end
     (tmp_path / "all").mkdir()
     write_sharded_safetensors(_plan(tensors), tmp_path / "all", progress=False)
     loaded = load_file(tmp_path / "all" / "model.safetensors")

@@ -10,7 +10,8 @@ import torch
 
 from quantport.export import shards
 from quantport.export.output_dir import claim_output
-from quantport.export.shards import OneSlotCache, PlannedTensor, TensorSpec, write_sharded_safetensors
+from quantport.export.shards import OneSlotCache, PlannedTensor, write_sharded_safetensors
+from quantport.schemes import TensorSpec
 
 
 def _tensors() -> dict[str, torch.Tensor]:

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from quantport.export import checkpoint_file, small_tensors
-from quantport.export.shards import PlannedTensor, TensorSpec, write_sharded_safetensors
+from quantport.export.shards import PlannedTensor, write_sharded_safetensors
 from quantport.export.small_tensors import SmallTensorGroup
 from quantport.export.value_witness import ValueWitness, WrittenTensor
+from quantport.schemes import TensorSpec
 
 
 def _tensors(device: str = "cpu") -> dict[str, torch.Tensor]:
