@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from quantport.export.shards import PlannedTensor, TensorSpec, write_sharded_safetensors
+from quantport.export.shards import PlannedTensor, write_sharded_safetensors
+from quantport.schemes import TensorSpec
 
 gen = torch.Generator().manual_seed(0)
 tensors = {}
