@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from ..export.shards import PlannedTensor
+from .host_memory import release_freed_memory
 from .layer_store import LayerStore
 
 __all__ = ["LayerStream"]
@@ -51,9 +52,12 @@ class LayerStream:
             tensor = compute()
             with self._ready:
                 self._left[layer] -= 1
-                if not self._left[layer]:
+                freed = not self._left[layer]
+                if freed:
                     self.store.free(layer)
                     self._ready.notify_all()
+            if freed:
+                release_freed_memory()
             return tensor
 
         return run
