@@ -66,3 +66,40 @@ def test_layer_loops_release_memory_after_every_layer(tmp_path: Path, monkeypatc
     assert calls == ["bound"] + ["calibrate"] * layers
     quantport.export(sequential, tmp_path / "out", progress=False)
     assert calls[1 + layers :] == ["export"] * layers
+
+
+_SHAPES_CHILD = """
+import sys
+import torch
+from quantport.sequential.host_memory import bound_onednn_caches, release_freed_memory
+if sys.argv[1] == "capped":
+    bound_onednn_caches()
+def rss():
+    release_freed_memory()
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1])
+weight = torch.randn(256, 256, dtype=torch.bfloat16)
+torch.nn.functional.linear(torch.randn(3, 256, dtype=torch.bfloat16), weight)
+before = rss()
+for rows in range(1, 400):  # a new shape each time, as an MoE layer's experts see
+    torch.nn.functional.linear(torch.randn(rows, 256, dtype=torch.bfloat16), weight)
+print((rss() - before) * 4096)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_capped_onednn_caches_do_not_grow_with_new_shapes(tmp_path: Path) -> None:
+    """The bug: every new bf16 product shape kept a compiled oneDNN primitive, up to 2 x 1,024 of them."""
+    import subprocess
+
+    grown = {}
+    for run in ("default", "capped"):
+        env = {k: v for k, v in os.environ.items() if k not in host_memory.ONEDNN_CACHE_VARIABLES}
+        env["PYTHONPATH"] = os.pathsep.join(sys.path)
+        done = subprocess.run(
+            [sys.executable, "-c", _SHAPES_CHILD, run], env=env, capture_output=True, text=True, check=True
+        )
+        grown[run] = int(done.stdout.split()[-1])
+    if grown["default"] < 32 * 2**20:
+        pytest.skip(f"bf16 products do not go through oneDNN's caches here (grew {grown['default']} bytes)")
+    assert grown["capped"] < grown["default"] / 4
