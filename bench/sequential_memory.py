@@ -7,6 +7,10 @@ tokens, exports it and prints its peak RSS (``ru_maxrss``). The target: layer by
 is at most 1.3x the peak at 4 layers.
 
     .venv/bin/python bench/sequential_memory.py            # writes bench/results/sequential_memory.md
+    .venv/bin/python bench/sequential_memory.py --tools "quantport --sequential" "quantport whole-model"
+
+Each checkpoint is saved by a process of its own before the measured ones (a worker that built the model
+would count the random model's memory in its peak).
 """
 
 from __future__ import annotations
@@ -107,14 +111,23 @@ def _worker(tool: str, layers: int, out: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", nargs=3, metavar=("TOOL", "LAYERS", "OUT"))
+    parser.add_argument("--prepare", type=int, metavar="LAYERS", help="only save the checkpoint of LAYERS layers")
+    parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
+    parser.add_argument("--layers", nargs="+", type=int, default=list(LAYERS))
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(_worker(args.worker[0], int(args.worker[1]), Path(args.worker[2]))))
         return
+    if args.prepare:
+        _model_dir(args.prepare)
+        return
+    tools, depths = tuple(args.tools), tuple(args.layers)
     WORK.mkdir(parents=True, exist_ok=True)
+    for layers in depths:
+        subprocess.run([sys.executable, __file__, "--prepare", str(layers)], check=True, capture_output=True)
     rows = []
-    for layers in LAYERS:
-        for tool in TOOLS:
+    for layers in depths:
+        for tool in tools:
             out = WORK / "out"
             shutil.rmtree(out, ignore_errors=True)
             run = subprocess.run(
@@ -133,16 +146,16 @@ def main() -> None:
         f"{CONFIG['hidden_size']}), bf16 checkpoint, NVFP4, {SEQUENCES}x{SEQ_LEN} calibration tokens, CPU, one "
         "process per run (peak RSS = ru_maxrss).",
         "",
-        "| tool | " + " | ".join(f"{n} layers" for n in LAYERS) + f" | peak {LAYERS[-1]} / peak {LAYERS[0]} |",
-        "|---|" + "---|" * (len(LAYERS) + 1),
+        "| tool | " + " | ".join(f"{n} layers" for n in depths) + f" | peak {depths[-1]} / peak {depths[0]} |",
+        "|---|" + "---|" * (len(depths) + 1),
     ]
-    for tool in TOOLS:
-        peaks = [by[(tool, n)]["peak_rss_bytes"] / 2**30 for n in LAYERS]
+    for tool in tools:
+        peaks = [by[(tool, n)]["peak_rss_bytes"] / 2**30 for n in depths]
         cells = " | ".join(
-            f"{p:.2f} GiB ({by[(tool, n)]['seconds']:.0f} s)" for p, n in zip(peaks, LAYERS, strict=True)
+            f"{p:.2f} GiB ({by[(tool, n)]['seconds']:.0f} s)" for p, n in zip(peaks, depths, strict=True)
         )
         lines.append(f"| {tool} | {cells} | {peaks[-1] / peaks[0]:.2f}x |")
-    sizes = ", ".join(f"{n} layers {by[(TOOLS[0], n)]['checkpoint_bytes'] / 2**30:.2f} GiB" for n in LAYERS)
+    sizes = ", ".join(f"{n} layers {by[(tools[0], n)]['checkpoint_bytes'] / 2**30:.2f} GiB" for n in depths)
     lines += ["", f"Checkpoint sizes (bf16): {sizes}.", ""]
     RESULT.write_text("\n".join(lines))
     (RESULT.with_suffix(".json")).write_text(json.dumps(rows, indent=2) + "\n")

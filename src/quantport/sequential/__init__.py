@@ -22,6 +22,7 @@ from torch import nn
 
 from ..sources.base import WeightSource
 from .attached import attach_layer_store, layer_store_of
+from .host_memory import bound_onednn_caches
 from .layer_store import LayerStore
 from .skeleton import build_skeleton
 
@@ -46,6 +47,7 @@ def open_layer_by_layer(
     """
     from ..sources import open_source
 
+    bound_onednn_caches()  # before anything of this process multiplies matrices on the CPU
     directory = Path(directory)
     source = source if source is not None else open_source(directory)
     floats = [i.dtype for i in source.tensors().values() if i.dtype.is_floating_point]

@@ -28,6 +28,7 @@ from ..modules.quant_experts import ExpertsQuantizer, experts_quantizer_of
 from ..modules.quant_linear import QuantLinear, QuantMode
 from ..state import QuantizationState, set_mode
 from .capture import LayerInputs, capture_layer_inputs
+from .host_memory import bound_onednn_caches, release_freed_memory
 from .layer_store import LayerStore
 from .memory import MemoryPeaks
 from .resume import LayerProgress, fingerprint, layer_statistics, restore_layer_statistics
@@ -98,6 +99,7 @@ def quantize_layer_by_layer(
     completes a layer's statistics before its quantized outputs are computed."""
     skeleton = store.skeleton
     peaks = MemoryPeaks(store.device)
+    bound_onednn_caches()
     inside = [skeleton.layer_name(i) + "." for i in range(len(skeleton.layers))]
     outside_names = [n for n in names if not any(_in_layer(n, p) for p in inside)]
     experts = attach(outside_names, [b for b in blocks if not any(_in_layer(b.experts_name, p) for p in inside)])
@@ -148,6 +150,7 @@ def quantize_layer_by_layer(
                 finish_layer(prefix, attached)
                 _run_quantized(layer, index, inputs, store.device)
         store.free(index)
+        release_freed_memory()
         if saved is not None:
             saved.save(
                 index, layer_statistics(layer, prefix), inputs.hidden if inputs else [], state.calibration_tokens

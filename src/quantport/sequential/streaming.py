@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from ..export.shards import PlannedTensor, TensorRun
+from .host_memory import release_freed_memory
 from .layer_store import LayerStore
 
 __all__ = ["LayerStream"]
@@ -58,16 +59,20 @@ class LayerStream:
         return wrapped
 
     def _compute(self, layer: int, compute: Callable[[list[str]], torch.Tensor], names: list[str]) -> torch.Tensor:
-        """``compute(names)`` with ``layer`` loaded; the layer is freed once all its tensors are computed."""
+        """``compute(names)`` with ``layer`` loaded; the layer is freed once all its tensors are computed (and
+        the memory it held handed back to the system)."""
         with self._ready:
             self._ready.wait_for(lambda: layer in self.store.loaded or len(self.store.loaded) < self.capacity)
             self.store.load(layer)
         tensor = compute(names)
         with self._ready:
             self._left[layer] -= len(names)
-            if not self._left[layer]:
+            freed = not self._left[layer]
+            if freed:
                 self.store.free(layer)
                 self._ready.notify_all()
+        if freed:
+            release_freed_memory()
         return tensor
 
     def close(self) -> None:
