@@ -158,6 +158,7 @@ class AwqOptions:
         max_tokens: calibration tokens kept per input for the searches (a uniform sample of the rows).
         fold_o_proj: also scale o_proj's input, folded into v_proj's rows (where the head layout allows).
         fold_down_proj: also scale down_proj's input, folded into up_proj's rows (dense MLPs).
+        fold_expert_down: also scale every MoE expert's down_proj input, folded into its up rows.
         then: run GPTQ after scaling (``awq+gptq``).
     """
 
@@ -168,6 +169,7 @@ class AwqOptions:
     max_tokens: int = 1024
     fold_o_proj: bool = True
     fold_down_proj: bool = True
+    fold_expert_down: bool = True
     then: GptqOptions | None = None
     algorithm = Algorithm.AWQ
 

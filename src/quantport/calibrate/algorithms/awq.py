@@ -27,7 +27,7 @@ from ...formats.descriptors import ScaleGranularity
 from ...schemes import SchemeCodec
 from .units import ScaleUnits, unit_bounds
 
-__all__ = ["AwqChoice", "Reader", "awq_clipped_weight", "awq_scale"]
+__all__ = ["AwqChoice", "Reader", "awq_clipped_weight", "awq_scale", "groups_fit"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +41,14 @@ class Reader:
     Attributes:
         weight: ``[out, in]`` in the model dtype (``in`` = the input's channels).
         rows: indices of the sampled tokens that reach it (None: all of them).
+        row_weights: fp32 ``[len(rows)]`` routing weight of each of those tokens (None: 1): its rows of the
+            input are multiplied by it when scored, so a token's error counts as much as it moves the output
+            (an expert's output, or its input, is multiplied by the router's weight).
     """
 
     weight: Tensor
     rows: Tensor | None = None
+    row_weights: Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +77,7 @@ class _Segment:
     """Consecutive readers that see the same tokens: one matmul (their rows ``start:stop`` of the stacked weight)."""
 
     rows: Tensor | None
+    row_weights: Tensor | None
     start: int
     stop: int
 
@@ -91,16 +96,17 @@ class _Scorer:
         for reader in readers:
             rows = reader.weight.shape[0]
             last = self.segments[-1] if self.segments else None
-            if last is not None and last.rows is reader.rows:
-                self.segments[-1] = _Segment(last.rows, last.start, offset + rows)
+            if last is not None and last.rows is reader.rows and last.row_weights is reader.row_weights:
+                self.segments[-1] = _Segment(last.rows, last.row_weights, last.start, offset + rows)
             else:
-                self.segments.append(_Segment(reader.rows, offset, offset + rows))
+                self.segments.append(_Segment(reader.rows, reader.row_weights, offset, offset + rows))
             offset += rows
         self.references = [self._x(self.sample, s) @ self.weight[s.start : s.stop].T for s in self.segments]
 
     @staticmethod
     def _x(x: Tensor, segment: _Segment) -> Tensor:
-        return x if segment.rows is None else x[segment.rows]
+        x = x if segment.rows is None else x[segment.rows]
+        return x if segment.row_weights is None else x * segment.row_weights.to(x.device)[:, None]
 
     def error(self, column: Tensor) -> float:
         quantized = _fake_quantized(self.codec, (self.weight * column).to(self.dtype))
@@ -163,6 +169,12 @@ def awq_scale(
         if error < best.error:
             best = AwqChoice(scale, alpha, error, unscaled)
     return best
+
+
+def groups_fit(codec: SchemeCodec, in_features: int) -> bool:
+    """Whether ``in_features`` input channels split into the codec's groups (always, without groups)."""
+    group = codec.format.block_size if codec.format.granularity is ScaleGranularity.GROUP else None
+    return not group or in_features % group == 0
 
 
 def _unit_errors(x: Tensor, delta: Tensor, units: ScaleUnits) -> Tensor:

@@ -27,11 +27,21 @@ from torch import Tensor, nn
 from ...algorithm_options import Algorithm, AwqOptions, SmoothingOptions, SmoothQuantOptions
 from ...schemes import SchemeCodec
 from ..loop import model_inputs, run_calibration
-from .awq import Reader, awq_clipped_weight, awq_scale, clip_supported
-from .folding import FoldTarget, SourceKind, expand_heads, find_fold_targets, fold_scale, reduce_heads
+from .awq import Reader, awq_clipped_weight, awq_scale, clip_supported, groups_fit
+from .expert_down import awq_expert_down
+from .folding import (
+    FoldTarget,
+    SourceKind,
+    expand_heads,
+    find_fold_targets,
+    fold_expert_down,
+    fold_scale,
+    reduce_heads,
+)
 from .gptq import GptqStep
 from .input_statistics import InputStatistics, InputStatisticsObserver
 from .registry import AlgorithmContext, register, replace_weight
+from .routing import Routing, route
 from .smoothquant import smoothquant_scale
 
 __all__ = ["SmoothedStep", "SmoothingReport", "smooth_model"]
@@ -110,13 +120,59 @@ def _readers(
     block = target.experts
     if block is None or block.experts_name not in experts:
         return readers
-    routed = _routing(target, modules, sample)
+    routing = _expert_routing(target, modules, sample)
     gate_up = block.experts.gate_up_proj.detach()
     gates, ups = block.layout.gate(gate_up), block.layout.up(gate_up)
     for expert in range(block.num_experts):
-        rows = None if routed is None else (routed == expert).any(dim=-1).nonzero().squeeze(-1)
-        readers += [Reader(gates[expert], rows), Reader(ups[expert], rows)]
+        rows, weights = (None, None) if routing is None else routing.tokens(expert)
+        readers += [Reader(gates[expert], rows, weights), Reader(ups[expert], rows, weights)]
     return readers
+
+
+def _experts_quantized(target: FoldTarget, experts: set[str]) -> bool:
+    return target.experts is not None and target.experts.experts_name in experts
+
+
+def _expert_routing(target: FoldTarget, modules: dict[str, nn.Module], sample: Tensor) -> Routing | None:
+    """The routing (experts and weights) of the sampled tokens by the block's router (None without one)."""
+    if target.experts is None or not target.compensated or target.top_k < 1:
+        return None
+    return route(modules[target.compensated[0]], target.experts.layout.contract, sample, target.top_k)
+
+
+def _fold_expert_down(
+    target: FoldTarget,
+    modules: dict[str, nn.Module],
+    sample: Tensor,
+    codec: SchemeCodec,
+    options: AwqOptions,
+    report: SmoothingReport,
+) -> None:
+    """AWQ on every expert's down_proj input of ``target``'s block (``sample``: the block's inputs as the
+    folded model sees them), folded into the experts' up rows."""
+    block = target.experts
+    assert block is not None
+    name = f"{block.experts_name}.down_proj"
+    if block.layout.has_bias or not callable(getattr(block.experts, "act_fn", None)):
+        report.skipped[name] = "the experts have biases or no act_fn: their intermediates are not recomputed"
+        return
+    inter = block.layout.down(block.experts.down_proj).shape[-1]
+    if not groups_fit(codec, inter):
+        report.skipped[name] = f"the experts' intermediate size {inter} does not split into the recipe's groups"
+        return
+    routing = _expert_routing(target, modules, sample)
+    if routing is None:
+        report.skipped[name] = "no router to tell which sampled tokens reach each expert"
+        return
+    chosen = awq_expert_down(codec, block, routing, sample, options)
+    fold_expert_down(block, chosen.scales)
+    leaf = block.layout.leaf_names[2]
+    for expert, choice in enumerate(chosen.choices):
+        key = f"{block.experts_name}.{expert}.{leaf}"
+        if choice is None:
+            report.skipped[key] = "no sampled calibration token reached the expert"
+        else:
+            report.folded[key] = choice.alpha
 
 
 def _choose(
@@ -136,6 +192,37 @@ def _choose(
         return choice.scale, choice.alpha
     scale = smoothquant_scale(amax(stats.abs_max), [r.weight for r in readers], options.alpha, amax)
     return scale, options.alpha
+
+
+def _fold_target(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    target: FoldTarget,
+    stats: InputStatistics,
+    sample: Tensor,
+    codec: SchemeCodec,
+    options: SmoothingOptions,
+    quantized: set[str],
+    experts: set[str],
+    report: SmoothingReport,
+) -> None:
+    """Choose and fold ``target``'s scale (and, for AWQ on a MoE block, its experts' down_proj scales)."""
+    readers = _readers(target, modules, sample, quantized, experts)
+    scale, alpha = _choose(target, stats, sample, readers, codec, options)
+    routed = _routing(target, modules, sample)
+    fold_scale(model, target, scale)
+    column = expand_heads(scale, target) if target.kind is SourceKind.VALUE_HEADS else scale
+    scaled = (sample.float() / column).to(sample.dtype)
+    if routed is not None:
+        after = _routing(target, modules, scaled)
+        report.routing_flips[target.name] = float((after != routed).any(dim=-1).float().mean())
+    if isinstance(options, AwqOptions) and options.clip:
+        for name in target.linears:
+            if name in quantized:
+                report.inputs[name] = scaled
+    report.folded[target.name] = alpha
+    if isinstance(options, AwqOptions) and options.fold_expert_down and _experts_quantized(target, experts):
+        _fold_expert_down(target, modules, scaled, codec, options, report)
 
 
 def smooth_model(
@@ -171,7 +258,6 @@ def smooth_model(
         observer.detach()
     modules = dict(model.named_modules())
     device = next(model.parameters()).device
-    clip = isinstance(options, AwqOptions) and options.clip
     with torch.no_grad():
         for target in active:
             stats = observer.statistics[target.observed]
@@ -179,20 +265,7 @@ def smooth_model(
                 report.skipped[target.name] = "no calibration token reached it"
                 continue
             sample = stats.sample().to(device)
-            readers = _readers(target, modules, sample, quantized, experts)
-            scale, alpha = _choose(target, stats, sample, readers, codec, options)
-            routed = _routing(target, modules, sample)
-            fold_scale(model, target, scale)
-            column = expand_heads(scale, target) if target.kind is SourceKind.VALUE_HEADS else scale
-            if routed is not None:
-                after = _routing(target, modules, (sample.float() / column).to(sample.dtype))
-                report.routing_flips[target.name] = float((after != routed).any(dim=-1).float().mean())
-            if clip:
-                scaled = (sample.float() / column).to(sample.dtype)
-                for name in target.linears:
-                    if name in quantized:
-                        report.inputs[name] = scaled
-            report.folded[target.name] = alpha
+            _fold_target(model, modules, target, stats, sample, codec, options, quantized, experts, report)
     if before is not None:
         after_out = _first_output(model, batches[0])
         report.output_change = float((after_out - before).abs().max() / before.abs().max().clamp(min=1e-12))
