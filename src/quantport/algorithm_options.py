@@ -159,6 +159,8 @@ class AwqOptions:
         fold_o_proj: also scale o_proj's input, folded into v_proj's rows (where the head layout allows).
         fold_down_proj: also scale down_proj's input, folded into up_proj's rows (dense MLPs).
         fold_expert_down: also scale every MoE expert's down_proj input, folded into its up rows.
+        block_score: score an MLP norm's scale by the error of the whole gated MLP / MoE block output
+            (activation, down_proj and routing weights included) rather than of each gate/up Linear.
         then: run GPTQ after scaling (``awq+gptq``).
     """
 
@@ -170,6 +172,7 @@ class AwqOptions:
     fold_o_proj: bool = True
     fold_down_proj: bool = True
     fold_expert_down: bool = True
+    block_score: bool = True
     then: GptqOptions | None = None
     algorithm = Algorithm.AWQ
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -27,7 +28,16 @@ from ...formats.descriptors import ScaleGranularity
 from ...schemes import SchemeCodec
 from .units import ScaleUnits, unit_bounds
 
-__all__ = ["AwqChoice", "Reader", "awq_clipped_weight", "awq_scale", "groups_fit"]
+__all__ = [
+    "AwqChoice",
+    "Reader",
+    "Scorer",
+    "awq_clipped_weight",
+    "awq_scale",
+    "fake_quantized_input",
+    "fake_quantized_weight",
+    "groups_fit",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,12 +71,18 @@ class AwqChoice:
     error_unscaled: float
 
 
-def _fake_quantized(codec: SchemeCodec, weight: Tensor) -> Tensor:
+class Scorer(Protocol):
+    """The output error of a candidate column scale ``[in]`` (scale 1 included)."""
+
+    def error(self, column: Tensor) -> float: ...
+
+
+def fake_quantized_weight(codec: SchemeCodec, weight: Tensor) -> Tensor:
     amax = weight.float().abs().amax()
     return codec.dequantize_weight(codec.quantize_weight(weight, amax), weight.dtype).float()
 
 
-def _quantized_input(codec: SchemeCodec, x: Tensor, dtype: torch.dtype) -> Tensor:
+def fake_quantized_input(codec: SchemeCodec, x: Tensor, dtype: torch.dtype) -> Tensor:
     x = x.to(dtype)
     scale = codec.input_scale(x.float().abs().amax()) if codec.static_input_scale else None
     return codec.fake_quantize_input(x, scale).float()
@@ -109,8 +125,8 @@ class _Scorer:
         return x if segment.row_weights is None else x * segment.row_weights.to(x.device)[:, None]
 
     def error(self, column: Tensor) -> float:
-        quantized = _fake_quantized(self.codec, (self.weight * column).to(self.dtype))
-        x = _quantized_input(self.codec, self.sample / column, self.dtype)
+        quantized = fake_quantized_weight(self.codec, (self.weight * column).to(self.dtype))
+        x = fake_quantized_input(self.codec, self.sample / column, self.dtype)
         total = 0.0
         for segment, reference in zip(self.segments, self.references, strict=True):
             out = self._x(x, segment) @ quantized[segment.start : segment.stop].T
@@ -141,6 +157,7 @@ def awq_scale(
     options: AwqOptions,
     reduce: Callable[[Tensor], Tensor] = lambda t: t,
     expand: Callable[[Tensor], Tensor] = lambda t: t,
+    scorer: Scorer | None = None,
 ) -> AwqChoice:
     """The AWQ scale of one shared input.
 
@@ -152,6 +169,7 @@ def awq_scale(
         options: the alpha grid.
         reduce: per-column statistic ``[in]`` -> per scale entry (o_proj: mean over the query heads of a kv head).
         expand: scale ``[entries]`` -> per-column ``[in]`` (o_proj: repeated per query head).
+        scorer: what scores the candidates (None: the readers' summed output error on ``sample``).
     """
     sample = sample.float()
     group = codec.format.block_size if codec.format.granularity is ScaleGranularity.GROUP else None
@@ -159,7 +177,7 @@ def awq_scale(
     x_magnitude = input_magnitude.float().clamp(min=1e-8)
     w_magnitude = w_magnitude.clamp(min=1e-8)
     ones = torch.ones_like(x_magnitude)
-    scorer = _Scorer(codec, sample, readers)
+    scorer = scorer if scorer is not None else _Scorer(codec, sample, readers)
     unscaled = scorer.error(expand(ones))
     best = AwqChoice(ones, None, unscaled, unscaled)
     for alpha in options.alphas():

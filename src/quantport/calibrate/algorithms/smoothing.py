@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from ...algorithm_options import Algorithm, AwqOptions, SmoothingOptions, SmoothQuantOptions
 from ...schemes import SchemeCodec
 from ..loop import model_inputs, run_calibration
-from .awq import Reader, awq_clipped_weight, awq_scale, clip_supported, groups_fit
+from .awq import Reader, Scorer, awq_clipped_weight, awq_scale, clip_supported, groups_fit
+from .block_scorer import GatedMlpScorer, gated_readers
 from .expert_down import awq_expert_down
 from .folding import (
     FoldTarget,
@@ -129,6 +130,26 @@ def _readers(
     return readers
 
 
+def _block_scorer(
+    target: FoldTarget,
+    modules: dict[str, nn.Module],
+    sample: Tensor,
+    codec: SchemeCodec,
+    options: SmoothingOptions,
+    quantized: set[str],
+    experts: set[str],
+) -> GatedMlpScorer | None:
+    """AWQ with ``block_score`` on an MLP norm: the scorer of the block's output (None: score the Linears)."""
+    if not isinstance(options, AwqOptions) or not options.block_score or target.kind is not SourceKind.NORM:
+        return None
+    linears = [n for n in target.linears if n in quantized]
+    block = target.experts if _experts_quantized(target, experts) else None
+    if block is None and not linears:
+        return None
+    readers = gated_readers(linears, modules, block, _expert_routing(target, modules, sample))
+    return None if readers is None else GatedMlpScorer(codec, sample, readers)
+
+
 def _experts_quantized(target: FoldTarget, experts: set[str]) -> bool:
     return target.experts is not None and target.experts.experts_name in experts
 
@@ -182,13 +203,14 @@ def _choose(
     readers: list[Reader],
     codec: SchemeCodec,
     options: SmoothingOptions,
+    scorer: Scorer | None = None,
 ) -> tuple[Tensor, float | None]:
     heads = target.kind is SourceKind.VALUE_HEADS
     mean: Callable[[Tensor], Tensor] = (lambda t: reduce_heads(t, target, "mean")) if heads else (lambda t: t)
     amax: Callable[[Tensor], Tensor] = (lambda t: reduce_heads(t, target, "amax")) if heads else (lambda t: t)
     if isinstance(options, AwqOptions):
         expand: Callable[[Tensor], Tensor] = (lambda s: expand_heads(s, target)) if heads else (lambda s: s)
-        choice = awq_scale(codec, sample, mean(stats.abs_mean()), readers, options, mean, expand)
+        choice = awq_scale(codec, sample, mean(stats.abs_mean()), readers, options, mean, expand, scorer)
         return choice.scale, choice.alpha
     scale = smoothquant_scale(amax(stats.abs_max), [r.weight for r in readers], options.alpha, amax)
     return scale, options.alpha
@@ -208,7 +230,15 @@ def _fold_target(
 ) -> None:
     """Choose and fold ``target``'s scale (and, for AWQ on a MoE block, its experts' down_proj scales)."""
     readers = _readers(target, modules, sample, quantized, experts)
-    scale, alpha = _choose(target, stats, sample, readers, codec, options)
+    scale, alpha = _choose(
+        target,
+        stats,
+        sample,
+        readers,
+        codec,
+        options,
+        _block_scorer(target, modules, sample, codec, options, quantized, experts),
+    )
     routed = _routing(target, modules, sample)
     fold_scale(model, target, scale)
     column = expand_heads(scale, target) if target.kind is SourceKind.VALUE_HEADS else scale
