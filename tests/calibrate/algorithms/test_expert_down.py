@@ -106,3 +106,33 @@ def test_quantize_folds_every_reached_experts_down_scale_keeping_the_function():
     without = tiny_moe("qwen3_moe")
     quantport.quantize(without, "nvfp4", batches, progress=False, algorithm=AwqOptions(fold_expert_down=False))
     assert not any(".experts." in key for key in state_of(without).smoothing["folded"])
+
+
+def test_clip_experts_never_raises_an_experts_output_error_and_leaves_unreached_experts():
+    from quantport.calibrate.algorithms.expert_down import clip_experts
+
+    model = tiny_moe("qwen3_moe")
+    block = next(find_moe_blocks(model))
+    layout, codec = block.layout, codec_for(get_recipe("nvfp4").scheme)
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    routing = Routing((torch.arange(64) % 3)[:, None], torch.ones(64, 1))  # expert 3 gets no token
+    before_gate_up, before_down = block.experts.gate_up_proj.detach().clone(), block.experts.down_proj.detach().clone()
+
+    def gate_up_error(gate_up, expert):
+        w = torch.cat([layout.gate(gate_up)[expert], layout.up(gate_up)[expert]])
+        q = codec.dequantize_weight(codec.quantize_weight(w, w.float().abs().amax()), w.dtype).float()
+        rows = routing.tokens(expert)[0]
+        return float(
+            (
+                x[rows].float()
+                @ (q - torch.cat([layout.gate(before_gate_up), layout.up(before_gate_up)], 1)[expert].float()).T
+            )
+            .square()
+            .sum()
+        )
+
+    assert clip_experts(codec, block, routing, x, AwqOptions(clip=True)) == 3
+    for expert in range(3):
+        assert gate_up_error(block.experts.gate_up_proj.detach(), expert) <= gate_up_error(before_gate_up, expert)
+    assert torch.equal(block.experts.gate_up_proj[3], before_gate_up[3])
+    assert torch.equal(block.experts.down_proj[3], before_down[3])

@@ -29,7 +29,7 @@ from ...schemes import SchemeCodec
 from ..loop import model_inputs, run_calibration
 from .awq import Reader, Scorer, awq_clipped_weight, awq_scale, clip_supported, groups_fit
 from .block_scorer import GatedMlpScorer, gated_readers
-from .expert_down import awq_expert_down
+from .expert_down import awq_expert_down, clip_experts
 from .folding import (
     FoldTarget,
     SourceKind,
@@ -61,6 +61,9 @@ class SmoothingReport:
         output_change: max |logits after - before| / max |logits before| on the first calibration batch,
             unquantized (folding alone; bf16 rounding of the scaled weights).
         inputs: quantized Linear -> sampled inputs as it sees them after folding (AWQ clipping only).
+        clipped_experts: experts module -> how many of its experts AWQ's clipping search reached.
+        expert_inputs: MoE norm -> its sampled outputs after folding (AWQ clipping of the experts, done
+            after ``output_change`` is measured: clipping changes the function, folding does not).
     """
 
     folded: dict[str, float | None] = field(default_factory=dict)
@@ -68,6 +71,8 @@ class SmoothingReport:
     routing_flips: dict[str, float] = field(default_factory=dict)
     output_change: float = 0.0
     inputs: dict[str, Tensor] = field(default_factory=dict)
+    clipped_experts: dict[str, int] = field(default_factory=dict)
+    expert_inputs: dict[str, Tensor] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready summary (without the sampled inputs)."""
@@ -76,6 +81,7 @@ class SmoothingReport:
             "skipped": dict(self.skipped),
             "routing_flips": dict(self.routing_flips),
             "output_change": self.output_change,
+            "clipped_experts": dict(self.clipped_experts),
         }
 
 
@@ -159,6 +165,32 @@ def _expert_routing(target: FoldTarget, modules: dict[str, nn.Module], sample: T
     if target.experts is None or not target.compensated or target.top_k < 1:
         return None
     return route(modules[target.compensated[0]], target.experts.layout.contract, sample, target.top_k)
+
+
+def _clip_experts(
+    target: FoldTarget,
+    modules: dict[str, nn.Module],
+    sample: Tensor,
+    codec: SchemeCodec,
+    options: AwqOptions,
+    report: SmoothingReport,
+) -> None:
+    """AWQ's clipping search on the experts of ``target``'s block (after their scales are folded)."""
+    block = target.experts
+    assert block is not None
+    name = f"{block.experts_name}.clip"
+    down = block.layout.down(block.experts.down_proj)
+    if not clip_supported(codec) or not all(groups_fit(codec, n) for n in down.shape[-2:]):
+        report.skipped[name] = f"{codec.format.name} has no group or channel scales that fit the experts"
+        return
+    if block.layout.has_bias or not callable(getattr(block.experts, "act_fn", None)):
+        report.skipped[name] = "the experts have biases or no act_fn: their intermediates are not recomputed"
+        return
+    routing = _expert_routing(target, modules, sample)
+    if routing is None:
+        report.skipped[name] = "no router to tell which sampled tokens reach each expert"
+        return
+    report.clipped_experts[block.experts_name] = clip_experts(codec, block, routing, sample, options)
 
 
 def _fold_expert_down(
@@ -251,8 +283,11 @@ def _fold_target(
             if name in quantized:
                 report.inputs[name] = scaled
     report.folded[target.name] = alpha
-    if isinstance(options, AwqOptions) and options.fold_expert_down and _experts_quantized(target, experts):
-        _fold_expert_down(target, modules, scaled, codec, options, report)
+    if isinstance(options, AwqOptions) and _experts_quantized(target, experts):
+        if options.fold_expert_down:
+            _fold_expert_down(target, modules, scaled, codec, options, report)
+        if options.clip:
+            report.expert_inputs[target.name] = scaled
 
 
 def smooth_model(
@@ -299,6 +334,11 @@ def smooth_model(
     if before is not None:
         after_out = _first_output(model, batches[0])
         report.output_change = float((after_out - before).abs().max() / before.abs().max().clamp(min=1e-12))
+    with torch.no_grad():
+        for target in active:
+            scaled = report.expert_inputs.pop(target.name, None)
+            if scaled is not None and isinstance(options, AwqOptions):
+                _clip_experts(target, modules, scaled, codec, options, report)
     flips = max(report.routing_flips.values(), default=0.0)
     logger.info(
         "%s: folded %d scale(s), skipped %d; output change %.2e (relative); routing flips up to %.2f%% of tokens",
