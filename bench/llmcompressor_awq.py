@@ -72,7 +72,12 @@ def main() -> None:
     rows = torch.load(args.calib)
     samples = [{"input_ids": row[None], "attention_mask": torch.ones_like(row)[None]} for row in rows]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16)
+    text_only = model.config.model_type == "llama4_text"
+    if text_only:  # llm-compressor's Llama 4 linearization reads config.text_config (the multimodal config)
+        model.config.text_config = model.config
     linearize_moe(model)
+    if text_only:
+        del model.config.text_config
     duo = {"true": True, "false": False, "both": "both"}[args.duo_scaling]
     ignore = ["lm_head", "re:.*mlp.gate$", "re:.*router$"]
     recipe = [
