@@ -136,3 +136,20 @@ def test_clip_experts_never_raises_an_experts_output_error_and_leaves_unreached_
         assert gate_up_error(block.experts.gate_up_proj.detach(), expert) <= gate_up_error(before_gate_up, expert)
     assert torch.equal(block.experts.gate_up_proj[3], before_gate_up[3])
     assert torch.equal(block.experts.down_proj[3], before_down[3])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_the_gpu_expert_scales_and_clipping_reach_the_same_experts():
+    import quantport
+    from quantport.state import state_of
+
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = tiny_moe("qwen3_moe").to(device)
+        batches = [b.to(device) for b in make_calibration_batches(vocab_size=256)]
+        quantport.quantize(model, "nvfp4", batches, progress=False, algorithm="awq")
+        results[device] = state_of(model).smoothing
+    cpu, gpu = results["cpu"], results["cuda"]
+    assert set(cpu["folded"]) == set(gpu["folded"]) and cpu["clipped_experts"] == gpu["clipped_experts"]
+    assert gpu["clipped_experts"] and gpu["output_change"] < 0.1

@@ -199,10 +199,11 @@ def _unit_errors(x: Tensor, delta: Tensor, units: ScaleUnits) -> Tensor:
     """``[units]`` output error of each unit: ``sum_n (x_n[unit columns] . delta[unit])^2``."""
     out_features, in_features = delta.shape
     if units.granularity is ScaleGranularity.CHANNEL:
-        return sum(((chunk @ delta.T).square().sum(dim=0) for chunk in x.split(_ROW_CHUNK)), torch.zeros(out_features))
+        zero = torch.zeros(out_features, device=delta.device)
+        return sum(((chunk @ delta.T).square().sum(dim=0) for chunk in x.split(_ROW_CHUNK)), zero)
     groups = in_features // units.block
     d = delta.reshape(out_features, groups, units.block)
-    total = torch.zeros(out_features, groups)
+    total = torch.zeros(out_features, groups, device=delta.device)
     for chunk in x.split(_ROW_CHUNK):
         total += torch.einsum("ngk,ogk->nog", chunk.reshape(-1, groups, units.block), d).square().sum(dim=0)
     return total.reshape(-1)
@@ -222,8 +223,8 @@ def awq_clipped_weight(
     shape = tuple(weight.shape)
     original = units.split(weight)
     lo, hi = unit_bounds(original, codec.format.symmetric)
-    x = x.float()
-    best_error = torch.full((original.shape[0],), float("inf"))
+    x = x.float().to(weight.device)
+    best_error = torch.full((original.shape[0],), float("inf"), device=weight.device)
     best = original.clone()
     for ratio in options.clip_ratios():
         clipped = units.merge(torch.clamp(original, lo * ratio, hi * ratio), shape).to(weight.dtype)

@@ -47,7 +47,7 @@ class Routing:
 
 def _top_k_from_logits(logits: Tensor, top_k: int) -> Routing:
     indices = logits.float().topk(min(top_k, logits.shape[-1]), dim=-1).indices
-    return Routing(indices, torch.ones(indices.shape))
+    return Routing(indices, torch.ones(indices.shape, device=indices.device))
 
 
 def route(router: nn.Module, contract: ForwardContract, sample: Tensor, top_k: int) -> Routing:
