@@ -12,6 +12,7 @@ An algorithm is a name or ``name:option=value,...`` (the typed options of
 runs ``bench/llmcompressor_gptq.py`` in the llm-compressor virtual environment (``--llmc-python``) on the
 same model and calibration rows and evaluates the weights it chose here; ``--llmc-weights`` evaluates
 weights such a run already wrote (``MODEL=FILE``, e.g. from a machine where llm-compressor is installed).
+``--llmcompressor-awq`` / ``--llmc-awq-weights`` do the same with ``bench/llmcompressor_awq.py`` (its AWQ).
 
 Each (model, recipe, algorithm) quantizes a fresh bf16 copy of the model with the same calibration
 tokens (the first sequences of ``wiki_train.txt``) and evaluates the simulated model against the
@@ -66,6 +67,9 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("--llmc-python", type=Path, default=LLMC_PYTHON, help="the llm-compressor venv's python")
     parser.add_argument("--llmc-args", nargs="*", default=[], help="extra arguments of bench/llmcompressor_gptq.py")
     parser.add_argument("--llmc-weights", nargs="*", default=[], metavar="MODEL:RECIPE=FILE")
+    parser.add_argument("--llmcompressor-awq", action="store_true", help="also llm-compressor's AWQ (w4a16, nvfp4)")
+    parser.add_argument("--llmc-awq-args", nargs="*", default=[], help="extra arguments of bench/llmcompressor_awq.py")
+    parser.add_argument("--llmc-awq-weights", nargs="*", default=[], metavar="MODEL:RECIPE=FILE")
     parser.add_argument("--dump-calib", type=Path, help="write each model's calibration rows to DIR/MODEL.pt, exit")
     parser.add_argument("--json", type=Path, help="also write the rows as JSON")
     parser.add_argument("--table-from", nargs="+", type=Path, help="only print the table of these JSON files' rows")
@@ -127,16 +131,20 @@ def _row(model_name: str, recipe: str, algorithm: str, args: argparse.Namespace,
 LLMC_SCHEMES = {"w4a16": "W4A16", "nvfp4": "NVFP4"}
 
 
-def _run_llmcompressor(model_name: str, recipe: str, args: argparse.Namespace, data: dict, out: Path) -> None:
+def _run_llmcompressor(
+    model_name: str, recipe: str, args: argparse.Namespace, data: dict, out: Path, algorithm: str = "gptq"
+) -> None:
     calib = out.with_suffix(".calib.pt")
     torch.save(torch.cat(data["calib"]), calib)
-    script = ROOT / "bench" / "llmcompressor_gptq.py"
+    script = ROOT / "bench" / f"llmcompressor_{algorithm}.py"
+    extra = args.llmc_args if algorithm == "gptq" else args.llmc_awq_args
     command = [str(args.llmc_python), str(script), str(SHARED / "models" / model_name), str(calib), str(out)]
-    subprocess.run([*command, "--scheme", LLMC_SCHEMES[recipe], *args.llmc_args], check=True)
+    subprocess.run([*command, "--scheme", LLMC_SCHEMES[recipe], *extra], check=True)
 
 
 def _with_llmc_weights(model: torch.nn.Module, path: Path) -> None:
-    """Put llm-compressor's dequantized weights (linearized expert names) into ``model``."""
+    """Put llm-compressor's dequantized weights (linearized expert names) into ``model`` (and, after its AWQ,
+    the norms and routers it scaled)."""
     from safetensors.torch import load_file
 
     weights = load_file(path)
@@ -157,7 +165,7 @@ def _with_llmc_weights(model: torch.nn.Module, path: Path) -> None:
             params[name].copy_(value)
 
 
-def _llmc_row(model_name: str, recipe: str, path: Path, data: dict) -> dict:
+def _llmc_row(model_name: str, recipe: str, path: Path, data: dict, algorithm: str = "gptq") -> dict:
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as handle:
@@ -168,7 +176,7 @@ def _llmc_row(model_name: str, recipe: str, path: Path, data: dict) -> dict:
     return {
         "model": model_name,
         "recipe": recipe,
-        "algorithm": "llm-compressor gptq",
+        "algorithm": f"llm-compressor {algorithm}",
         "ppl_base": result.ppl_base,
         "ppl": result.ppl_quant,
         "kl": result.kl_mean,
@@ -223,7 +231,9 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _model_rows(model_name: str, args: argparse.Namespace, given: dict[str, str]) -> list[dict]:
+def _model_rows(
+    model_name: str, args: argparse.Namespace, given: dict[str, str], given_awq: dict[str, str]
+) -> list[dict]:
     tokenizer = AutoTokenizer.from_pretrained(SHARED / "models" / model_name)
     calib = eval_batches(
         tokenizer, text_path=SHARED / "data" / "wiki_train.txt", samples=args.calib_samples, seq_len=args.seq_len
@@ -251,6 +261,13 @@ def _model_rows(model_name: str, args: argparse.Namespace, given: dict[str, str]
         if weights is not None:
             rows.append(_llmc_row(model_name, recipe, Path(weights), data))
             print(json.dumps(rows[-1]), flush=True)
+        weights = given_awq.get(f"{model_name}:{recipe}")
+        if weights is None and args.llmcompressor_awq and recipe in LLMC_SCHEMES:
+            weights = Path(tempfile.mkdtemp()) / f"{model_name}-{recipe}-awq.safetensors"
+            _run_llmcompressor(model_name, recipe, args, data, weights, "awq")
+        if weights is not None:
+            rows.append(_llmc_row(model_name, recipe, Path(weights), data, "awq"))
+            print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -264,7 +281,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     given = dict(item.split("=", 1) for item in args.llmc_weights)
-    rows = [row for model_name in args.models for row in _model_rows(model_name, args, given)]
+    given_awq = dict(item.split("=", 1) for item in args.llmc_awq_weights)
+    rows = [row for model_name in args.models for row in _model_rows(model_name, args, given, given_awq)]
     if rows:
         print(_table(rows))
     if args.json is not None:

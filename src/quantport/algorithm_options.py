@@ -152,22 +152,29 @@ class AwqOptions:
     Attributes:
         grid: strengths ``alpha`` tried, evenly spaced in [0, 1] (``grid + 1`` candidates; scale 1 is
             always a candidate too, so a group never gets a worse output error than without scaling).
-        clip: after scaling, also search each weight scale's clipping ratio against the output error.
+        clip: after scaling, also search each weight scale's clipping ratio against the output error (dense
+            Linears and every expert; on by default, as in AWQ's reference implementations: on the trained
+            tiny MoE models the scales alone are level with round to nearest, the clipping is what gains).
         clip_min_ratio: the smallest clipping ratio tried (with ``clip``).
         clip_steps: ratios tried between 1 and ``clip_min_ratio`` (with ``clip``).
         max_tokens: calibration tokens kept per input for the searches (a uniform sample of the rows).
         fold_o_proj: also scale o_proj's input, folded into v_proj's rows (where the head layout allows).
         fold_down_proj: also scale down_proj's input, folded into up_proj's rows (dense MLPs).
+        fold_expert_down: also scale every MoE expert's down_proj input, folded into its up rows.
+        block_score: score an MLP norm's scale by the error of the whole gated MLP / MoE block output
+            (activation, down_proj and routing weights included) rather than of each gate/up Linear.
         then: run GPTQ after scaling (``awq+gptq``).
     """
 
     grid: int = 10
-    clip: bool = False
+    clip: bool = True
     clip_min_ratio: float = 0.5
     clip_steps: int = 10
     max_tokens: int = 1024
     fold_o_proj: bool = True
     fold_down_proj: bool = True
+    fold_expert_down: bool = True
+    block_score: bool = True
     then: GptqOptions | None = None
     algorithm = Algorithm.AWQ
 

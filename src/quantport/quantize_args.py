@@ -378,7 +378,11 @@ def add_algorithm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--awq-grid", type=positive_int, metavar="N", help=f"AWQ strengths tried in [0, 1] ({awq.grid})"
     )
-    parser.add_argument("--awq-clip", action="store_true", help="AWQ also searches weight clipping on the outputs")
+    parser.add_argument(
+        "--awq-clip",
+        action=argparse.BooleanOptionalAction,
+        help=f"AWQ also searches weight clipping on the outputs ({'on' if awq.clip else 'off'})",
+    )
     parser.add_argument(
         "--smoothquant-alpha", type=float, metavar="F", help=f"SmoothQuant migration strength ({smooth.alpha})"
     )
@@ -403,7 +407,7 @@ def algorithm_from_args(args: argparse.Namespace) -> AlgorithmOptions:
             "expert_chunk": getattr(args, "gptq_expert_chunk", None),
         },
         Algorithm.MSE: {"min_ratio": args.mse_min_ratio, "steps": args.mse_steps},
-        Algorithm.AWQ: {"grid": args.awq_grid, "clip": args.awq_clip or None},
+        Algorithm.AWQ: {"grid": args.awq_grid, "clip": args.awq_clip},
         Algorithm.SMOOTHQUANT: {"alpha": args.smoothquant_alpha},
     }
     inner = getattr(chosen, "then", None)

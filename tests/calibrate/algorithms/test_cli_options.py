@@ -47,6 +47,9 @@ def test_flags_give_typed_options():
     with pytest.raises(InvalidArgumentError, match="unknown gptq expert_policy 'sometimes'"):
         GptqOptions(expert_policy="sometimes")
     assert _options("--algorithm", "awq", "--awq-grid", "5", "--awq-clip") == AwqOptions(grid=5, clip=True)
+    assert AwqOptions().clip and _options("--algorithm", "awq", "--no-awq-clip") == AwqOptions(clip=False)
+    with pytest.raises(InvalidArgumentError, match="--awq-clip apply to --algorithm awq, not gptq"):
+        _options("--algorithm", "gptq", "--no-awq-clip")
     assert _options("--algorithm", "smoothquant", "--smoothquant-alpha", "0.8") == SmoothQuantOptions(alpha=0.8)
     assert _options("--algorithm", "awq+gptq", "--gptq-damp", "0.1") == AwqOptions(then=GptqOptions(damp=0.1))
     assert _options("--algorithm", "smoothquant+gptq") == SmoothQuantOptions(then=GptqOptions())

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -27,7 +28,16 @@ from ...formats.descriptors import ScaleGranularity
 from ...schemes import SchemeCodec
 from .units import ScaleUnits, unit_bounds
 
-__all__ = ["AwqChoice", "Reader", "awq_clipped_weight", "awq_scale"]
+__all__ = [
+    "AwqChoice",
+    "Reader",
+    "Scorer",
+    "awq_clipped_weight",
+    "awq_scale",
+    "fake_quantized_input",
+    "fake_quantized_weight",
+    "groups_fit",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +51,14 @@ class Reader:
     Attributes:
         weight: ``[out, in]`` in the model dtype (``in`` = the input's channels).
         rows: indices of the sampled tokens that reach it (None: all of them).
+        row_weights: fp32 ``[len(rows)]`` routing weight of each of those tokens (None: 1): its rows of the
+            input are multiplied by it when scored, so a token's error counts as much as it moves the output
+            (an expert's output, or its input, is multiplied by the router's weight).
     """
 
     weight: Tensor
     rows: Tensor | None = None
+    row_weights: Tensor | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,12 +71,18 @@ class AwqChoice:
     error_unscaled: float
 
 
-def _fake_quantized(codec: SchemeCodec, weight: Tensor) -> Tensor:
+class Scorer(Protocol):
+    """The output error of a candidate column scale ``[in]`` (scale 1 included)."""
+
+    def error(self, column: Tensor) -> float: ...
+
+
+def fake_quantized_weight(codec: SchemeCodec, weight: Tensor) -> Tensor:
     amax = weight.float().abs().amax()
     return codec.dequantize_weight(codec.quantize_weight(weight, amax), weight.dtype).float()
 
 
-def _quantized_input(codec: SchemeCodec, x: Tensor, dtype: torch.dtype) -> Tensor:
+def fake_quantized_input(codec: SchemeCodec, x: Tensor, dtype: torch.dtype) -> Tensor:
     x = x.to(dtype)
     scale = codec.input_scale(x.float().abs().amax()) if codec.static_input_scale else None
     return codec.fake_quantize_input(x, scale).float()
@@ -73,6 +93,7 @@ class _Segment:
     """Consecutive readers that see the same tokens: one matmul (their rows ``start:stop`` of the stacked weight)."""
 
     rows: Tensor | None
+    row_weights: Tensor | None
     start: int
     stop: int
 
@@ -91,20 +112,21 @@ class _Scorer:
         for reader in readers:
             rows = reader.weight.shape[0]
             last = self.segments[-1] if self.segments else None
-            if last is not None and last.rows is reader.rows:
-                self.segments[-1] = _Segment(last.rows, last.start, offset + rows)
+            if last is not None and last.rows is reader.rows and last.row_weights is reader.row_weights:
+                self.segments[-1] = _Segment(last.rows, last.row_weights, last.start, offset + rows)
             else:
-                self.segments.append(_Segment(reader.rows, offset, offset + rows))
+                self.segments.append(_Segment(reader.rows, reader.row_weights, offset, offset + rows))
             offset += rows
         self.references = [self._x(self.sample, s) @ self.weight[s.start : s.stop].T for s in self.segments]
 
     @staticmethod
     def _x(x: Tensor, segment: _Segment) -> Tensor:
-        return x if segment.rows is None else x[segment.rows]
+        x = x if segment.rows is None else x[segment.rows]
+        return x if segment.row_weights is None else x * segment.row_weights.to(x.device)[:, None]
 
     def error(self, column: Tensor) -> float:
-        quantized = _fake_quantized(self.codec, (self.weight * column).to(self.dtype))
-        x = _quantized_input(self.codec, self.sample / column, self.dtype)
+        quantized = fake_quantized_weight(self.codec, (self.weight * column).to(self.dtype))
+        x = fake_quantized_input(self.codec, self.sample / column, self.dtype)
         total = 0.0
         for segment, reference in zip(self.segments, self.references, strict=True):
             out = self._x(x, segment) @ quantized[segment.start : segment.stop].T
@@ -135,6 +157,7 @@ def awq_scale(
     options: AwqOptions,
     reduce: Callable[[Tensor], Tensor] = lambda t: t,
     expand: Callable[[Tensor], Tensor] = lambda t: t,
+    scorer: Scorer | None = None,
 ) -> AwqChoice:
     """The AWQ scale of one shared input.
 
@@ -146,6 +169,7 @@ def awq_scale(
         options: the alpha grid.
         reduce: per-column statistic ``[in]`` -> per scale entry (o_proj: mean over the query heads of a kv head).
         expand: scale ``[entries]`` -> per-column ``[in]`` (o_proj: repeated per query head).
+        scorer: what scores the candidates (None: the readers' summed output error on ``sample``).
     """
     sample = sample.float()
     group = codec.format.block_size if codec.format.granularity is ScaleGranularity.GROUP else None
@@ -153,7 +177,7 @@ def awq_scale(
     x_magnitude = input_magnitude.float().clamp(min=1e-8)
     w_magnitude = w_magnitude.clamp(min=1e-8)
     ones = torch.ones_like(x_magnitude)
-    scorer = _Scorer(codec, sample, readers)
+    scorer = scorer if scorer is not None else _Scorer(codec, sample, readers)
     unscaled = scorer.error(expand(ones))
     best = AwqChoice(ones, None, unscaled, unscaled)
     for alpha in options.alphas():
@@ -165,14 +189,21 @@ def awq_scale(
     return best
 
 
+def groups_fit(codec: SchemeCodec, in_features: int) -> bool:
+    """Whether ``in_features`` input channels split into the codec's groups (always, without groups)."""
+    group = codec.format.block_size if codec.format.granularity is ScaleGranularity.GROUP else None
+    return not group or in_features % group == 0
+
+
 def _unit_errors(x: Tensor, delta: Tensor, units: ScaleUnits) -> Tensor:
     """``[units]`` output error of each unit: ``sum_n (x_n[unit columns] . delta[unit])^2``."""
     out_features, in_features = delta.shape
     if units.granularity is ScaleGranularity.CHANNEL:
-        return sum(((chunk @ delta.T).square().sum(dim=0) for chunk in x.split(_ROW_CHUNK)), torch.zeros(out_features))
+        zero = torch.zeros(out_features, device=delta.device)
+        return sum(((chunk @ delta.T).square().sum(dim=0) for chunk in x.split(_ROW_CHUNK)), zero)
     groups = in_features // units.block
     d = delta.reshape(out_features, groups, units.block)
-    total = torch.zeros(out_features, groups)
+    total = torch.zeros(out_features, groups, device=delta.device)
     for chunk in x.split(_ROW_CHUNK):
         total += torch.einsum("ngk,ogk->nog", chunk.reshape(-1, groups, units.block), d).square().sum(dim=0)
     return total.reshape(-1)
@@ -192,8 +223,8 @@ def awq_clipped_weight(
     shape = tuple(weight.shape)
     original = units.split(weight)
     lo, hi = unit_bounds(original, codec.format.symmetric)
-    x = x.float()
-    best_error = torch.full((original.shape[0],), float("inf"))
+    x = x.float().to(weight.device)
+    best_error = torch.full((original.shape[0],), float("inf"), device=weight.device)
     best = original.clone()
     for ratio in options.clip_ratios():
         clipped = units.merge(torch.clamp(original, lo * ratio, hi * ratio), shape).to(weight.dtype)

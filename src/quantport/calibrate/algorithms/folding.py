@@ -20,7 +20,15 @@ from torch import Tensor, nn
 from ...arch.experts import MoEBlock, find_moe_blocks
 from ...arch.smoothing_names import SMOOTHING_NAMES, SmoothingNames
 
-__all__ = ["FoldTarget", "SourceKind", "expand_heads", "find_fold_targets", "fold_scale", "reduce_heads"]
+__all__ = [
+    "FoldTarget",
+    "SourceKind",
+    "expand_heads",
+    "find_fold_targets",
+    "fold_expert_down",
+    "fold_scale",
+    "reduce_heads",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -238,3 +246,15 @@ def fold_scale(model: nn.Module, target: FoldTarget, scale: Tensor) -> None:
         gate_up = experts.gate_up_proj.detach()
         fused = layout.fuse(layout.gate(gate_up).float() * scale, layout.up(gate_up).float() * scale)
         experts.gate_up_proj = nn.Parameter(fused.to(gate_up.dtype), requires_grad=False)
+
+
+def fold_expert_down(block: MoEBlock, scales: Tensor) -> None:
+    """Fold one scale per expert over its intermediate channels (fp32 ``[E, I]``): each expert's up rows
+    divide by it and its down columns multiply by it (``act(gate x) * up x`` is linear in up's rows)."""
+    experts, layout = block.experts, block.layout
+    scales = scales.float().to(experts.gate_up_proj.device)
+    gate_up, down = experts.gate_up_proj.detach(), experts.down_proj.detach()
+    fused = layout.fuse(layout.gate(gate_up).float(), layout.up(gate_up).float() / scales[:, :, None])
+    experts.gate_up_proj = nn.Parameter(fused.to(gate_up.dtype), requires_grad=False)
+    scaled_down = layout.unorient_down(layout.down(down).float() * scales[:, None, :])
+    experts.down_proj = nn.Parameter(scaled_down.to(down.dtype), requires_grad=False)

@@ -27,11 +27,22 @@ from torch import Tensor, nn
 from ...algorithm_options import Algorithm, AwqOptions, SmoothingOptions, SmoothQuantOptions
 from ...schemes import SchemeCodec
 from ..loop import model_inputs, run_calibration
-from .awq import Reader, awq_clipped_weight, awq_scale, clip_supported
-from .folding import FoldTarget, SourceKind, expand_heads, find_fold_targets, fold_scale, reduce_heads
+from .awq import Reader, Scorer, awq_clipped_weight, awq_scale, clip_supported, groups_fit
+from .block_scorer import GatedMlpScorer, gated_readers
+from .expert_down import awq_expert_down, clip_experts
+from .folding import (
+    FoldTarget,
+    SourceKind,
+    expand_heads,
+    find_fold_targets,
+    fold_expert_down,
+    fold_scale,
+    reduce_heads,
+)
 from .gptq import GptqStep
 from .input_statistics import InputStatistics, InputStatisticsObserver
 from .registry import AlgorithmContext, register, replace_weight
+from .routing import Routing, route
 from .smoothquant import smoothquant_scale
 
 __all__ = ["SmoothedStep", "SmoothingReport", "smooth_model"]
@@ -50,6 +61,9 @@ class SmoothingReport:
         output_change: max |logits after - before| / max |logits before| on the first calibration batch,
             unquantized (folding alone; bf16 rounding of the scaled weights).
         inputs: quantized Linear -> sampled inputs as it sees them after folding (AWQ clipping only).
+        clipped_experts: experts module -> how many of its experts AWQ's clipping search reached.
+        expert_inputs: MoE norm -> its sampled outputs after folding (AWQ clipping of the experts, done
+            after ``output_change`` is measured: clipping changes the function, folding does not).
     """
 
     folded: dict[str, float | None] = field(default_factory=dict)
@@ -57,6 +71,8 @@ class SmoothingReport:
     routing_flips: dict[str, float] = field(default_factory=dict)
     output_change: float = 0.0
     inputs: dict[str, Tensor] = field(default_factory=dict)
+    clipped_experts: dict[str, int] = field(default_factory=dict)
+    expert_inputs: dict[str, Tensor] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready summary (without the sampled inputs)."""
@@ -65,6 +81,7 @@ class SmoothingReport:
             "skipped": dict(self.skipped),
             "routing_flips": dict(self.routing_flips),
             "output_change": self.output_change,
+            "clipped_experts": dict(self.clipped_experts),
         }
 
 
@@ -110,13 +127,105 @@ def _readers(
     block = target.experts
     if block is None or block.experts_name not in experts:
         return readers
-    routed = _routing(target, modules, sample)
+    routing = _expert_routing(target, modules, sample)
     gate_up = block.experts.gate_up_proj.detach()
     gates, ups = block.layout.gate(gate_up), block.layout.up(gate_up)
     for expert in range(block.num_experts):
-        rows = None if routed is None else (routed == expert).any(dim=-1).nonzero().squeeze(-1)
-        readers += [Reader(gates[expert], rows), Reader(ups[expert], rows)]
+        rows, weights = (None, None) if routing is None else routing.tokens(expert)
+        readers += [Reader(gates[expert], rows, weights), Reader(ups[expert], rows, weights)]
     return readers
+
+
+def _block_scorer(
+    target: FoldTarget,
+    modules: dict[str, nn.Module],
+    sample: Tensor,
+    codec: SchemeCodec,
+    options: SmoothingOptions,
+    quantized: set[str],
+    experts: set[str],
+) -> GatedMlpScorer | None:
+    """AWQ with ``block_score`` on an MLP norm: the scorer of the block's output (None: score the Linears)."""
+    if not isinstance(options, AwqOptions) or not options.block_score or target.kind is not SourceKind.NORM:
+        return None
+    linears = [n for n in target.linears if n in quantized]
+    block = target.experts if _experts_quantized(target, experts) else None
+    if block is None and not linears:
+        return None
+    readers = gated_readers(linears, modules, block, _expert_routing(target, modules, sample))
+    return None if readers is None else GatedMlpScorer(codec, sample, readers)
+
+
+def _experts_quantized(target: FoldTarget, experts: set[str]) -> bool:
+    return target.experts is not None and target.experts.experts_name in experts
+
+
+def _expert_routing(target: FoldTarget, modules: dict[str, nn.Module], sample: Tensor) -> Routing | None:
+    """The routing (experts and weights) of the sampled tokens by the block's router (None without one)."""
+    if target.experts is None or not target.compensated or target.top_k < 1:
+        return None
+    return route(modules[target.compensated[0]], target.experts.layout.contract, sample, target.top_k)
+
+
+def _clip_experts(
+    target: FoldTarget,
+    modules: dict[str, nn.Module],
+    sample: Tensor,
+    codec: SchemeCodec,
+    options: AwqOptions,
+    report: SmoothingReport,
+) -> None:
+    """AWQ's clipping search on the experts of ``target``'s block (after their scales are folded)."""
+    block = target.experts
+    assert block is not None
+    name = f"{block.experts_name}.clip"
+    down = block.layout.down(block.experts.down_proj)
+    if not clip_supported(codec) or not all(groups_fit(codec, n) for n in down.shape[-2:]):
+        report.skipped[name] = f"{codec.format.name} has no group or channel scales that fit the experts"
+        return
+    if block.layout.has_bias or not callable(getattr(block.experts, "act_fn", None)):
+        report.skipped[name] = "the experts have biases or no act_fn: their intermediates are not recomputed"
+        return
+    routing = _expert_routing(target, modules, sample)
+    if routing is None:
+        report.skipped[name] = "no router to tell which sampled tokens reach each expert"
+        return
+    report.clipped_experts[block.experts_name] = clip_experts(codec, block, routing, sample, options)
+
+
+def _fold_expert_down(
+    target: FoldTarget,
+    modules: dict[str, nn.Module],
+    sample: Tensor,
+    codec: SchemeCodec,
+    options: AwqOptions,
+    report: SmoothingReport,
+) -> None:
+    """AWQ on every expert's down_proj input of ``target``'s block (``sample``: the block's inputs as the
+    folded model sees them), folded into the experts' up rows."""
+    block = target.experts
+    assert block is not None
+    name = f"{block.experts_name}.down_proj"
+    if block.layout.has_bias or not callable(getattr(block.experts, "act_fn", None)):
+        report.skipped[name] = "the experts have biases or no act_fn: their intermediates are not recomputed"
+        return
+    inter = block.layout.down(block.experts.down_proj).shape[-1]
+    if not groups_fit(codec, inter):
+        report.skipped[name] = f"the experts' intermediate size {inter} does not split into the recipe's groups"
+        return
+    routing = _expert_routing(target, modules, sample)
+    if routing is None:
+        report.skipped[name] = "no router to tell which sampled tokens reach each expert"
+        return
+    chosen = awq_expert_down(codec, block, routing, sample, options)
+    fold_expert_down(block, chosen.scales)
+    leaf = block.layout.leaf_names[2]
+    for expert, choice in enumerate(chosen.choices):
+        key = f"{block.experts_name}.{expert}.{leaf}"
+        if choice is None:
+            report.skipped[key] = "no sampled calibration token reached the expert"
+        else:
+            report.folded[key] = choice.alpha
 
 
 def _choose(
@@ -126,16 +235,59 @@ def _choose(
     readers: list[Reader],
     codec: SchemeCodec,
     options: SmoothingOptions,
+    scorer: Scorer | None = None,
 ) -> tuple[Tensor, float | None]:
     heads = target.kind is SourceKind.VALUE_HEADS
     mean: Callable[[Tensor], Tensor] = (lambda t: reduce_heads(t, target, "mean")) if heads else (lambda t: t)
     amax: Callable[[Tensor], Tensor] = (lambda t: reduce_heads(t, target, "amax")) if heads else (lambda t: t)
     if isinstance(options, AwqOptions):
         expand: Callable[[Tensor], Tensor] = (lambda s: expand_heads(s, target)) if heads else (lambda s: s)
-        choice = awq_scale(codec, sample, mean(stats.abs_mean()), readers, options, mean, expand)
+        choice = awq_scale(codec, sample, mean(stats.abs_mean()), readers, options, mean, expand, scorer)
         return choice.scale, choice.alpha
     scale = smoothquant_scale(amax(stats.abs_max), [r.weight for r in readers], options.alpha, amax)
     return scale, options.alpha
+
+
+def _fold_target(
+    model: nn.Module,
+    modules: dict[str, nn.Module],
+    target: FoldTarget,
+    stats: InputStatistics,
+    sample: Tensor,
+    codec: SchemeCodec,
+    options: SmoothingOptions,
+    quantized: set[str],
+    experts: set[str],
+    report: SmoothingReport,
+) -> None:
+    """Choose and fold ``target``'s scale (and, for AWQ on a MoE block, its experts' down_proj scales)."""
+    readers = _readers(target, modules, sample, quantized, experts)
+    scale, alpha = _choose(
+        target,
+        stats,
+        sample,
+        readers,
+        codec,
+        options,
+        _block_scorer(target, modules, sample, codec, options, quantized, experts),
+    )
+    routed = _routing(target, modules, sample)
+    fold_scale(model, target, scale)
+    column = expand_heads(scale, target) if target.kind is SourceKind.VALUE_HEADS else scale
+    scaled = (sample.float() / column).to(sample.dtype)
+    if routed is not None:
+        after = _routing(target, modules, scaled)
+        report.routing_flips[target.name] = float((after != routed).any(dim=-1).float().mean())
+    if isinstance(options, AwqOptions) and options.clip:
+        for name in target.linears:
+            if name in quantized:
+                report.inputs[name] = scaled
+    report.folded[target.name] = alpha
+    if isinstance(options, AwqOptions) and _experts_quantized(target, experts):
+        if options.fold_expert_down:
+            _fold_expert_down(target, modules, scaled, codec, options, report)
+        if options.clip:
+            report.expert_inputs[target.name] = scaled
 
 
 def smooth_model(
@@ -171,7 +323,6 @@ def smooth_model(
         observer.detach()
     modules = dict(model.named_modules())
     device = next(model.parameters()).device
-    clip = isinstance(options, AwqOptions) and options.clip
     with torch.no_grad():
         for target in active:
             stats = observer.statistics[target.observed]
@@ -179,23 +330,15 @@ def smooth_model(
                 report.skipped[target.name] = "no calibration token reached it"
                 continue
             sample = stats.sample().to(device)
-            readers = _readers(target, modules, sample, quantized, experts)
-            scale, alpha = _choose(target, stats, sample, readers, codec, options)
-            routed = _routing(target, modules, sample)
-            fold_scale(model, target, scale)
-            column = expand_heads(scale, target) if target.kind is SourceKind.VALUE_HEADS else scale
-            if routed is not None:
-                after = _routing(target, modules, (sample.float() / column).to(sample.dtype))
-                report.routing_flips[target.name] = float((after != routed).any(dim=-1).float().mean())
-            if clip:
-                scaled = (sample.float() / column).to(sample.dtype)
-                for name in target.linears:
-                    if name in quantized:
-                        report.inputs[name] = scaled
-            report.folded[target.name] = alpha
+            _fold_target(model, modules, target, stats, sample, codec, options, quantized, experts, report)
     if before is not None:
         after_out = _first_output(model, batches[0])
         report.output_change = float((after_out - before).abs().max() / before.abs().max().clamp(min=1e-12))
+    with torch.no_grad():
+        for target in active:
+            scaled = report.expert_inputs.pop(target.name, None)
+            if scaled is not None and isinstance(options, AwqOptions):
+                _clip_experts(target, modules, scaled, codec, options, report)
     flips = max(report.routing_flips.values(), default=0.0)
     logger.info(
         "%s: folded %d scale(s), skipped %d; output change %.2e (relative); routing flips up to %.2f%% of tokens",
