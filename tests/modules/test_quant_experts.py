@@ -275,13 +275,17 @@ def test_each_expert_chunk_is_quantized_once_per_export(tmp_path, monkeypatch):
     per_expert_fp32 = 4 * (block.experts.gate_up_proj[0].numel() + block.experts.down_proj[0].numel())
     monkeypatch.setattr(expert_weights, "STACK_BYTES", 5 * per_expert_fp32)
     calls = []
-    original = expert_weights.quantize_expert_range
 
-    def counted(block, codec, weight_amax, experts, *args):
-        calls.append((block.experts_name, experts))
-        return original(block, codec, weight_amax, experts, *args)
+    def counting(original):
+        def counted(block, codec, weight_amax, experts, *args):
+            calls.append((block.experts_name, experts))
+            return original(block, codec, weight_amax, experts, *args)
 
-    monkeypatch.setattr(expert_weights, "quantize_expert_range", counted)
+        return counted
+
+    # a chunk is quantized as stacks (its tensors written as one run), or per expert where a shard holds one alone
+    for name in ("quantize_expert_range", "quantize_expert_stacks"):
+        monkeypatch.setattr(expert_weights, name, counting(getattr(expert_weights, name)))
     quantport.export(model, tmp_path / "out", progress=False)
     chunks = (range(0, 5), range(5, 10), range(10, 12))
     expected = [(f"model.layers.{layer}.mlp.experts", chunk) for layer in range(2) for chunk in chunks]
