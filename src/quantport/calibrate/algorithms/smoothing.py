@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ...algorithm_options import Algorithm, AwqOptions, SmoothingOptions, SmoothQuantOptions
+from ...arch.experts import MoEBlock
 from ...schemes import SchemeCodec
 from ..loop import model_inputs, run_calibration
 from .awq import Reader, Scorer, awq_clipped_weight, awq_scale, clip_supported, groups_fit
@@ -167,6 +168,14 @@ def _expert_routing(target: FoldTarget, modules: dict[str, nn.Module], sample: T
     return route(modules[target.compensated[0]], target.experts.layout.contract, sample, target.top_k)
 
 
+NOT_RECOMPUTABLE = "the experts have biases or no act_fn: their intermediates are not recomputed"
+
+
+def _recomputable(block: MoEBlock) -> bool:
+    """Whether the experts' intermediates can be recomputed from their inputs (no biases, an ``act_fn``)."""
+    return not block.layout.has_bias and callable(getattr(block.experts, "act_fn", None))
+
+
 def _clip_experts(
     target: FoldTarget,
     modules: dict[str, nn.Module],
@@ -183,8 +192,8 @@ def _clip_experts(
     if not clip_supported(codec) or not all(groups_fit(codec, n) for n in down.shape[-2:]):
         report.skipped[name] = f"{codec.format.name} has no group or channel scales that fit the experts"
         return
-    if block.layout.has_bias or not callable(getattr(block.experts, "act_fn", None)):
-        report.skipped[name] = "the experts have biases or no act_fn: their intermediates are not recomputed"
+    if not _recomputable(block):
+        report.skipped[name] = NOT_RECOMPUTABLE
         return
     routing = _expert_routing(target, modules, sample)
     if routing is None:
@@ -206,8 +215,8 @@ def _fold_expert_down(
     block = target.experts
     assert block is not None
     name = f"{block.experts_name}.down_proj"
-    if block.layout.has_bias or not callable(getattr(block.experts, "act_fn", None)):
-        report.skipped[name] = "the experts have biases or no act_fn: their intermediates are not recomputed"
+    if not _recomputable(block):
+        report.skipped[name] = NOT_RECOMPUTABLE
         return
     inter = block.layout.down(block.experts.down_proj).shape[-1]
     if not groups_fit(codec, inter):
