@@ -154,6 +154,7 @@ def fp8_checkpoint(args, device: torch.device) -> dict:
         "layer_marks": len(clock.marks),
     }
     if args.reference:
+        shutil.rmtree(args.out, ignore_errors=True)  # the disk holds the source and one export, not two
         result["reference"] = reference(args, model, batches, device)
     return result
 
