@@ -6,8 +6,8 @@ Two cases, each one process:
   FP8 128x128-block checkpoint (as Qwen ships its -FP8 models: ``weight`` e4m3 + ``weight_scale_inv``),
   then ``quantport`` reads it one layer at a time, dequantizes on the GPU, calibrates and writes NVFP4.
   Reports wall time per phase, peak GPU memory, peak host RSS, output GB/s. ``--reference``: the same
-  dequantized weights loaded whole on the GPU and quantized + exported by nvidia-modelopt (its peak GPU
-  memory and times, in the same process after quantport's run).
+  dequantized weights loaded whole on the GPU and quantized + exported by nvidia-modelopt. Writing the
+  source, quantport and nvidia-modelopt each run in their own process, so each peak RSS is its own.
 * ``deepseek``: a DeepSeek-V3-shaped model (61 layers: 3 dense + 58 MoE of 256 experts, 671B parameters)
   from a synthetic FP8-block source generating each tensor on the GPU; NVFP4; the export's tensors are
   computed, copied to page-locked host memory and checksummed instead of stored (400 GB). ``--layers N``
@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -77,7 +78,8 @@ class LayerClock:
 
 
 def write_fp8_checkpoint(config, directory: Path, device: torch.device, max_shard: int = 5 << 30) -> float:
-    """The config's model as an FP8-block checkpoint in ``directory`` (tensors generated on ``device``)."""
+    """The config's model as an FP8-block checkpoint in ``directory`` (tensors generated on ``device``; each
+    shard is saved as soon as it is full, so the host holds one shard at a time)."""
     from safetensors.torch import save_file
 
     from quantport.sources import SyntheticSource, model_tensor_infos
@@ -87,8 +89,16 @@ def write_fp8_checkpoint(config, directory: Path, device: torch.device, max_shar
     directory.mkdir(parents=True)
     infos = model_tensor_infos(config)
     source = SyntheticSource(infos, seed=1, fp8_block=True)
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard: dict[str, torch.Tensor] = {}
+    saved: list[tuple[Path, list[str]]] = []
     size = 0
+
+    def save() -> None:
+        path = directory / f"part-{len(saved):05d}.safetensors"
+        save_file(shard, str(path), metadata={"format": "pt"})
+        saved.append((path, list(shard)))
+        shard.clear()
+
     for name in infos:
         if source.is_fp8(name):
             codes, scale = source.fp8_parts(name, device)
@@ -96,16 +106,18 @@ def write_fp8_checkpoint(config, directory: Path, device: torch.device, max_shar
         else:
             tensors = source.read([name], device)
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-        if size + nbytes > max_shard and shards[-1]:
-            shards.append({})
+        if size + nbytes > max_shard and shard:
+            save()
             size = 0
-        shards[-1].update({k: v.to("cpu") for k, v in tensors.items()})
+        shard.update({k: v.to("cpu") for k, v in tensors.items()})
         size += nbytes
+    if shard:
+        save()
     weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
+    for i, (path, names) in enumerate(saved):
+        file = f"model-{i + 1:05d}-of-{len(saved):05d}.safetensors"
+        path.rename(directory / file)
+        weight_map.update(dict.fromkeys(names, file))
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config.quantization_config = FP8_CONFIG
     config.save_pretrained(directory)
@@ -113,17 +125,50 @@ def write_fp8_checkpoint(config, directory: Path, device: torch.device, max_shar
     return time.perf_counter() - start
 
 
-def fp8_checkpoint(args, device: torch.device) -> dict:
+def _qwen_config(args):
     from transformers import Qwen3MoeConfig
 
+    shape = SMOKE_QWEN if args.smoke else {**QWEN3_30B, "num_hidden_layers": args.layers or 48}
+    return Qwen3MoeConfig(**shape, dtype=torch.bfloat16, architectures=["Qwen3MoeForCausalLM"])
+
+
+def fp8_checkpoint(args, device: torch.device) -> dict:
+    """Three processes, so each one's peak host RSS is its own: write the source, quantport, nvidia-modelopt."""
+    phases = ["write", "quantport"] + (["modelopt"] if args.reference else [])
+    result: dict = {"case": "fp8-checkpoint"}
+    for phase in phases:
+        out = Path(f"/tmp/gpu_sequential_{phase}.json")
+        command = [sys.executable, __file__, "fp8-checkpoint", "--phase", phase, "--json", str(out)]
+        command += ["--dir", str(args.dir), "--out", str(args.out), "--samples", str(args.samples)]
+        command += ["--seq", str(args.seq), "--batch", str(args.batch)]
+        command += (["--layers", str(args.layers)] if args.layers else []) + (["--smoke"] if args.smoke else [])
+        subprocess.run(command, check=True)
+        answer = json.loads(out.read_text())
+        answer.pop("device", None)
+        if phase == "write":
+            result.update(answer)
+        else:
+            result[phase] = answer
+    return result
+
+
+def fp8_phase(args, device: torch.device) -> dict:
+    """One phase of :func:`fp8_checkpoint`, in this process."""
+    config = _qwen_config(args)
+    if args.phase == "write":
+        written = write_fp8_checkpoint(config, args.dir, device)
+        return {
+            "layers": config.num_hidden_layers,
+            "source_gb": sum(f.stat().st_size for f in args.dir.glob("*.safetensors")) / 1e9,
+            "write_source_s": written,
+            "write_peak_rss_gib": peak_rss_bytes() / 2**30,
+        }
+    batches = calibration(config.vocab_size, args.samples, args.seq, args.batch)
+    if args.phase == "modelopt":
+        return reference(args, batches, device)
     import quantport
     from quantport.sequential import open_layer_by_layer
 
-    shape = SMOKE_QWEN if args.smoke else {**QWEN3_30B, "num_hidden_layers": args.layers or 48}
-    config = Qwen3MoeConfig(**shape, dtype=torch.bfloat16, architectures=["Qwen3MoeForCausalLM"])
-    written = write_fp8_checkpoint(config, args.dir, device)
-    source_bytes = sum(f.stat().st_size for f in args.dir.glob("*.safetensors"))
-    batches = calibration(config.vocab_size, args.samples, args.seq, args.batch)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
@@ -137,11 +182,8 @@ def fp8_checkpoint(args, device: torch.device) -> dict:
     quantport.export(model, args.out, progress=False)
     done = time.perf_counter()
     out_bytes = sum(f.stat().st_size for f in args.out.glob("*.safetensors"))
-    result = {
-        "case": "fp8-checkpoint",
-        "layers": config.num_hidden_layers,
-        "source_gb": source_bytes / 1e9,
-        "write_source_s": written,
+    shutil.rmtree(args.out, ignore_errors=True)  # the disk holds the source and one export, not two
+    return {
         "open_s": opened - start,
         "calibrate_s": calibrated - opened,
         "export_s": done - calibrated,
@@ -153,21 +195,15 @@ def fp8_checkpoint(args, device: torch.device) -> dict:
         "calibration_tokens": args.samples * args.seq,
         "layer_marks": len(clock.marks),
     }
-    if args.reference:
-        shutil.rmtree(args.out, ignore_errors=True)  # the disk holds the source and one export, not two
-        result["reference"] = reference(args, model, batches, device)
-    return result
 
 
-def reference(args, sequential_model, batches, device: torch.device) -> dict:
+def reference(args, batches, device: torch.device) -> dict:
     """nvidia-modelopt on the same dequantized weights, loaded whole on the GPU."""
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
 
     from quantport.sequential import open_layer_by_layer
 
-    del sequential_model
-    torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     model = open_layer_by_layer(args.dir, device=device)
@@ -193,7 +229,9 @@ def reference(args, sequential_model, batches, device: torch.device) -> dict:
         "load_whole_s": loaded - start,
         "calibrate_s": calibrated - loaded,
         "export_s": done - calibrated,
+        "total_s": done - start,
         "peak_gpu_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+        "peak_rss_gib": peak_rss_bytes() / 2**30,
     }
 
 
@@ -301,6 +339,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--reference", action="store_true")
+    parser.add_argument("--phase", choices=("write", "quantport", "modelopt"), help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--json", type=Path)
@@ -308,7 +347,10 @@ def main() -> None:
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if args.smoke:
         args.samples, args.seq = min(args.samples, 4), min(args.seq, 64)
-    result = fp8_checkpoint(args, device) if args.case == "fp8-checkpoint" else deepseek(args, device)
+    if args.case == "deepseek":
+        result = deepseek(args, device)
+    else:
+        result = fp8_phase(args, device) if args.phase else fp8_checkpoint(args, device)
     result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     text = json.dumps(result, indent=2)
     print(text)
